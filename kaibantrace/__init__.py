@@ -1,0 +1,108 @@
+"""kaibantrace: privacy-first, anonymous usage telemetry for Python libraries and CLIs.
+
+    import kaibantrace
+
+    kaibantrace.configure(app_id="YOUR-TELEMETRYDECK-APP-ID")
+
+    @kaibantrace.track("workflow_started")
+    def start_workflow(team): ...
+
+Signals go to TelemetryDeck from a background thread that starts at the first
+event. ``KAIBAN_TELEMETRY_OPT_OUT=1`` or ``DO_NOT_TRACK=1`` switches everything
+off: no thread, no file, no socket. Importing this package does nothing but
+define names; in particular it does not import ``requests``.
+
+The module-level functions act on a default client; a library that ships
+telemetry of its own should hold its own ``Telemetry``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Optional
+
+from . import events
+from ._client import Telemetry
+from ._config import Decision, Settings
+from ._errors import ConfigurationError, EventError, KaibanTraceError, PrivacyError
+from ._identity import Session, SessionScope, project_id
+from ._version import __version__
+
+logging.getLogger("kaibantrace").addHandler(logging.NullHandler())
+
+_default = Telemetry()
+
+
+def default_client() -> Telemetry:
+    """The client the module-level functions use."""
+    return _default
+
+
+def configure(**settings: Any) -> None:
+    """Configure the default client; a ``None`` value leaves that setting as it is.
+
+    Settings: ``app_id``, ``endpoint``, ``namespace``, ``salt``, ``test_mode``,
+    ``opt_out``, ``opt_out_env``, ``debug``, ``strict``, ``batch_size``,
+    ``flush_interval``, ``max_queue``, ``timeout``, ``exit_timeout``,
+    ``transport``. Raises ``ConfigurationError`` naming a bad value.
+    """
+    _default.configure(**settings)
+
+
+def track(name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+    """Decorator: emit ``name`` when the decorated function starts its work.
+
+    ``payload`` is a mapping sent with every event, or a callable that receives
+    the call's bound arguments as a dict and returns the mapping.
+    """
+    return _default.track(name, payload=payload)
+
+
+def track_cli(name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+    """Decorator for CLI entry points: events are identified by the project ID."""
+    return _default.track_cli(name, payload=payload)
+
+
+def session() -> SessionScope:
+    """``with kaibantrace.session() as s:`` groups events under one random session ID."""
+    return _default.session()
+
+
+def emit(name: str, payload: Optional[Mapping[str, Any]] = None, *,
+         float_value: Optional[float] = None) -> None:
+    """Record one event now, from the default client."""
+    _default.emit(name, payload, float_value=float_value)
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Wait until the default client's earlier events are delivered; ``True`` if they all were."""
+    return _default.flush(timeout)
+
+
+def shutdown(timeout: float = 1.0) -> None:
+    """Send what the default client has queued within ``timeout``, then stop it."""
+    _default.shutdown(timeout)
+
+
+__all__ = [
+    "ConfigurationError",
+    "Decision",
+    "EventError",
+    "KaibanTraceError",
+    "PrivacyError",
+    "Session",
+    "SessionScope",
+    "Settings",
+    "Telemetry",
+    "__version__",
+    "configure",
+    "default_client",
+    "emit",
+    "events",
+    "flush",
+    "project_id",
+    "session",
+    "shutdown",
+    "track",
+    "track_cli",
+]

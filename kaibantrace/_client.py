@@ -1,0 +1,414 @@
+"""``Telemetry``: one independent client, and the machinery every client shares.
+
+The hot path is ``Telemetry._route()``. It reads four raw environment values
+(opt-out, ``DO_NOT_TRACK``, debug, app ID) straight from ``os.environ``'s
+storage and compares them, by identity, with what it saw last time; only when
+something changed, or ``configure()``/``testing.capture()`` ran, does it call
+``_config.decide`` again. So opt-out is honoured whenever it is set, at the
+cost of a few dictionary look-ups per event.
+
+``_route()`` answers with the function that takes a raw event, or ``None``
+when the client is opted out. The answers are:
+
+* send: append to the background ``Sender``'s queue (the thread starts here,
+  at the first event, never at import);
+* debug: encode and print to stderr now, send nothing, start nothing;
+* no app ID: drop (logged once at DEBUG);
+* capture: encode now and record in memory (``kaibantrace.testing.capture``).
+
+Process-wide duties (exit flush, fork) are registered once, when the first
+sender starts, so an opted-out process registers nothing either.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from ._config import (ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, Decision, Settings, decide,
+                      ingest_url)
+from ._errors import DropEvent, EventError
+from ._identity import Session, SessionScope
+from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body
+from ._sender import Counters, Sender
+from ._transport import HttpTransport, Transport
+
+logger = logging.getLogger("kaibantrace")
+
+Accept = Callable[[RawEvent], None]
+
+_generation = 0
+"""Bumped by anything that must make every client decide again."""
+
+
+def bump_generation() -> None:
+    global _generation
+    _generation += 1
+
+
+class Capture:
+    """An in-memory sink installed by ``kaibantrace.testing.capture``."""
+
+    def __init__(self, *, strict: bool, respect_opt_out: bool) -> None:
+        self.strict = strict
+        self.respect_opt_out = respect_opt_out
+        self.signals: List[Dict[str, Any]] = []
+
+
+_captures: List[Capture] = []
+
+
+def _encoded_key(name: str) -> Any:
+    encode = getattr(os.environ, "encodekey", None)
+    return encode(name) if encode is not None else name
+
+
+_ENV_KEYS = (_encoded_key(ENV_DO_NOT_TRACK), _encoded_key(ENV_DEBUG), _encoded_key(ENV_APP_ID))
+_client_ids = itertools.count(1)
+
+
+class Telemetry:
+    """An independent telemetry client with its own app ID, settings and sender.
+
+    Libraries that ship telemetry should each hold their own ``Telemetry``, so
+    two of them in one process never share an app ID, an opt-out variable, a
+    session or a queue. The module-level functions use a default client.
+    """
+
+    def __init__(self, app_id: Optional[str] = None, *, endpoint: Optional[str] = None,
+                 namespace: Optional[str] = None, salt: Optional[str] = None,
+                 test_mode: Optional[bool] = None, opt_out: Optional[bool] = None,
+                 opt_out_env: Optional[str] = None, debug: Optional[bool] = None,
+                 strict: Optional[bool] = None, batch_size: Optional[int] = None,
+                 flush_interval: Optional[float] = None, max_queue: Optional[int] = None,
+                 timeout: Optional[float] = None, exit_timeout: Optional[float] = None,
+                 transport: Optional[Transport] = None) -> None:
+        self._settings = Settings().replace(
+            app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
+            test_mode=test_mode, opt_out=opt_out, opt_out_env=opt_out_env, debug=debug,
+            strict=strict, batch_size=batch_size, flush_interval=flush_interval,
+            max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout)
+        self._transport = transport
+        self._number = next(_client_ids)
+        self._session_var: contextvars.ContextVar[Optional[Session]] = contextvars.ContextVar(
+            f"kaibantrace_session_{self._number}", default=None)
+        self._lock = threading.Lock()
+        self._reporter = Reporter()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._process_session = Session()
+        self._counters = Counters()
+        self._sender: Optional[Sender] = None
+        self._closed = False
+        self._route_key: Optional[Tuple[Any, ...]] = None
+        self._accept: Optional[Accept] = None
+        self._decision: Optional[Decision] = None
+        self._no_app_id_logged = False
+        self._opt_key = _encoded_key(self._settings.opt_out_env)
+
+    # -- configuration -----------------------------------------------------
+
+    def configure(self, **settings: Any) -> None:
+        """Change settings; a ``None`` value leaves that setting as it is.
+
+        Raises ``ConfigurationError`` (a ``ValueError``) naming a bad setting.
+        Settings that shape the sender (``batch_size``, ``flush_interval``,
+        ``max_queue``, ``timeout``, ``transport``) apply to a sender started
+        after the change.
+        """
+        transport = settings.pop("transport", None)
+        new = self._settings.replace(**settings)
+        with self._lock:
+            self._settings = new
+            if transport is not None:
+                self._transport = transport
+            self._opt_key = _encoded_key(new.opt_out_env)
+        bump_generation()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings given in code (environment values are applied when deciding)."""
+        return self._settings
+
+    @property
+    def enabled(self) -> bool:
+        """Whether events would be sent now: not opted out by any source, not shut down."""
+        return not self._closed and decide(self._settings, os.environ).enabled
+
+    def decision(self) -> Decision:
+        """Whether this client sends, and which source decided (for status output)."""
+        return decide(self._settings, os.environ)
+
+    def stats(self) -> Dict[str, object]:
+        """Counters of what happened to accepted events: queued, sent, retried, dropped by cause."""
+        snapshot = self._counters.snapshot()
+        sender = self._sender
+        snapshot["pending"] = sender.pending if sender is not None else 0
+        return snapshot
+
+    # -- the hot path --------------------------------------------------------
+
+    def _route(self) -> Optional[Accept]:
+        """Where an event goes now, or ``None`` when opted out. Cheap when nothing changed."""
+        try:
+            data = os.environ._data  # type: ignore[attr-defined]
+            keys = _ENV_KEYS
+            key = (data.get(self._opt_key), data.get(keys[0]), data.get(keys[1]),
+                   data.get(keys[2]), _generation)
+        except AttributeError:  # os.environ replaced by a plain mapping
+            key = (os.environ.get(self._settings.opt_out_env), object())
+        if key == self._route_key:
+            return self._accept
+        return self._reroute(key)
+
+    def _reroute(self, key: Tuple[Any, ...]) -> Optional[Accept]:
+        with self._lock:
+            decision = decide(self._settings, os.environ)
+            accept = self._choose(decision)
+            self._decision = decision
+            self._accept = accept
+            self._route_key = key
+            return accept
+
+    def _choose(self, decision: Decision) -> Optional[Accept]:
+        if self._closed:
+            return None
+        if _captures and (decision.enabled or not _captures[-1].respect_opt_out):
+            capture = _captures[-1]
+            return lambda raw: self._record(raw, capture, decision)
+        if not decision.enabled:
+            return None
+        if decision.debug:
+            return lambda raw: self._print_debug(raw, decision)
+        if decision.app_id is None:
+            return self._no_app_id
+        sender = self._sender or self._start_sender()
+        if sender is None:
+            return self._drop_at_exit
+        if self._settings.strict:
+            def checked(raw: RawEvent) -> None:
+                self._encode_now(raw, decision.app_id or "", strict=True)
+                sender.accept(raw)
+            return checked
+        return sender.accept
+
+    def _session(self) -> Session:
+        session = self._session_var.get()
+        return self._process_session if session is None else session
+
+    def _raw(self, name: str, payload: Any, identifier: Optional[str] = None,
+             float_value: Optional[float] = None) -> RawEvent:
+        return (name, payload, self._session(), identifier, time.time(), float_value)
+
+    # -- the sinks ----------------------------------------------------------
+
+    def _start_sender(self) -> Optional[Sender]:
+        s = self._settings
+        sender = Sender(encode=self._encode_batch, transport=self._transport or HttpTransport(),
+                        counters=self._counters, batch_size=s.batch_size,
+                        flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout)
+        if not sender.start():
+            return None
+        self._sender = sender
+        _register_process_hooks()
+        _live_clients.add(self)
+        return sender
+
+    def _drop_at_exit(self, raw: RawEvent) -> None:
+        self._counters.drop("interpreter_exit")
+
+    def _no_app_id(self, raw: RawEvent) -> None:
+        self._counters.drop("no_app_id")
+        if self._settings.strict:
+            self._encode_now(raw, "", strict=True)
+        if not self._no_app_id_logged:
+            self._no_app_id_logged = True
+            logger.debug("kaibantrace: no app ID configured; events are not sent")
+
+    def _encode_now(self, raw: RawEvent, app_id: str, *, strict: bool) -> Dict[str, Any]:
+        s = self._settings
+        ctx = EncodeContext(app_id, s.salt, s.test_mode, strict, self._reporter)
+        return build_signal(raw, ctx)
+
+    def _print_debug(self, raw: RawEvent, decision: Decision) -> None:
+        try:
+            signal = self._encode_now(raw, decision.app_id or "", strict=self._settings.strict)
+        except DropEvent:
+            return
+        url = ingest_url(self._settings, os.environ) or "(no usable endpoint)"
+        note = "" if decision.app_id else " (no app ID configured, so nothing would be sent)"
+        sys.stderr.write(f"[kaibantrace debug] would send to {url}{note}: "
+                         f"{encode_body([signal]).decode('utf-8')}\n")
+
+    def _record(self, raw: RawEvent, capture: Capture, decision: Decision) -> None:
+        try:
+            capture.signals.append(self._encode_now(raw, decision.app_id or "",
+                                                    strict=capture.strict))
+        except DropEvent:
+            pass
+
+    def _encode_batch(self, batch: List[RawEvent]) -> Optional[Tuple[str, bytes, int]]:
+        """Runs on the sender's thread: decide again, then encode the batch."""
+        decision = decide(self._settings, os.environ)
+        counters = self._counters
+        if not decision.enabled or decision.app_id is None:
+            counters.drop("opted_out" if not decision.enabled else "no_app_id", len(batch))
+            return None
+        url = ingest_url(self._settings, os.environ)
+        if url is None:
+            counters.drop("bad_endpoint", len(batch))
+            return None
+        s = self._settings
+        ctx = EncodeContext(decision.app_id, s.salt, s.test_mode, False, self._reporter)
+        signals = []
+        for raw in batch:
+            try:
+                signals.append(build_signal(raw, ctx))
+            except DropEvent as drop:
+                counters.drop(drop.cause)
+        if decision.debug:
+            for signal in signals:
+                sys.stderr.write(f"[kaibantrace debug] would send to {url}: "
+                                 f"{encode_body([signal]).decode('utf-8')}\n")
+            counters.drop("debug", len(signals))
+            return None
+        if not signals:
+            return None
+        return url, encode_body(signals), len(signals)
+
+    # -- public API ------------------------------------------------------------
+
+    def emit(self, name: str, payload: Optional[Mapping[str, Any]] = None, *,
+             float_value: Optional[float] = None) -> None:
+        """Record one event now. Never raises at run time, except in strict mode."""
+        try:
+            accept = self._route()
+            if accept is not None:
+                if isinstance(payload, dict):
+                    payload = dict(payload)  # later changes by the caller must not leak in
+                accept(self._raw(name, payload, None, _float_or_none(float_value)))
+        except EventError:
+            raise
+        except Exception:
+            logger.debug("kaibantrace: emit failed", exc_info=True)
+
+    def session(self) -> SessionScope:
+        """A block whose events share one new, random session ID (``with`` or ``async with``)."""
+        return SessionScope(self._session_var)
+
+    def track(self, name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+        """Decorator: emit ``name`` each time the decorated callable starts its work."""
+        from ._decorators import make_decorator
+
+        return make_decorator(self, name, payload, cli=False)
+
+    def track_cli(self, name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+        """Decorator for a CLI entry point: like ``track``, identified by the project ID."""
+        from ._decorators import make_decorator
+
+        return make_decorator(self, name, payload, cli=True)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait up to ``timeout`` seconds; ``True`` when every earlier event was delivered."""
+        sender = self._sender
+        if sender is None:
+            return True
+        try:
+            return sender.flush(timeout)
+        except Exception:
+            return False
+
+    def shutdown(self, timeout: float = 1.0) -> None:
+        """Send what is queued within ``timeout`` seconds, then stop; later events are ignored."""
+        self._shutdown(time.monotonic() + timeout)
+        with self._lock:
+            self._closed = True
+            self._route_key = None
+        bump_generation()
+
+    def _shutdown(self, deadline: float) -> None:
+        sender = self._sender
+        if sender is None:
+            return
+        sender.stop(deadline)
+        if sender.join(deadline):
+            transport = self._transport
+            if transport is not None:
+                transport.close()
+            self._sender = None
+
+    def _reset(self, settings: Optional[Settings] = None) -> None:
+        """Back to a fresh client: stop the sender, forget counters and sessions."""
+        self._shutdown(time.monotonic() + self._settings.exit_timeout)
+        with self._lock:
+            if settings is not None:
+                self._settings = settings
+            self._reset_state()
+        _live_clients.discard(self)
+        bump_generation()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread, queue and locks do not exist here."""
+        self._lock = threading.Lock()
+        self._reset_state()
+
+    def __repr__(self) -> str:
+        return f"<kaibantrace.Telemetry app_id={self._settings.app_id!r}>"
+
+
+def _float_or_none(value: Any) -> Optional[float]:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if number == number and abs(number) != float("inf") else None
+
+
+# -- process-wide hooks, registered at the first sender start ----------------
+
+_live_clients: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
+_hooks_registered = False
+_hooks_lock = threading.Lock()
+
+
+def _register_process_hooks() -> None:
+    global _hooks_registered
+    with _hooks_lock:
+        if _hooks_registered:
+            return
+        _hooks_registered = True
+    atexit.register(_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    """Send what is queued within each client's exit budget (1 s by default), in parallel."""
+    start = time.monotonic()
+    clients = list(_live_clients)
+    for client in clients:
+        client._closed = True
+        client._route_key = None
+        sender = client._sender
+        if sender is not None:
+            sender.stop(start + client._settings.exit_timeout)
+    for client in clients:
+        sender = client._sender
+        if sender is not None:
+            sender.join(start + client._settings.exit_timeout)
+
+
+def _after_fork_in_child() -> None:
+    global _hooks_lock
+    _hooks_lock = threading.Lock()
+    for client in list(_live_clients):
+        client._after_fork()
+    bump_generation()

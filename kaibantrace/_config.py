@@ -1,0 +1,197 @@
+"""Settings, environment variables, and the one function that decides opt-out.
+
+Precedence, in one sentence: an opt-out from any source (code, the client's
+opt-out variable, ``DO_NOT_TRACK``) wins over everything; otherwise an argument
+given in code beats an environment variable, which beats the default.
+
+Code-level values are validated here and raise ``ConfigurationError`` naming the
+setting, because the author can fix them. Environment values belong to end
+users: a bad one is logged once and treated in the safest way (an unusable
+endpoint means nothing is sent), never raised into their program.
+
+This module reads the environment only when asked; it starts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import re
+from typing import Mapping, Optional
+from urllib.parse import quote, urlsplit
+
+from ._errors import ConfigurationError
+
+logger = logging.getLogger("kaibantrace")
+
+ENV_OPT_OUT = "KAIBAN_TELEMETRY_OPT_OUT"
+ENV_DO_NOT_TRACK = "DO_NOT_TRACK"
+ENV_DEBUG = "KAIBAN_TELEMETRY_DEBUG"
+ENV_ENDPOINT = "KAIBAN_TELEMETRY_ENDPOINT"
+ENV_APP_ID = "KAIBAN_TELEMETRY_APP_ID"
+ENV_DIR = "KAIBAN_TELEMETRY_DIR"
+
+DEFAULT_ENDPOINT = "https://nom.telemetrydeck.com/v2/"
+
+# Values that leave a flag unset. Anything else sets it, so an unknown value
+# such as "yes please" or "2" fails closed (opted out) rather than open.
+_UNSET_WORDS = frozenset({"", "0", "false", "no", "off", "n", "f"})
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def flag_is_set(raw: Optional[str]) -> bool:
+    """Whether an environment flag such as ``DO_NOT_TRACK`` is switched on."""
+    return raw is not None and raw.strip().lower() not in _UNSET_WORDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a client is configured with in code; ``None`` means "not given"."""
+
+    app_id: Optional[str] = None
+    endpoint: Optional[str] = None
+    namespace: Optional[str] = None
+    salt: str = ""
+    test_mode: bool = False
+    opt_out: bool = False
+    opt_out_env: str = ENV_OPT_OUT
+    debug: Optional[bool] = None
+    strict: bool = False
+    batch_size: int = 100
+    flush_interval: float = 0.5
+    max_queue: int = 10_000
+    timeout: float = 3.0
+    exit_timeout: float = 1.0
+
+    def replace(self, **changes: object) -> "Settings":
+        """A copy with ``changes`` applied, skipping ``None`` values, validated."""
+        given = {key: value for key, value in changes.items() if value is not None}
+        unknown = set(given) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown kaibantrace setting(s): {', '.join(sorted(unknown))}")
+        return validate(dataclasses.replace(self, **given))  # type: ignore[arg-type]
+
+
+def validate(settings: Settings) -> Settings:
+    """Check code-given settings, raising ``ConfigurationError`` that names the setting."""
+    s = settings
+    _expect(s.app_id is None or (isinstance(s.app_id, str) and s.app_id.strip() != ""),
+            "app_id must be a non-empty string")
+    if s.endpoint is not None:
+        problem = endpoint_problem(s.endpoint)
+        _expect(problem is None, f"endpoint {problem}")
+    _expect(s.namespace is None or (isinstance(s.namespace, str)
+                                    and _NAMESPACE.match(s.namespace) is not None),
+            "namespace must be 1-128 characters of letters, digits, '_', '.' or '-'")
+    _expect(isinstance(s.salt, str), "salt must be a string")
+    for name in ("test_mode", "opt_out", "strict"):
+        _expect(isinstance(getattr(s, name), bool), f"{name} must be True or False")
+    _expect(s.debug is None or isinstance(s.debug, bool), "debug must be True, False or None")
+    _expect(isinstance(s.opt_out_env, str) and _ENV_NAME.match(s.opt_out_env) is not None,
+            "opt_out_env must be an environment variable name")
+    _expect(_is_int(s.batch_size) and 1 <= s.batch_size <= 100,
+            "batch_size must be an integer from 1 to 100 (TelemetryDeck's limit per request)")
+    _expect(_is_int(s.max_queue) and s.max_queue >= 1, "max_queue must be a positive integer")
+    for name in ("flush_interval", "timeout", "exit_timeout"):
+        value = getattr(s, name)
+        _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 60,
+                f"{name} must be a number of seconds above 0 and at most 60")
+    return s
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigurationError(f"kaibantrace: {message}")
+
+
+def endpoint_problem(url: str) -> Optional[str]:
+    """What is wrong with an ingest URL, or ``None`` when it is usable.
+
+    Plain ``http`` is allowed only to a loopback host, so a typo can never send
+    signals in clear text across a network.
+    """
+    if not isinstance(url, str):
+        return "must be a string"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme == "https" and host:
+        return None
+    if parts.scheme == "http" and is_loopback(host):
+        return None
+    if parts.scheme == "http":
+        return "must use https:// unless the host is loopback (127.0.0.1, ::1, localhost)"
+    return "must be an https:// URL"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Whether a client sends, and which source decided it."""
+
+    enabled: bool
+    decided_by: str
+    debug: bool
+    app_id: Optional[str]
+
+
+def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
+    """The one place that decides opt-out, debug mode and the app ID.
+
+    ``decided_by`` names the source: ``"code"``, the opt-out variable's name,
+    ``"DO_NOT_TRACK"`` or ``"default"``.
+    """
+    if settings.opt_out:
+        return Decision(False, "code", False, None)
+    for name in (settings.opt_out_env, ENV_DO_NOT_TRACK):
+        if flag_is_set(environ.get(name)):
+            return Decision(False, name, False, None)
+    debug = settings.debug if settings.debug is not None else flag_is_set(environ.get(ENV_DEBUG))
+    app_id = settings.app_id or (environ.get(ENV_APP_ID) or "").strip() or None
+    return Decision(True, "default", debug, app_id)
+
+
+def ingest_url(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
+    """The URL signals are posted to, or ``None`` when the configured one is unusable."""
+    base = settings.endpoint
+    if base is None:
+        from_env = (environ.get(ENV_ENDPOINT) or "").strip()
+        if from_env:
+            problem = endpoint_problem(from_env)
+            if problem is not None:
+                _log_bad_env_once(ENV_ENDPOINT, problem)
+                return None
+            base = from_env
+        else:
+            base = DEFAULT_ENDPOINT
+    if not base.endswith("/"):
+        base += "/"
+    if settings.namespace:
+        base += f"namespace/{quote(settings.namespace, safe='')}/"
+    return base
+
+
+_reported_env: set[str] = set()
+
+
+def _log_bad_env_once(name: str, problem: str) -> None:
+    if name not in _reported_env:
+        _reported_env.add(name)
+        logger.warning("kaibantrace: ignoring %s: it %s; nothing will be sent", name, problem)

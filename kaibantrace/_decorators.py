@@ -1,0 +1,204 @@
+"""``track`` and ``track_cli``: decorators that emit an event when work starts.
+
+Everything that can be wrong with a decorator's arguments is checked here, at
+decoration time, where the author sees the traceback: the name, and a static
+payload (which is cleaned and privacy-checked once, so calls reuse it).
+
+The wrappers use ``wrapt`` so signatures, docstrings and ``inspect`` answers
+stay those of the decorated function. Coroutine functions, generators and
+async generators each get their own wrapper, so the event fires when the work
+starts (first ``await`` or ``next``), not when the object is created.
+
+A payload callable receives the call's arguments, bound to the function's
+parameter names with defaults applied (``self``/``cls`` included for methods),
+and runs on the calling thread, because the arguments may change afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator, Mapping, Optional
+
+import wrapt
+
+from ._errors import EventError, KaibanTraceError
+from ._identity import project_id
+from ._pipeline import PAYLOAD_FAILED, Reporter, clean_payload, name_problem
+
+if TYPE_CHECKING:
+    from ._client import Telemetry
+
+logger = logging.getLogger("kaibantrace")
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a valid event name; raise ``TypeError``/``ValueError`` otherwise."""
+    problem = name_problem(name)
+    if problem is None:
+        assert isinstance(name, str)
+        return name
+    error = TypeError if not isinstance(name, str) else EventError
+    raise error(f"kaibantrace: event name {name!r} {problem}")
+
+
+def _underlying(func: Any) -> Any:
+    """The plain function behind staticmethod/classmethod objects and other decorators."""
+    func = getattr(func, "__func__", func)
+    return inspect.unwrap(func)
+
+
+def make_decorator(client: "Telemetry", name: object, payload: Any, *,
+                   cli: bool) -> Callable[[Any], Any]:
+    event = check_name(name)
+    static: Optional[Dict[str, str]] = None
+    dynamic: Optional[Callable[..., Any]] = None
+    if payload is None:
+        pass
+    elif isinstance(payload, Mapping):
+        static = clean_payload(event, payload, Reporter(), strict=True) or None
+    elif callable(payload):
+        dynamic = payload
+    else:
+        raise TypeError(f"kaibantrace: payload of {event!r} must be a mapping or a callable, "
+                        f"not {type(payload).__name__}")
+    reporter = Reporter()
+    signatures: Dict[Any, inspect.Signature] = {}
+
+    def payload_for(wrapped: Any, args: Any, kwargs: Any) -> Any:
+        assert dynamic is not None
+        try:
+            target, leading = wrapped, ()
+            bound_self = getattr(wrapped, "__self__", None)
+            if bound_self is not None and inspect.ismethod(wrapped):
+                target, leading = wrapped.__func__, (bound_self,)
+            signature = signatures.get(target)
+            if signature is None:
+                signature = signatures[target] = inspect.signature(target)
+            bound = signature.bind(*leading, *args, **kwargs)
+            bound.apply_defaults()
+            return dynamic(dict(bound.arguments))
+        except Exception as exc:
+            reporter.problem("payload_callable", event, "", f"payload callable of {event!r} "
+                             f"raised {type(exc).__name__}; sent without payload",
+                             strict=client.settings.strict)
+            return PAYLOAD_FAILED
+
+    def fire(wrapped: Any, args: Any, kwargs: Any) -> None:
+        """Record the event; never lets an error reach the decorated call (strict aside)."""
+        try:
+            accept = client._route()
+            if accept is None:
+                return
+            data = static if dynamic is None else payload_for(wrapped, args, kwargs)
+            accept(client._raw(event, data, project_id() if cli else None))
+        except KaibanTraceError:
+            if client.settings.strict:
+                raise
+        except Exception:
+            logger.debug("kaibantrace: could not record %r", event, exc_info=True)
+
+    def decorate(func: Any) -> Any:
+        target = _underlying(func)
+        if not callable(func) and not isinstance(func, (staticmethod, classmethod)):
+            raise TypeError(f"kaibantrace: @track({event!r}) needs a function or method, "
+                            f"not {type(func).__name__}")
+        if inspect.iscoroutinefunction(target):
+            return _coroutine_wrapper(fire)(func)
+        if inspect.isasyncgenfunction(target):
+            return _async_generator_wrapper(fire)(func)
+        if inspect.isgeneratorfunction(target):
+            return _generator_wrapper(fire)(func)
+        return _plain_wrapper(fire, client, event, static, dynamic, cli)(func)
+
+    return decorate
+
+
+Fire = Callable[[Any, Any, Any], None]
+
+
+def _plain_wrapper(fire: Fire, client: "Telemetry", event: str, static: Any,
+                   dynamic: Any, cli: bool) -> Any:
+    if dynamic is None and not cli:
+        # The common case, kept short: a static payload and session identity.
+        route = client._route
+        raw = client._raw
+
+        @wrapt.decorator
+        def fast(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            try:
+                accept = route()
+                if accept is not None:
+                    accept(raw(event, static))
+            except KaibanTraceError:
+                if client.settings.strict:
+                    raise
+            except Exception:
+                logger.debug("kaibantrace: could not record %r", event, exc_info=True)
+            return wrapped(*args, **kwargs)
+
+        return fast
+
+    @wrapt.decorator
+    def plain(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        fire(wrapped, args, kwargs)
+        return wrapped(*args, **kwargs)
+
+    return plain
+
+
+def _coroutine_wrapper(fire: Fire) -> Any:
+    @wrapt.decorator
+    def coroutine(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        async def run() -> Any:
+            fire(wrapped, args, kwargs)
+            return await wrapped(*args, **kwargs)
+
+        return run()
+
+    return coroutine
+
+
+def _generator_wrapper(fire: Fire) -> Any:
+    @wrapt.decorator
+    def generator(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        def run() -> Generator[Any, Any, Any]:
+            fire(wrapped, args, kwargs)
+            return (yield from wrapped(*args, **kwargs))
+
+        return run()
+
+    return generator
+
+
+def _async_generator_wrapper(fire: Fire) -> Any:
+    @wrapt.decorator
+    def async_generator(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        async def run() -> AsyncGenerator[Any, Any]:
+            fire(wrapped, args, kwargs)
+            inner = wrapped(*args, **kwargs)
+            # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
+            try:
+                value = await inner.__anext__()
+            except StopAsyncIteration:
+                return
+            while True:
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    await inner.aclose()
+                    raise
+                except BaseException as exc:
+                    try:
+                        value = await inner.athrow(exc)
+                    except StopAsyncIteration:
+                        return
+                else:
+                    try:
+                        value = await inner.asend(sent)
+                    except StopAsyncIteration:
+                        return
+
+        return run()
+
+    return async_generator

@@ -1,0 +1,108 @@
+"""Who an event is from, without saying who anyone is.
+
+Two identities exist, as in KaibanJS:
+
+* a **session**: a random UUID, one per ``session()`` block, or one per
+  process outside any block. It is made lazily, at the first event or the
+  first read of ``Session.id``, and it is the only thing runtime events carry.
+* a **project ID** for CLI events: the seed's formula, exactly, so a Python
+  port reports the same project as KaibanJS would.
+
+Either identifier is hashed (SHA-256 of identifier + salt) before it leaves the
+machine; that hash is the ``clientUser`` field.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import os
+import threading
+import uuid
+from types import TracebackType
+from typing import Mapping, Optional, Type
+
+_id_lock = threading.Lock()
+
+
+class Session:
+    """A group of events that share one anonymous, random ID."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self) -> None:
+        self._id: Optional[str] = None
+
+    @property
+    def id(self) -> str:
+        """The session's UUID, made on first use so an unused session costs nothing."""
+        if self._id is None:
+            with _id_lock:
+                if self._id is None:
+                    self._id = str(uuid.uuid4())
+        return self._id
+
+    def __repr__(self) -> str:
+        return f"<kaibantrace.Session id={self._id or '(not yet made)'}>"
+
+
+class SessionScope:
+    """``with``/``async with`` block that makes events inside it share a new session.
+
+    The current session lives in a ``ContextVar``, so asyncio tasks created in
+    the block inherit it and concurrent tasks or threads with their own block
+    never see each other's ID.
+    """
+
+    __slots__ = ("_var", "_session", "_tokens")
+
+    def __init__(self, var: "contextvars.ContextVar[Optional[Session]]") -> None:
+        self._var = var
+        self._session = Session()
+        self._tokens: list[contextvars.Token[Optional[Session]]] = []
+
+    def __enter__(self) -> Session:
+        self._tokens.append(self._var.set(self._session))
+        return self._session
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self._var.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> Session:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Optional[Type[BaseException]],
+                        exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def _md5_hex(text: str) -> str:
+    # The seed's formula uses MD5 as a fingerprint, not for security; saying so
+    # keeps it working where OpenSSL runs in FIPS mode.
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def _node_basename(path: str) -> str:
+    """``path.basename`` as Node.js computes it: trailing separators ignored, ``"/"`` → ``""``."""
+    separators = os.sep + (os.altsep or "")
+    return os.path.basename(path.rstrip(separators))
+
+
+def project_id(cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The KaibanJS project ID for ``cwd`` (default: the working directory).
+
+    ``md5(basename(cwd) + "-" + md5(HOME or USERPROFILE or ""))``, with
+    JavaScript's ``||``: an empty variable counts as missing. The value is an
+    unsalted hash of low-entropy inputs, so kaibantrace sends only its salted
+    SHA-256, never the ID itself.
+    """
+    env = os.environ if environ is None else environ
+    directory = os.getcwd() if cwd is None else os.fspath(cwd)
+    home = env.get("HOME") or env.get("USERPROFILE") or ""
+    return _md5_hex(f"{_node_basename(directory)}-{_md5_hex(home)}")
+
+
+def hash_user(identifier: str, salt: str) -> str:
+    """``clientUser`` as TelemetryDeck expects it: hex SHA-256 of identifier + salt."""
+    return hashlib.sha256((identifier + salt).encode("utf-8")).hexdigest()

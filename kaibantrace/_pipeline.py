@@ -1,0 +1,236 @@
+"""From a raw event to a TelemetryDeck signal, in plain steps.
+
+The calling thread only records a raw event (name, payload, session,
+identifier, time); everything here runs later on the sender's thread, or at
+the call in strict mode so that a test fails where the mistake is. The steps,
+top to bottom, are in ``build_signal``:
+
+1. check the name (decorators checked theirs already; ``emit`` did not);
+2. turn the payload into flat text values as TelemetryDeck's JavaScript SDK does;
+3. drop fields that use reserved keys or look like personal data;
+4. drop the payload if it is over 4 KiB encoded;
+5. hash the identity and assemble the wire object.
+
+A field problem drops that field; a name problem drops the event. Either is
+logged once per cause at WARNING, or raised in strict mode.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import re
+import time
+from decimal import Decimal
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from ._errors import DropEvent, EventError, PrivacyError
+from ._identity import Session, hash_user
+from ._privacy import personal_data_kind
+from ._version import __version__
+
+logger = logging.getLogger("kaibantrace")
+
+CLIENT_VERSION = f"kaibantrace {__version__}"
+MAX_NAME_LENGTH = 128
+MAX_PAYLOAD_BYTES = 4096
+RESERVED_KEYS = frozenset({"type", "clientUser", "appID", "sessionID", "floatValue", "platform"})
+_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+
+# A raw event, as the calling thread records it. A plain tuple, because making
+# it is the only per-event allocation on the caller's side.
+#   (name, payload, session, identifier or None, unix time, float value or None)
+RawEvent = Tuple[str, Any, Session, Optional[str], float, Optional[float]]
+
+PAYLOAD_FAILED = object()
+"""Marks a payload whose callable raised; the event goes without a payload."""
+
+
+def name_problem(name: object) -> Optional[str]:
+    """What is wrong with an event name, or ``None`` when it is valid."""
+    if not isinstance(name, str):
+        return f"must be a string, not {type(name).__name__}"
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters (it has {len(name)})"
+    if _NAME.fullmatch(name) is None:
+        return "may only contain letters, digits and the characters _ . : -"
+    if name.lower().startswith("telemetrydeck."):
+        return "must not start with the reserved prefix 'TelemetryDeck.'"
+    return None
+
+
+class Reporter:
+    """Reports a problem: raises in strict mode, else logs a WARNING once per cause."""
+
+    _MAX_REMEMBERED = 1024
+
+    def __init__(self) -> None:
+        self._seen: set[Tuple[str, str, str]] = set()
+
+    def problem(self, cause: str, event: str, key: str, message: str, *, strict: bool,
+                privacy: bool = False) -> None:
+        if strict:
+            raise (PrivacyError if privacy else EventError)(f"kaibantrace: {message}")
+        marker = (cause, event, key)
+        if marker not in self._seen and len(self._seen) < self._MAX_REMEMBERED:
+            self._seen.add(marker)
+            logger.warning("kaibantrace: %s", message)
+
+
+def js_text(value: Any) -> str:
+    """A payload value as text, the way TelemetryDeck's JavaScript SDK writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _js_number(value)
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return _iso(value)
+    return str(value)
+
+
+def _js_number(value: float) -> str:
+    """``Number.prototype.toString`` for a double: ``1.0`` → ``"1"``, ``1e21`` → ``"1e+21"``."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    if value == 0:
+        return "0"
+    sign, digits_tuple, exponent = Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digits_tuple))
+    assert isinstance(exponent, int)
+    k, n = len(digits), len(digits) + exponent  # value = 0.digits × 10^n
+    prefix = "-" if sign else ""
+    if k <= n <= 21:
+        return prefix + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return prefix + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return prefix + "0." + "0" * -n + digits
+    mantissa = digits[0] + ("." + digits[1:] if k > 1 else "")
+    return f"{prefix}{mantissa}e{'+' if n - 1 >= 0 else '-'}{abs(n - 1)}"
+
+
+def _iso(value: "datetime.date") -> str:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.isoformat(timespec="milliseconds") + "Z"
+    return value.isoformat()
+
+
+def received_at(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds, as JavaScript's ``Date.toISOString``."""
+    seconds = int(timestamp)
+    millis = int((timestamp - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+_SCALARS = (str, int, float, datetime.date)
+
+
+def _field_text(value: Any) -> Optional[str]:
+    """Text for one payload value, or ``None`` when the value cannot be sent."""
+    if isinstance(value, _SCALARS):
+        return js_text(value)
+    if isinstance(value, (list, tuple)) and all(
+            v is None or isinstance(v, (str, int, float, bool)) for v in value):
+        return json.dumps(list(value), ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, Mapping) and all(
+            isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
+            for k, v in value.items()):
+        return json.dumps(dict(value), ensure_ascii=False, separators=(",", ":"))
+    return None
+
+
+def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> Dict[str, str]:
+    """Flat text payload with bad, reserved and personal fields dropped."""
+    if payload is None:
+        return {}
+    if payload is PAYLOAD_FAILED:
+        return {}
+    if not isinstance(payload, Mapping):
+        reporter.problem("payload_type", name, "", f"payload of {name!r} must be a mapping, "
+                         f"not {type(payload).__name__}; sent without payload", strict=strict)
+        return {}
+    result: Dict[str, str] = {}
+    for key, value in payload.items():
+        if not isinstance(key, str) or not key:
+            reporter.problem("key_type", name, repr(type(key)), f"payload of {name!r} has a key "
+                             "that is not a non-empty string; field dropped", strict=strict)
+            continue
+        if key in RESERVED_KEYS or key.lower().startswith("telemetrydeck."):
+            reporter.problem("reserved", name, key, f"payload key {key!r} of {name!r} is reserved "
+                             "by TelemetryDeck; field dropped", strict=strict)
+            continue
+        if value is None:
+            continue
+        text = _field_text(value)
+        if text is None:
+            reporter.problem("value_type", name, key, f"payload field {key!r} of {name!r} is a "
+                             f"{type(value).__name__}; only text, numbers, booleans, dates and flat "
+                             "lists or mappings of them can be sent; field dropped", strict=strict)
+            continue
+        kind = personal_data_kind(key) or personal_data_kind(text)
+        if kind is not None:
+            reporter.problem("privacy", name, key, f"payload field {key!r} of {name!r} looks like "
+                             f"{kind}; field dropped", strict=strict, privacy=True)
+            continue
+        result[key] = text
+    if result and len(json.dumps(result, ensure_ascii=False).encode("utf-8")) > MAX_PAYLOAD_BYTES:
+        reporter.problem("size", name, "", f"payload of {name!r} is over {MAX_PAYLOAD_BYTES} bytes "
+                         "encoded; sent without payload", strict=strict)
+        return {}
+    return result
+
+
+class EncodeContext:
+    """What encoding needs from the client's settings, fixed for one batch."""
+
+    __slots__ = ("app_id", "salt", "test_mode", "strict", "reporter")
+
+    def __init__(self, app_id: str, salt: str, test_mode: bool, strict: bool,
+                 reporter: Reporter) -> None:
+        self.app_id = app_id
+        self.salt = salt
+        self.test_mode = test_mode
+        self.strict = strict
+        self.reporter = reporter
+
+
+def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
+    """The TelemetryDeck signal for ``raw``; raises ``DropEvent`` to refuse it."""
+    name, payload, session, identifier, timestamp, float_value = raw
+    problem = name_problem(name)
+    if problem is not None:
+        ctx.reporter.problem("name", str(name)[:40], "", f"event name {name!r} {problem}; "
+                             "event dropped", strict=ctx.strict)
+        raise DropEvent("invalid_name", f"event name {problem}")
+    session_id = session.id
+    signal: Dict[str, Any] = {
+        "appID": ctx.app_id,
+        "clientUser": hash_user(identifier if identifier is not None else session_id, ctx.salt),
+        "sessionID": session_id,
+        "type": name,
+        "telemetryClientVersion": CLIENT_VERSION,
+        "receivedAt": received_at(timestamp),
+    }
+    fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
+    if fields:
+        signal["payload"] = fields
+    if float_value is not None:
+        signal["floatValue"] = float_value
+    if ctx.test_mode:
+        signal["isTestMode"] = True
+    return signal
+
+
+def encode_body(signals: "list[Dict[str, Any]]") -> bytes:
+    """The request body: always a JSON array, UTF-8."""
+    return json.dumps(signals, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,113 @@
+"""The privacy guard: refuse payload text that looks like personal data.
+
+A field is refused when its key or value contains an e-mail address, an IPv4
+or IPv6 address, the user's home directory (so any absolute path under it),
+the user's login name as a word of its own, or a long token-like secret. The
+text is checked as written, URL-decoded, lower-cased, and with either kind of
+path separator, so simple disguises do not get through.
+
+The guard only answers "refuse, and why". Dropping the field and logging a
+warning that names the key (never the value) is the pipeline's job.
+
+What it does not do: prove that text is anonymous. It catches the mistakes an
+author is likely to make; it is not a substitute for sending coarse values.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import os
+import re
+from typing import Optional, Tuple
+from urllib.parse import unquote
+
+_EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
+_IPV4 = re.compile(r"(?<![\d.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\d])")
+_IPV6_CANDIDATE = re.compile(r"[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[0-9a-z]+)?")
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_+/=-]{24,}")
+_SECRET_PREFIXES = ("sk-", "sk_live_", "pk_live_", "ghp_", "gho_", "ghs_", "github_pat_",
+                    "xoxb-", "xoxp-", "akia", "eyj", "glpat-", "hf_")
+
+_local: Optional[Tuple[str, ...]] = None
+
+
+def _local_markers() -> Tuple[str, ...]:
+    """This machine's home directory and user name, lower-cased, found once."""
+    global _local
+    if _local is None:
+        markers = []
+        home = os.path.expanduser("~")
+        if home and home not in ("~", "/", "\\"):
+            markers.append(home.replace("\\", "/").rstrip("/").lower())
+        _local = tuple(markers)
+    return _local
+
+
+_user: Optional[str] = None
+_user_known = False
+
+
+def _user_name() -> Optional[str]:
+    global _user, _user_known
+    if not _user_known:
+        try:
+            name = getpass.getuser().strip().lower()
+        except Exception:  # no passwd entry, no variables: nothing to compare
+            name = ""
+        _user = name if len(name) >= 2 else None
+        _user_known = True
+    return _user
+
+
+def _variants(text: str) -> Tuple[str, ...]:
+    lowered = text.lower()
+    decoded = unquote(unquote(lowered))
+    return (lowered, decoded, decoded.replace("\\", "/"))
+
+
+def personal_data_kind(text: str) -> Optional[str]:
+    """What kind of personal data ``text`` seems to hold, or ``None``."""
+    if not text:
+        return None
+    for variant in _variants(text):
+        kind = _kind(variant)
+        if kind is not None:
+            return kind
+    return _secret_kind(text)
+
+
+def _kind(text: str) -> Optional[str]:
+    if "@" in text and _EMAIL.search(text):
+        return "an e-mail address"
+    for home in _local_markers():
+        if home in text:
+            return "a path in the home directory"
+    user = _user_name()
+    if user is not None and re.search(rf"(?<![a-z0-9]){re.escape(user)}(?![a-z0-9])", text):
+        return "the user name"
+    if "." in text:
+        for match in _IPV4.finditer(text):
+            if all(int(part) <= 255 for part in match.groups()):
+                return "an IP address"
+    if text.count(":") >= 2:
+        for match in _IPV6_CANDIDATE.finditer(text):
+            try:
+                ipaddress.IPv6Address(match.group(0).split("%")[0])
+            except ValueError:
+                continue
+            return "an IP address"
+    return None
+
+
+def _secret_kind(text: str) -> Optional[str]:
+    for match in _TOKEN_RUN.finditer(text):
+        run = match.group(0)
+        if run.lower().startswith(_SECRET_PREFIXES):
+            return "a secret token"
+        has_upper = any(c.isupper() for c in run)
+        has_lower = any(c.islower() for c in run)
+        has_digit = any(c.isdigit() for c in run)
+        if has_upper and has_lower and has_digit:
+            return "a secret token"
+    return None

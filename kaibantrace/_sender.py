@@ -1,0 +1,269 @@
+"""The background sender: a bounded queue drained by one daemon thread.
+
+The calling thread only appends to a ``deque`` and, when the queue goes from
+idle to busy or a batch fills up, sets an ``Event``. It never blocks, never
+waits on the network and never raises. The worker sleeps until woken, gives a
+batch ``flush_interval`` seconds to fill, then encodes and posts it.
+
+Failures follow TelemetryDeck's SDKs with one difference that matters on
+blocked networks: after three failed attempts in a row the circuit opens and
+this process stops touching the network for good, instead of retrying
+forever. What could not be delivered is dropped and counted.
+
+What this module does not do: decide opt-out, validate or encode events (the
+client passes an ``encode`` function), or survive the process (a later release
+adds a durable outbox).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from typing import Callable, Deque, Dict, Optional, Tuple, Union
+
+from ._pipeline import RawEvent
+from ._transport import Result, Transport
+
+logger = logging.getLogger("kaibantrace")
+
+# What ``encode`` returns for a batch: (url, body, signal count), or ``None``
+# when the batch must not be sent (the client counted why).
+Prepared = Optional[Tuple[str, bytes, int]]
+
+FAILURES_BEFORE_CIRCUIT_OPENS = 3
+_BACKOFF_START = 1.0
+_BACKOFF_MAX = 300.0
+
+
+class Counters:
+    """What happened to the events a client accepted; read with ``snapshot()``."""
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.sent = 0
+        self.retried = 0
+        self.requests = 0
+        self.dropped: Dict[str, int] = collections.defaultdict(int)
+
+    def drop(self, cause: str, count: int = 1) -> None:
+        self.dropped[cause] += count
+
+    def snapshot(self) -> Dict[str, object]:
+        return {
+            "queued": self.queued,
+            "sent": self.sent,
+            "retried": self.retried,
+            "requests": self.requests,
+            "dropped": dict(self.dropped),
+        }
+
+
+class _FlushMarker:
+    """Placed in the queue by ``flush``; resolved once everything before it is handled."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+
+Item = Union[RawEvent, _FlushMarker]
+
+
+class Sender:
+    """One worker thread and its queue, for one client."""
+
+    def __init__(self, *, encode: Callable[[list[RawEvent]], Prepared], transport: Transport,
+                 counters: Counters, batch_size: int, flush_interval: float, max_queue: int,
+                 timeout: float) -> None:
+        self._encode = encode
+        self._transport = transport
+        self._counters = counters
+        self._batch_size = batch_size
+        self._interval = flush_interval
+        self._max_queue = max_queue
+        self._timeout = timeout
+        self._queue: Deque[Item] = collections.deque()
+        self._wake = threading.Event()
+        self._armed = False
+        self._stopping = False
+        self._deadline: Optional[float] = None
+        self._failures = 0
+        self._circuit_open = False
+        self._lost_since_marker = False
+        self._logged: set[str] = set()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- the calling thread ------------------------------------------------
+
+    def start(self) -> bool:
+        """Start the worker; ``False`` when no thread can be started (interpreter exit)."""
+        thread = threading.Thread(target=self._run, name="kaibantrace-sender", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            return False
+        self._thread = thread
+        return True
+
+    def accept(self, raw: RawEvent) -> None:
+        """Queue one event. Never blocks, never raises."""
+        queue = self._queue
+        if self._stopping or len(queue) >= self._max_queue:
+            self._counters.drop("stopped" if self._stopping else "queue_full")
+            return
+        queue.append(raw)
+        self._counters.queued += 1
+        if not self._armed or len(queue) >= self._batch_size:
+            self._armed = True
+            self._wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued before now is handled; ``True`` if all was delivered."""
+        if self._thread is None or not self._thread.is_alive():
+            return not self._queue
+        marker = _FlushMarker()
+        self._queue.append(marker)
+        self._armed = True
+        self._wake.set()
+        return marker.done.wait(timeout) and marker.ok
+
+    def stop(self, deadline: float) -> None:
+        """Ask the worker to send what is queued by ``deadline`` (monotonic) and end."""
+        self._deadline = deadline
+        self._stopping = True
+        self._wake.set()
+
+    def join(self, deadline: float) -> bool:
+        """Wait for the worker to end, at most until ``deadline``; ``True`` if it did."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(max(0.0, deadline - time.monotonic()))
+        return not thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for item in self._queue if not isinstance(item, _FlushMarker))
+
+    # -- the worker thread -------------------------------------------------
+
+    def _sleep(self, timeout: Optional[float]) -> None:
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._queue and not self._stopping:
+                    self._sleep(None)
+                if self._stopping:
+                    self._drain(exiting=True)
+                    return
+                if len(self._queue) < self._batch_size and not self._has_marker():
+                    self._sleep(self._interval)
+                self._drain()
+        except BaseException:  # the host must never see this thread's trouble
+            logger.debug("kaibantrace: sender stopped unexpectedly", exc_info=True)
+        finally:
+            self._release_markers()
+
+    def _has_marker(self) -> bool:
+        return any(isinstance(item, _FlushMarker) for item in self._queue)
+
+    def _take_batch(self) -> Tuple[list[RawEvent], Optional[_FlushMarker]]:
+        """Up to one batch of events, stopping early at a flush marker."""
+        batch: list[RawEvent] = []
+        queue = self._queue
+        while queue and len(batch) < self._batch_size:
+            item = queue.popleft()
+            if isinstance(item, _FlushMarker):
+                return batch, item
+            batch.append(item)
+        return batch, None
+
+    def _drain(self, exiting: bool = False) -> None:
+        """Send everything queued; stop early if asked to stop, unless already exiting."""
+        self._armed = False
+        while self._queue and (exiting or not self._stopping):
+            batch, marker = self._take_batch()
+            if batch:
+                self._deliver(batch)
+            if marker is not None:
+                self._resolve(marker)
+
+    def _resolve(self, marker: _FlushMarker) -> None:
+        marker.ok = not self._lost_since_marker
+        self._lost_since_marker = False
+        marker.done.set()
+
+    def _release_markers(self) -> None:
+        for item in list(self._queue):
+            if isinstance(item, _FlushMarker):
+                item.done.set()
+
+    def _remaining(self) -> Optional[float]:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def _deliver(self, batch: list[RawEvent]) -> None:
+        if self._circuit_open:
+            self._lose(len(batch), "circuit_open")
+            return
+        try:
+            prepared = self._encode(batch)
+        except Exception:
+            logger.debug("kaibantrace: could not encode a batch", exc_info=True)
+            prepared = None
+            self._counters.drop("encode_error", len(batch))
+        if prepared is None:
+            self._lost_since_marker = True
+            return
+        url, body, count = prepared
+        backoff = _BACKOFF_START
+        while True:
+            remaining = self._remaining()
+            if remaining is not None and remaining < 0.05:
+                self._lose(count, "exit_deadline")
+                return
+            timeout = self._timeout if remaining is None else min(self._timeout, remaining)
+            self._counters.requests += 1
+            outcome = self._transport.send(url, body, timeout)
+            if outcome.result is Result.SENT:
+                self._failures = 0
+                self._counters.sent += count
+                return
+            if outcome.result is Result.REJECTED:
+                self._failures = 0
+                self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
+                               f"({outcome.detail}); dropped, not retried")
+                self._lose(count, "rejected")
+                return
+            self._failures += 1
+            if self._failures >= FAILURES_BEFORE_CIRCUIT_OPENS or self._stopping:
+                if not self._stopping:
+                    self._circuit_open = True
+                    self._log_once("circuit", "kaibantrace: ingest unreachable "
+                                   f"({outcome.detail}); not sending again in this process")
+                self._lose(count, "unreachable")
+                return
+            self._counters.retried += 1
+            delay = max(backoff, outcome.retry_after or 0.0)
+            delay = min(delay, _BACKOFF_MAX) * random.uniform(1.0, 1.25)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            self._sleep(delay)
+            if self._stopping:
+                # One last attempt fits in the exit budget only if time is left.
+                continue
+
+    def _lose(self, count: int, cause: str) -> None:
+        self._counters.drop(cause, count)
+        self._lost_since_marker = True
+
+    def _log_once(self, key: str, message: str) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.warning(message)

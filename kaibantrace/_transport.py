@@ -1,0 +1,153 @@
+"""How a batch reaches the ingest service, behind a two-method seam.
+
+A transport has ``send(url, body, timeout) -> Outcome`` and ``close()``. The
+HTTP transport imports ``requests`` on its first send, never at import, and
+maps every way a request can end onto three outcomes the sender understands,
+following TelemetryDeck's own SDKs:
+
+* ``SENT``: any 2xx;
+* ``REJECTED``: 400, 401, 403, 404, 413, 422, 501, 505, and redirects: this
+  batch will never be accepted, so it is dropped rather than retried;
+* ``RETRY``: anything else (429, 5xx, timeouts, refused connections, DNS
+  failures), with the server's ``Retry-After`` when it gave one.
+
+There is no retry here: the sender owns the single retry loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import enum
+import threading
+import time
+from typing import TYPE_CHECKING, Any, List, Optional, Protocol
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    import requests
+
+USER_AGENT = f"kaibantrace/{__version__}"
+_REJECTED = frozenset({400, 401, 403, 404, 413, 422, 501, 505})
+
+
+class Result(enum.Enum):
+    SENT = "sent"
+    REJECTED = "rejected"
+    RETRY = "retry"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one request ended; ``detail`` is for logs and never holds payload data."""
+
+    result: Result
+    detail: str = ""
+    retry_after: Optional[float] = None
+
+
+class Transport(Protocol):
+    """What the sender needs from a transport."""
+
+    def send(self, url: str, body: bytes, timeout: float) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+def outcome_for_status(status: int, retry_after: Optional[str] = None) -> Outcome:
+    """The outcome TelemetryDeck's answer ``status`` means."""
+    if 200 <= status < 300:
+        return Outcome(Result.SENT, f"HTTP {status}")
+    if status in _REJECTED or 300 <= status < 400:
+        return Outcome(Result.REJECTED, f"HTTP {status}")
+    return Outcome(Result.RETRY, f"HTTP {status}", parse_retry_after(retry_after))
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds from a ``Retry-After`` header (a number or an HTTP date), or ``None``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, min(seconds, 3600.0))
+
+
+class HttpTransport:
+    """Posts batches with one ``requests.Session``: TLS verified, redirects not followed."""
+
+    def __init__(self) -> None:
+        self._session: Optional["requests.Session"] = None
+        self._lock = threading.Lock()
+
+    def _get_session(self) -> "requests.Session":
+        with self._lock:
+            if self._session is None:
+                import requests  # deferred: about 90 ms that most programs never need
+
+                session = requests.Session()
+                session.headers["User-Agent"] = USER_AGENT
+                self._session = session
+            return self._session
+
+    def send(self, url: str, body: bytes, timeout: float) -> Outcome:
+        try:
+            session = self._get_session()
+            response = session.post(
+                url,
+                data=body,
+                headers={"Content-Type": "application/json; charset=utf-8"},
+                timeout=(min(timeout, 2.0), timeout),
+                allow_redirects=False,
+                stream=True,  # the body is never read, so a huge answer costs nothing
+            )
+            try:
+                return outcome_for_status(response.status_code, response.headers.get("Retry-After"))
+            finally:
+                response.close()
+        except Exception as exc:  # every failure of the network is "try later"
+            return Outcome(Result.RETRY, type(exc).__name__)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
+
+class MemoryTransport:
+    """Keeps every request body in memory and answers ``SENT``; for tests.
+
+    ``bodies`` are the exact bytes that would have been posted; ``signals``
+    is every signal decoded from them, in order.
+    """
+
+    def __init__(self) -> None:
+        self.bodies: List[bytes] = []
+        self.urls: List[str] = []
+        self._lock = threading.Lock()
+
+    def send(self, url: str, body: bytes, timeout: float) -> Outcome:
+        with self._lock:
+            self.urls.append(url)
+            self.bodies.append(body)
+        return Outcome(Result.SENT, "memory")
+
+    @property
+    def signals(self) -> List[Any]:
+        import json
+
+        with self._lock:
+            return [signal for body in self.bodies for signal in json.loads(body)]
+
+    def close(self) -> None:
+        pass
