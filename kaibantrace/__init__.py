@@ -43,7 +43,7 @@ def configure(**settings: Any) -> None:
 
     Settings: ``app_id``, ``endpoint``, ``namespace``, ``salt``, ``test_mode``,
     ``opt_out``, ``opt_out_env``, ``debug``, ``strict``, ``batch_size``,
-    ``flush_interval``, ``max_queue``, ``timeout``, ``exit_timeout``,
+    ``flush_interval``, ``max_queue``, ``timeout``, ``exit_timeout``, ``backoff``,
     ``transport``. Raises ``ConfigurationError`` naming a bad value.
     """
     _default.configure(**settings)

@@ -90,12 +90,13 @@ class Telemetry:
                  strict: Optional[bool] = None, batch_size: Optional[int] = None,
                  flush_interval: Optional[float] = None, max_queue: Optional[int] = None,
                  timeout: Optional[float] = None, exit_timeout: Optional[float] = None,
-                 transport: Optional[Transport] = None) -> None:
+                 backoff: Optional[float] = None, transport: Optional[Transport] = None) -> None:
         self._settings = Settings().replace(
             app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
             test_mode=test_mode, opt_out=opt_out, opt_out_env=opt_out_env, debug=debug,
             strict=strict, batch_size=batch_size, flush_interval=flush_interval,
-            max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout)
+            max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout,
+            backoff=backoff)
         self._transport = transport
         self._number = next(_client_ids)
         self._session_var: contextvars.ContextVar[Optional[Session]] = contextvars.ContextVar(
@@ -109,7 +110,10 @@ class Telemetry:
         self._counters = Counters()
         self._sender: Optional[Sender] = None
         self._closed = False
-        self._route_key: Optional[Tuple[Any, ...]] = None
+        self._seen_generation = -1
+        self._seen_opt_out: Any = None
+        self._seen_env: Tuple[Any, ...] = ()
+        self._off_by_opt_out = False
         self._accept: Optional[Accept] = None
         self._decision: Optional[Decision] = None
         self._no_app_id_logged = False
@@ -159,24 +163,34 @@ class Telemetry:
 
     def _route(self) -> Optional[Accept]:
         """Where an event goes now, or ``None`` when opted out. Cheap when nothing changed."""
-        try:
-            data = os.environ._data  # type: ignore[attr-defined]
-            keys = _ENV_KEYS
-            key = (data.get(self._opt_key), data.get(keys[0]), data.get(keys[1]),
-                   data.get(keys[2]), _generation)
-        except AttributeError:  # os.environ replaced by a plain mapping
-            key = (os.environ.get(self._settings.opt_out_env), object())
-        if key == self._route_key:
-            return self._accept
-        return self._reroute(key)
+        if _generation == self._seen_generation:
+            try:
+                data = os.environ._data  # type: ignore[attr-defined]
+            except AttributeError:  # os.environ replaced by a plain mapping: decide every time
+                return self._reroute()
+            if data.get(self._opt_key) is self._seen_opt_out:
+                if self._off_by_opt_out:
+                    return None
+                keys = _ENV_KEYS
+                if (data.get(keys[0]) is self._seen_env[0] and data.get(keys[1]) is self._seen_env[1]
+                        and data.get(keys[2]) is self._seen_env[2]):
+                    return self._accept
+        return self._reroute()
 
-    def _reroute(self, key: Tuple[Any, ...]) -> Optional[Accept]:
+    def _reroute(self) -> Optional[Accept]:
         with self._lock:
+            generation = _generation
+            data = getattr(os.environ, "_data", {})
+            self._seen_opt_out = data.get(self._opt_key)
+            self._seen_env = tuple(data.get(key) for key in _ENV_KEYS)
             decision = decide(self._settings, os.environ)
             accept = self._choose(decision)
             self._decision = decision
             self._accept = accept
-            self._route_key = key
+            # When code or the client's own variable opted out, that alone decides.
+            self._off_by_opt_out = accept is None and decision.decided_by in (
+                "code", self._settings.opt_out_env) and not _captures
+            self._seen_generation = generation
             return accept
 
     def _choose(self, decision: Decision) -> Optional[Accept]:
@@ -215,7 +229,8 @@ class Telemetry:
         s = self._settings
         sender = Sender(encode=self._encode_batch, transport=self._transport or HttpTransport(),
                         counters=self._counters, batch_size=s.batch_size,
-                        flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout)
+                        flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
+                        backoff=s.backoff)
         if not sender.start():
             return None
         self._sender = sender
@@ -332,7 +347,7 @@ class Telemetry:
         self._shutdown(time.monotonic() + timeout)
         with self._lock:
             self._closed = True
-            self._route_key = None
+            self._seen_generation = -1
         bump_generation()
 
     def _shutdown(self, deadline: float) -> None:
@@ -396,7 +411,7 @@ def _at_exit() -> None:
     clients = list(_live_clients)
     for client in clients:
         client._closed = True
-        client._route_key = None
+        client._seen_generation = -1
         sender = client._sender
         if sender is not None:
             sender.stop(start + client._settings.exit_timeout)

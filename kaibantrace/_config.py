@@ -64,6 +64,7 @@ class Settings:
     max_queue: int = 10_000
     timeout: float = 3.0
     exit_timeout: float = 1.0
+    backoff: float = 1.0
 
     def replace(self, **changes: object) -> "Settings":
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
@@ -94,7 +95,7 @@ def validate(settings: Settings) -> Settings:
     _expect(_is_int(s.batch_size) and 1 <= s.batch_size <= 100,
             "batch_size must be an integer from 1 to 100 (TelemetryDeck's limit per request)")
     _expect(_is_int(s.max_queue) and s.max_queue >= 1, "max_queue must be a positive integer")
-    for name in ("flush_interval", "timeout", "exit_timeout"):
+    for name in ("flush_interval", "timeout", "exit_timeout", "backoff"):
         value = getattr(s, name)
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 60,
                 f"{name} must be a number of seconds above 0 and at most 60")

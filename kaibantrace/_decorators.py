@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator
 
 import wrapt
 
-from ._errors import EventError, KaibanTraceError
+from ._errors import EventError
 from ._identity import project_id
-from ._pipeline import PAYLOAD_FAILED, Reporter, clean_payload, name_problem
+from ._pipeline import PayloadFailed, Reporter, clean_payload, name_problem
 
 if TYPE_CHECKING:
     from ._client import Telemetry
@@ -62,7 +62,6 @@ def make_decorator(client: "Telemetry", name: object, payload: Any, *,
     else:
         raise TypeError(f"kaibantrace: payload of {event!r} must be a mapping or a callable, "
                         f"not {type(payload).__name__}")
-    reporter = Reporter()
     signatures: Dict[Any, inspect.Signature] = {}
 
     def payload_for(wrapped: Any, args: Any, kwargs: Any) -> Any:
@@ -78,11 +77,8 @@ def make_decorator(client: "Telemetry", name: object, payload: Any, *,
             bound = signature.bind(*leading, *args, **kwargs)
             bound.apply_defaults()
             return dynamic(dict(bound.arguments))
-        except Exception as exc:
-            reporter.problem("payload_callable", event, "", f"payload callable of {event!r} "
-                             f"raised {type(exc).__name__}; sent without payload",
-                             strict=client.settings.strict)
-            return PAYLOAD_FAILED
+        except Exception as exc:  # reported by the pipeline, which knows if it is strict
+            return PayloadFailed(type(exc).__name__)
 
     def fire(wrapped: Any, args: Any, kwargs: Any) -> None:
         """Record the event; never lets an error reach the decorated call (strict aside)."""
@@ -92,9 +88,8 @@ def make_decorator(client: "Telemetry", name: object, payload: Any, *,
                 return
             data = static if dynamic is None else payload_for(wrapped, args, kwargs)
             accept(client._raw(event, data, project_id() if cli else None))
-        except KaibanTraceError:
-            if client.settings.strict:
-                raise
+        except EventError:  # only raised in strict mode, which wants it at the call
+            raise
         except Exception:
             logger.debug("kaibantrace: could not record %r", event, exc_info=True)
 
@@ -130,9 +125,8 @@ def _plain_wrapper(fire: Fire, client: "Telemetry", event: str, static: Any,
                 accept = route()
                 if accept is not None:
                     accept(raw(event, static))
-            except KaibanTraceError:
-                if client.settings.strict:
-                    raise
+            except EventError:
+                raise
             except Exception:
                 logger.debug("kaibantrace: could not record %r", event, exc_info=True)
             return wrapped(*args, **kwargs)

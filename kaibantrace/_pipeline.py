@@ -44,8 +44,13 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 #   (name, payload, session, identifier or None, unix time, float value or None)
 RawEvent = Tuple[str, Any, Session, Optional[str], float, Optional[float]]
 
-PAYLOAD_FAILED = object()
-"""Marks a payload whose callable raised; the event goes without a payload."""
+class PayloadFailed:
+    """Stands for a payload whose callable raised; the event goes without a payload."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
 
 
 def name_problem(name: object) -> Optional[str]:
@@ -153,7 +158,9 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
     """Flat text payload with bad, reserved and personal fields dropped."""
     if payload is None:
         return {}
-    if payload is PAYLOAD_FAILED:
+    if isinstance(payload, PayloadFailed):
+        reporter.problem("payload_callable", name, payload.error, f"payload callable of {name!r} "
+                         f"raised {payload.error}; sent without payload", strict=strict)
         return {}
     if not isinstance(payload, Mapping):
         reporter.problem("payload_type", name, "", f"payload of {name!r} must be a mapping, "

@@ -34,7 +34,6 @@ logger = logging.getLogger("kaibantrace")
 Prepared = Optional[Tuple[str, bytes, int]]
 
 FAILURES_BEFORE_CIRCUIT_OPENS = 3
-_BACKOFF_START = 1.0
 _BACKOFF_MAX = 300.0
 
 
@@ -79,7 +78,7 @@ class Sender:
 
     def __init__(self, *, encode: Callable[[list[RawEvent]], Prepared], transport: Transport,
                  counters: Counters, batch_size: int, flush_interval: float, max_queue: int,
-                 timeout: float) -> None:
+                 timeout: float, backoff: float) -> None:
         self._encode = encode
         self._transport = transport
         self._counters = counters
@@ -87,6 +86,7 @@ class Sender:
         self._interval = flush_interval
         self._max_queue = max_queue
         self._timeout = timeout
+        self._backoff = backoff
         self._queue: Deque[Item] = collections.deque()
         self._wake = threading.Event()
         self._armed = False
@@ -223,7 +223,7 @@ class Sender:
             self._lost_since_marker = True
             return
         url, body, count = prepared
-        backoff = _BACKOFF_START
+        backoff = self._backoff
         while True:
             remaining = self._remaining()
             if remaining is not None and remaining < 0.05:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import requests
 
 USER_AGENT = f"kaibantrace/{__version__}"
+_MAX_ANSWER_READ = 64 * 1024
 _REJECTED = frozenset({400, 401, 403, 404, 413, 422, 501, 505})
 
 
@@ -108,10 +109,15 @@ class HttpTransport:
                 headers={"Content-Type": "application/json; charset=utf-8"},
                 timeout=(min(timeout, 2.0), timeout),
                 allow_redirects=False,
-                stream=True,  # the body is never read, so a huge answer costs nothing
+                stream=True,  # read below only when small, so a huge answer costs nothing
             )
             try:
-                return outcome_for_status(response.status_code, response.headers.get("Retry-After"))
+                outcome = outcome_for_status(response.status_code,
+                                             response.headers.get("Retry-After"))
+                length = response.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) <= _MAX_ANSWER_READ:
+                    response.content  # reading it lets the connection be reused  # noqa: B018
+                return outcome
             finally:
                 response.close()
         except Exception as exc:  # every failure of the network is "try later"

@@ -70,6 +70,8 @@ class ReceivedRequest:
     status: int
     signals: List[Dict[str, Any]]
     error: Optional[str] = None
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
+    """``time.monotonic()`` when the request had been read."""
 
 
 @dataclasses.dataclass
@@ -111,8 +113,7 @@ class Collector:
 
     def start(self) -> "Collector":
         handler = _make_handler(self)
-        server = ThreadingHTTPServer((self._host, 0), handler)
-        server.daemon_threads = True
+        server = _QuietServer((self._host, 0), handler)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="kaibantrace-collector", daemon=True)
@@ -208,6 +209,15 @@ class Collector:
         with self._lock:
             self.requests.append(request)
             self._lock.notify_all()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-request is normal here, not an error to print."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
 
 
 def check_request(path: str, content_type: str, body: bytes) -> Tuple[List[Dict[str, Any]], Optional[str]]:

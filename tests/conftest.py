@@ -1,0 +1,63 @@
+"""Shared fixtures: a clean environment, a loopback collector, and clients aimed at it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+import kaibantrace
+from kaibantrace.testing import Collector, reset
+
+APP_ID = "15E9347E-9EE5-4971-A8FB-61D91F3EBA12"
+
+_OUR_VARIABLES = [
+    "KAIBAN_TELEMETRY_OPT_OUT",
+    "DO_NOT_TRACK",
+    "KAIBAN_TELEMETRY_DEBUG",
+    "KAIBAN_TELEMETRY_ENDPOINT",
+    "KAIBAN_TELEMETRY_APP_ID",
+    "KAIBAN_TELEMETRY_DIR",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts with telemetry on (the plugin opts the run out) and a fresh default client."""
+    for name in _OUR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    reset()
+    yield
+    reset()
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as running:
+        yield running
+
+
+@pytest.fixture
+def make_client(collector: Collector) -> Iterator[Callable[..., kaibantrace.Telemetry]]:
+    """Build clients sending to the test's collector; all are shut down after the test."""
+    made: List[kaibantrace.Telemetry] = []
+
+    def make(**settings: Any) -> kaibantrace.Telemetry:
+        settings.setdefault("app_id", APP_ID)
+        settings.setdefault("endpoint", collector.url)
+        settings.setdefault("flush_interval", 0.02)
+        client = kaibantrace.Telemetry(**settings)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.shutdown(timeout=2.0)
+
+
+def subprocess_env(**overrides: str) -> "dict[str, str]":
+    """The environment for a child Python: ours without kaibantrace's variables, plus overrides."""
+    env = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
+    env.update(overrides)
+    return env

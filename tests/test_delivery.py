@@ -1,0 +1,212 @@
+"""Delivery against a real loopback server: failures never reach the host, exit never hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import kaibantrace
+from kaibantrace.testing import Collector
+
+from .conftest import subprocess_env
+
+MakeClient = Callable[..., kaibantrace.Telemetry]
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A loopback URL on which nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v2/"
+
+
+@pytest.fixture
+def black_hole_url() -> Iterator[str]:
+    """A loopback URL whose server accepts connections and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/v2/"
+
+
+class TestFailuresNeverReachTheHost:
+    def test_refused_connection(self, make_client: MakeClient, refused_url: str) -> None:
+        """A refused connection is retried, then given up and counted; nothing raises."""
+        client = make_client(endpoint=refused_url, backoff=0.01)
+        client.emit("lost")
+        assert client.flush(10) is False
+        stats = client.stats()
+        assert stats["dropped"] == {"unreachable": 1} and stats["retried"] == 2
+
+    def test_circuit_stays_open(self, make_client: MakeClient, refused_url: str) -> None:
+        """After three failed attempts the process stops touching the network."""
+        client = make_client(endpoint=refused_url, backoff=0.01)
+        client.emit("first")
+        assert client.flush(10) is False
+        requests_before = client.stats()["requests"]
+        for _ in range(50):
+            client.emit("later")
+        assert client.flush(10) is False
+        stats = client.stats()
+        assert stats["requests"] == requests_before == 3
+        assert stats["dropped"] == {"unreachable": 1, "circuit_open": 50}
+
+    def test_server_errors_then_recovery(self, make_client: MakeClient,
+                                         collector: Collector) -> None:
+        """A 500 then a 503 are retried, and the batch arrives exactly once."""
+        collector.respond(500, times=1)
+        collector.respond(503, times=1)
+        client = make_client(backoff=0.01)
+        for i in range(10):
+            client.emit("retried", {"i": i})
+        assert client.flush(10) is True
+        assert len(collector.signals) == 10
+        assert [r.status for r in collector.requests] == [500, 503, 200]
+
+    def test_rejected_batch_is_dropped_not_retried(self, make_client: MakeClient,
+                                                   collector: Collector) -> None:
+        """A 400 means the batch will never be accepted: one request, then dropped and counted."""
+        collector.respond(400, times=1)
+        client = make_client(backoff=0.01)
+        for _ in range(3):
+            client.emit("refused")
+        assert client.flush(10) is False
+        assert len(collector.requests) == 1
+        assert client.stats()["dropped"] == {"rejected": 3}
+        client.emit("control")
+        assert client.flush(5) is True
+
+    def test_retry_after_is_a_minimum(self, make_client: MakeClient, collector: Collector) -> None:
+        """A 429 with Retry-After: 1 delays the next attempt by at least a second."""
+        collector.respond(429, headers={"Retry-After": "1"}, times=1)
+        client = make_client(backoff=0.01)
+        client.emit("later")
+        assert client.flush(10) is True
+        first, second = collector.requests
+        assert second.arrived - first.arrived >= 0.95
+
+    def test_timeout_and_dropped_connection(self, make_client: MakeClient,
+                                            collector: Collector) -> None:
+        """A server that stalls past the timeout, then one that hangs up, are both retried."""
+        collector.respond(200, delay=2.0, times=1)
+        collector.respond(drop=True, times=1)
+        client = make_client(timeout=0.3, backoff=0.01)
+        client.emit("eventually")
+        assert client.flush(15) is True
+        assert [s["type"] for s in collector.signals] == ["eventually"]
+        assert client.stats()["retried"] == 2
+
+    def test_invalid_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A clear-text non-loopback endpoint from the environment sends nothing and raises nothing."""
+        monkeypatch.setenv("KAIBAN_TELEMETRY_ENDPOINT", "http://example.invalid/v2/")
+        client = kaibantrace.Telemetry(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12",
+                                       flush_interval=0.01)
+        client.emit("nowhere")
+        assert client.flush(5) is False
+        assert client.stats()["dropped"] == {"bad_endpoint": 1}
+        client.shutdown()
+
+
+class TestConcurrency:
+    def test_many_threads(self, make_client: MakeClient, collector: Collector) -> None:
+        """8 threads emitting 500 events each: every one arrives exactly once."""
+        client = make_client(flush_interval=0.05)
+
+        def work(n: int) -> None:
+            for i in range(500):
+                client.emit("threaded", {"n": n, "i": i})
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert client.flush(30)
+        seen = [(s["payload"]["n"], s["payload"]["i"]) for s in collector.wait_for(4000)]
+        assert len(seen) == len(set(seen)) == 4000
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_fork_child_gets_a_fresh_sender(self, make_client: MakeClient,
+                                            collector: Collector) -> None:
+        """Parent and forked child both deliver; the child never re-sends the parent's queue."""
+        client = make_client(flush_interval=30)
+        client.emit("parent_before_fork")  # still queued at fork time
+        pid = os.fork()
+        if pid == 0:  # the child: emit, flush, and leave without running the parent's cleanup
+            code = 1
+            try:
+                client.emit("child")
+                code = 0 if client.flush(10) else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail("the forked child hung")
+            time.sleep(0.01)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert client.flush(10)
+        types = sorted(s["type"] for s in collector.wait_for(2))
+        assert types == ["child", "parent_before_fork"]
+        parent_sessions = {s["sessionID"] for s in collector.signals if s["type"] != "child"}
+        child_sessions = {s["sessionID"] for s in collector.signals if s["type"] == "child"}
+        assert parent_sessions.isdisjoint(child_sessions)
+
+
+_EXITING_CHILD = textwrap.dedent("""
+    import sys, kaibantrace
+
+    kaibantrace.configure(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12", endpoint=sys.argv[1])
+
+    @kaibantrace.track("workflow_started")
+    def work():
+        return 1
+
+    for _ in range(250):
+        work()
+    print("done", flush=True)
+""")
+
+
+class TestExit:
+    def run_child(self, url: str, tmp_path: Path) -> "tuple[subprocess.CompletedProcess[str], float]":
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", _EXITING_CHILD, url], env=subprocess_env(),
+                              cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+        return done, time.monotonic() - start
+
+    def test_black_holed_endpoint_does_not_hang_exit(self, black_hole_url: str,
+                                                     tmp_path: Path) -> None:
+        """Exit is bounded and silent when the endpoint accepts and never answers."""
+        done, took = self.run_child(black_hole_url, tmp_path)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
+        assert took < 10  # a hang guard; the budget is 1 s (benchmarks/ measures it)
+
+    def test_refused_endpoint_exit_is_silent(self, refused_url: str, tmp_path: Path) -> None:
+        """Exit is bounded and silent when the endpoint refuses connections."""
+        done, took = self.run_child(refused_url, tmp_path)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
+        assert took < 10
+
+    def test_healthy_endpoint_receives_everything_before_exit(self, collector: Collector,
+                                                              tmp_path: Path) -> None:
+        """A short-lived process delivers what it emitted during its exit budget."""
+        done, _ = self.run_child(collector.url, tmp_path)
+        assert (done.returncode, done.stderr) == (0, "")
+        assert len(collector.wait_for(250)) == 250

@@ -1,0 +1,119 @@
+"""Project IDs, hashing, and sessions across threads and asyncio tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+
+import pytest
+
+import kaibantrace
+from kaibantrace._identity import hash_user
+
+
+class TestProjectId:
+    @pytest.mark.parametrize(("cwd", "home", "expected"), [
+        ("/srv/work/my-board", "/home/alice", "e0eef4db4ec3062ca9a4479a72f22f6d"),
+        ("/", "/home/dave", "03d5a75bbc7364b74c30276118ee4ac3"),
+    ])
+    def test_check_values_from_kaibanjs(self, cwd: str, home: str, expected: str) -> None:
+        """The seed's formula gives the check values computed by KaibanJS on Node.js."""
+        assert kaibantrace.project_id(cwd=cwd, environ={"HOME": home}) == expected
+
+    def test_empty_home_falls_back_to_userprofile(self) -> None:
+        """JavaScript's || semantics: an empty HOME counts as missing."""
+        with_profile = kaibantrace.project_id("/p/x", {"HOME": "", "USERPROFILE": "C:\\Users\\a"})
+        assert with_profile == kaibantrace.project_id("/p/x", {"USERPROFILE": "C:\\Users\\a"})
+        assert with_profile != kaibantrace.project_id("/p/x", {})
+
+    def test_trailing_separator_is_ignored(self) -> None:
+        """Node's basename ignores a trailing separator."""
+        env = {"HOME": "/home/alice"}
+        assert kaibantrace.project_id("/srv/work/my-board/", env) == kaibantrace.project_id(
+            "/srv/work/my-board", env)
+
+    def test_defaults_to_working_directory(self, tmp_path: "object", monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without arguments, the working directory and real environment are used."""
+        monkeypatch.chdir(str(tmp_path))
+        monkeypatch.setenv("HOME", "/home/zed")
+        assert kaibantrace.project_id() == kaibantrace.project_id(str(tmp_path), {"HOME": "/home/zed"})
+
+
+class TestHashing:
+    def test_client_user_is_sha256_of_identifier_and_salt(self) -> None:
+        """clientUser is lowercase hex SHA-256 of identifier + salt."""
+        expected = hashlib.sha256(b"abcpepper").hexdigest()
+        assert hash_user("abc", "pepper") == expected
+
+
+class TestSessions:
+    def test_id_is_made_lazily_and_stays(self) -> None:
+        """A session's UUID is made on first read and then never changes."""
+        with kaibantrace.session() as s:
+            assert "not yet made" in repr(s)
+            first = s.id
+            assert s.id == first and len(first) == 36
+
+    def test_nested_sessions_restore_the_outer_one(self) -> None:
+        """Leaving an inner session brings back the outer one."""
+        client = kaibantrace.default_client()
+        with kaibantrace.session() as outer:
+            with kaibantrace.session() as inner:
+                assert client._session() is inner
+            assert client._session() is outer
+
+    def test_threads_do_not_see_each_others_sessions(self) -> None:
+        """Concurrent threads with their own session() never share an ID."""
+        client = kaibantrace.default_client()
+        seen: "dict[int, set[str]]" = {}
+        barrier = threading.Barrier(8)
+
+        def work(n: int) -> None:
+            with kaibantrace.session() as s:
+                barrier.wait()
+                seen[n] = {client._session().id for _ in range(50)}
+                assert s.id in seen[n]
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        ids = [next(iter(v)) for v in seen.values()]
+        assert all(len(v) == 1 for v in seen.values()) and len(set(ids)) == 8
+
+    def test_asyncio_tasks_inherit_and_isolate(self) -> None:
+        """Tasks inherit the session they were created in; tasks with their own stay apart."""
+        client = kaibantrace.default_client()
+
+        async def own() -> str:
+            async with kaibantrace.session():
+                await asyncio.sleep(0)
+                return client._session().id
+
+        async def inherited() -> str:
+            await asyncio.sleep(0)
+            return client._session().id
+
+        async def main() -> "tuple[str, list[str], str]":
+            with kaibantrace.session() as s:
+                children = await asyncio.gather(*(own() for _ in range(20)))
+                child = await asyncio.create_task(inherited())
+                return s.id, children, child
+
+        parent, children, child = asyncio.run(main())
+        assert child == parent
+        assert len(set(children)) == 20 and parent not in children
+
+    def test_outside_sessions_share_the_process_session(self) -> None:
+        """Outside any session() every event shares one process-wide ID."""
+        client = kaibantrace.default_client()
+        assert client._session() is client._session()
+
+    def test_clients_do_not_share_sessions(self) -> None:
+        """Two libraries' clients keep separate sessions, so their IDs never correlate."""
+        a, b = kaibantrace.Telemetry(), kaibantrace.Telemetry()
+        with a.session() as s:
+            assert a._session() is s
+            assert b._session() is not s

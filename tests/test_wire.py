@@ -1,0 +1,149 @@
+"""What reaches a real HTTP endpoint: TelemetryDeck's v2 format, field by field."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import time
+import uuid
+from typing import Any, Callable
+
+import kaibantrace
+from kaibantrace.testing import Collector
+
+from .conftest import APP_ID
+
+MakeClient = Callable[..., kaibantrace.Telemetry]
+
+
+class TestSignalFields:
+    def test_runtime_event_fields(self, make_client: MakeClient, collector: Collector) -> None:
+        """A runtime event carries exactly the documented fields with the documented values."""
+        client = make_client(salt="pepper")
+        before = time.time()
+        with client.session() as s:
+            client.emit("workflow_started")
+        assert client.flush(5)
+        (signal,) = collector.wait_for(1)
+        assert set(signal) == {"appID", "clientUser", "sessionID", "type",
+                               "telemetryClientVersion", "receivedAt"}
+        assert signal["appID"] == APP_ID
+        assert signal["type"] == "workflow_started"
+        assert signal["sessionID"] == s.id
+        assert signal["clientUser"] == hashlib.sha256((s.id + "pepper").encode()).hexdigest()
+        assert signal["telemetryClientVersion"] == f"kaibantrace {kaibantrace.__version__}"
+        sent_at = datetime.datetime.strptime(signal["receivedAt"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert abs(sent_at.replace(tzinfo=datetime.timezone.utc).timestamp() - before) < 5
+
+    def test_payload_float_value_and_test_mode(self, make_client: MakeClient,
+                                               collector: Collector) -> None:
+        """Payload values arrive as text, floatValue at top level, isTestMode only in test mode."""
+        client = make_client(test_mode=True)
+        client.emit("measured", {"agents": 3, "fast": True, "name": "board"}, float_value=2.5)
+        assert client.flush(5)
+        (signal,) = collector.wait_for(1)
+        assert signal["payload"] == {"agents": "3", "fast": "true", "name": "board"}
+        assert signal["floatValue"] == 2.5
+        assert signal["isTestMode"] is True
+
+    def test_no_payload_key_when_empty_and_no_test_mode_key(
+            self, make_client: MakeClient, collector: Collector) -> None:
+        """An empty payload and test mode off leave their keys out entirely."""
+        client = make_client()
+        client.emit("plain", {})
+        assert client.flush(5)
+        (signal,) = collector.wait_for(1)
+        assert "payload" not in signal and "isTestMode" not in signal and "floatValue" not in signal
+
+    def test_cli_events_use_the_project_id(self, make_client: MakeClient, collector: Collector,
+                                           tmp_path: Any, monkeypatch: Any) -> None:
+        """track_cli events hash the project ID (+ salt) into clientUser."""
+        monkeypatch.chdir(str(tmp_path))
+        client = make_client(salt="s")
+
+        @client.track_cli("run_board")
+        def main() -> int:
+            return 0
+
+        assert main() == 0
+        assert client.flush(5)
+        (signal,) = collector.wait_for(1)
+        expected = hashlib.sha256((kaibantrace.project_id() + "s").encode()).hexdigest()
+        assert signal["clientUser"] == expected
+        assert kaibantrace.project_id() not in json.dumps(signal)
+
+
+class TestRequests:
+    def test_body_is_a_json_array_with_headers(self, make_client: MakeClient,
+                                               collector: Collector) -> None:
+        """Each request is a UTF-8 JSON array posted with the JSON content type and our agent."""
+        client = make_client()
+        client.emit("one")
+        assert client.flush(5)
+        (request,) = collector.wait_for_requests(1)
+        assert request.status == 200 and request.error is None
+        assert isinstance(json.loads(request.body), list)
+        assert request.headers["Content-Type"] == "application/json; charset=utf-8"
+        assert request.headers["User-Agent"] == f"kaibantrace/{kaibantrace.__version__}"
+
+    def test_batches_hold_at_most_100_signals(self, make_client: MakeClient,
+                                              collector: Collector) -> None:
+        """250 events go out as requests of at most 100 signals, none lost or repeated."""
+        client = make_client(flush_interval=0.5)
+        for i in range(250):
+            client.emit("bulk", {"i": i})
+        assert client.flush(10)
+        signals = collector.wait_for(250)
+        sizes = [len(r.signals) for r in collector.requests]
+        assert max(sizes) == 100 and sum(sizes) == 250
+        assert sorted(int(s["payload"]["i"]) for s in signals) == list(range(250))
+
+    def test_namespace_url(self, make_client: MakeClient, collector: Collector) -> None:
+        """With a namespace, signals are posted to /v2/namespace/<ns>/."""
+        client = make_client(namespace="kaiban")
+        client.emit("ns")
+        assert client.flush(5)
+        (request,) = collector.wait_for_requests(1)
+        assert request.path == "/v2/namespace/kaiban/"
+
+    def test_endpoint_from_environment(self, collector: Collector, monkeypatch: Any) -> None:
+        """KAIBAN_TELEMETRY_ENDPOINT and KAIBAN_TELEMETRY_APP_ID point a client without arguments."""
+        app = str(uuid.uuid4())
+        monkeypatch.setenv("KAIBAN_TELEMETRY_ENDPOINT", collector.url)
+        monkeypatch.setenv("KAIBAN_TELEMETRY_APP_ID", app)
+        client = kaibantrace.Telemetry(flush_interval=0.02)
+        try:
+            client.emit("env")
+            assert client.flush(5)
+            assert collector.wait_for(1)[0]["appID"] == app
+        finally:
+            client.shutdown()
+
+    def test_module_level_api_uses_the_default_client(self, collector: Collector) -> None:
+        """configure/track/emit/flush at module level drive the default client."""
+        kaibantrace.configure(app_id=APP_ID, endpoint=collector.url, flush_interval=0.02)
+
+        @kaibantrace.track("workflow_started", payload={"agents": 2})
+        def start() -> str:
+            return "started"
+
+        with kaibantrace.session():
+            assert start() == "started"
+            kaibantrace.emit("extra")
+        assert kaibantrace.flush(5)
+        signals = collector.wait_for(2)
+        assert [s["type"] for s in signals] == ["workflow_started", "extra"]
+        assert signals[0]["sessionID"] == signals[1]["sessionID"]
+        kaibantrace.shutdown()
+
+    def test_two_clients_keep_their_own_app_ids(self, make_client: MakeClient,
+                                                collector: Collector) -> None:
+        """Two libraries' clients in one process send under their own app IDs."""
+        other_app = str(uuid.uuid4())
+        a, b = make_client(), make_client(app_id=other_app)
+        a.emit("from_a")
+        b.emit("from_b")
+        assert a.flush(5) and b.flush(5)
+        by_type = {s["type"]: s["appID"] for s in collector.wait_for(2)}
+        assert by_type == {"from_a": APP_ID, "from_b": other_app}
