@@ -18,8 +18,7 @@ telemetry of its own should hold its own ``Telemetry``.
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING
 
 from . import events
 from ._client import Telemetry
@@ -28,7 +27,8 @@ from ._errors import ConfigurationError, EventError, KaibanTraceError, PrivacyEr
 from ._identity import Session, SessionScope, project_id
 from ._version import __version__
 
-logging.getLogger("kaibantrace").addHandler(logging.NullHandler())
+if TYPE_CHECKING:
+    from typing import Any, Callable, Mapping, Optional
 
 _default = Telemetry()
 

@@ -42,6 +42,7 @@ from ._sender import Counters, Sender
 from ._transport import HttpTransport, Transport
 
 logger = logging.getLogger("kaibantrace")
+logger.addHandler(logging.NullHandler())  # a library's logs are the host's to show
 
 Accept = Callable[[RawEvent], None]
 

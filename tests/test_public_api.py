@@ -1,0 +1,51 @@
+"""The public surface: exactly what __all__ names, and an import that does almost nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import kaibantrace
+
+from .conftest import subprocess_env
+
+PUBLIC = {
+    "ConfigurationError", "Decision", "EventError", "KaibanTraceError", "PrivacyError",
+    "Session", "SessionScope", "Settings", "Telemetry", "__version__", "configure",
+    "default_client", "emit", "events", "flush", "project_id", "session", "shutdown",
+    "track", "track_cli",
+}
+
+
+class TestSurface:
+    def test_all_is_exactly_the_public_surface(self) -> None:
+        """__all__ is sorted and names exactly the public API, so nothing leaks by accident."""
+        assert kaibantrace.__all__ == sorted(kaibantrace.__all__)
+        assert set(kaibantrace.__all__) == PUBLIC
+        public_attributes = {n for n in dir(kaibantrace) if not n.startswith(("_", "@"))}
+        public_attributes.add("__version__")
+        not_api = {"testing", "pytest_plugin", "TYPE_CHECKING", "annotations"}
+        assert public_attributes - not_api == PUBLIC
+
+    def test_client_methods(self) -> None:
+        """A Telemetry has the methods the module-level API mirrors."""
+        for name in ("track", "track_cli", "session", "emit", "flush", "shutdown", "enabled",
+                     "configure"):
+            assert hasattr(kaibantrace.Telemetry, name), name
+
+    def test_event_names(self) -> None:
+        """events holds KaibanJS's signal names and app IDs."""
+        assert kaibantrace.events.ALL == ("install_kaibanjs", "init_board", "run_board",
+                                          "deploy_board", "workflow_started")
+        assert kaibantrace.events.CLI_APP_ID == "95BF7A3E-9D86-432D-9633-3526DD3A8977"
+
+
+class TestImport:
+    def test_import_is_light(self) -> None:
+        """Importing kaibantrace imports neither requests nor asyncio and starts no thread."""
+        code = ("import sys, threading, kaibantrace, json; print(json.dumps(["
+                "'requests' in sys.modules, 'asyncio' in sys.modules, threading.active_count()]))")
+        out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        assert json.loads(out) == [False, False, 1]

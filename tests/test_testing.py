@@ -1,0 +1,165 @@
+"""The helpers shipped for users' tests: Collector, capture(), reset() and the pytest plugin."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+import pytest
+
+import kaibantrace
+from kaibantrace.testing import Collector, capture, check_request
+
+from .conftest import APP_ID
+
+pytest_plugins = ["pytester"]
+
+
+def post(url: str, body: Any, content_type: str = "application/json") -> int:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+GOOD = {"appID": APP_ID, "clientUser": "u", "type": "t"}
+
+
+class TestCollector:
+    def test_accepts_valid_batches(self, collector: Collector) -> None:
+        """A valid array of signals is answered 200 and recorded."""
+        assert post(collector.url, [GOOD, GOOD]) == 200
+        assert collector.signals == [GOOD, GOOD]
+
+    @pytest.mark.parametrize(("body", "reason"), [
+        (GOOD, "not a JSON array"),
+        (b"{nope", "not JSON"),
+        ([{"appID": APP_ID, "type": "t"}], "clientUser"),
+        ([{**GOOD, "appID": "not-a-uuid"}], "UUID"),
+        ([{**GOOD, "payload": {"a": {"b": 1}}}], "flat"),
+        ([{**GOOD, "isTestMode": "true"}], "isTestMode"),
+    ])
+    def test_refuses_what_the_ingest_refuses(self, collector: Collector, body: Any,
+                                            reason: str) -> None:
+        """Requests the real ingest would refuse are answered 400 with the reason recorded."""
+        assert post(collector.url, body) == 400
+        (request,) = collector.requests
+        assert reason in (request.error or "") and collector.signals == []
+
+    def test_refuses_wrong_path_and_content_type(self, collector: Collector) -> None:
+        """Only POSTs of JSON to /v2/ or /v2/namespace/<ns>/ are accepted."""
+        assert post(collector.url.replace("/v2/", "/v1/"), [GOOD]) == 400
+        assert post(collector.url, [GOOD], content_type="text/plain") == 400
+        assert post(collector.url + "namespace/ns/", [GOOD]) == 200
+
+    def test_scripted_answers_then_healthy(self, collector: Collector) -> None:
+        """respond() answers the next requests as told, then goes back to 200."""
+        collector.respond(503, headers={"Retry-After": "7"}, times=2)
+        assert [post(collector.url, [GOOD]) for _ in range(3)] == [503, 503, 200]
+        assert len(collector.signals) == 1
+
+    def test_dropped_connection(self, collector: Collector) -> None:
+        """drop=True closes the connection without an answer."""
+        collector.respond(drop=True, times=1)
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            post(collector.url, [GOOD])
+        assert collector.requests[0].error == "dropped"
+
+    def test_wait_for_times_out_clearly(self, collector: Collector) -> None:
+        """wait_for raises TimeoutError saying how many signals came."""
+        with pytest.raises(TimeoutError, match="got 0"):
+            collector.wait_for(1, timeout=0.05)
+
+    def test_binds_loopback_only(self, collector: Collector) -> None:
+        """The collector listens on 127.0.0.1 only."""
+        assert collector.url.startswith("http://127.0.0.1:")
+        with socket.create_connection(("127.0.0.1", collector.port), timeout=2):
+            pass
+
+    def test_check_request_is_reusable(self) -> None:
+        """check_request gives the decoded signals of a valid body."""
+        assert check_request("/v2/", "application/json", json.dumps([GOOD]).encode()) == ([GOOD], None)
+
+
+class TestCapture:
+    def test_records_without_network_or_thread(self) -> None:
+        """capture() records signals in wire format, starting no sender."""
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        with capture() as signals:
+            client.emit("captured", {"n": 1})
+        assert signals[0]["type"] == "captured" and signals[0]["payload"] == {"n": "1"}
+        assert client._sender is None
+
+    def test_ignores_environment_opt_out_by_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """By default capture works under the plugin's opt-out; respect_opt_out=True honours it."""
+        monkeypatch.setenv("KAIBAN_TELEMETRY_OPT_OUT", "1")
+        with capture() as signals:
+            kaibantrace.emit("seen")
+        with capture(respect_opt_out=True) as honoured:
+            kaibantrace.emit("unseen")
+        assert [s["type"] for s in signals] == ["seen"] and honoured == []
+
+    def test_restores_routing_afterwards(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """After the block, an opted-out client is opted out again."""
+        monkeypatch.setenv("KAIBAN_TELEMETRY_OPT_OUT", "1")
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        with capture():
+            client.emit("x")
+        assert client._route() is None
+
+
+class TestReset:
+    def test_reset_restores_the_default_client(self, collector: Collector) -> None:
+        """testing.reset() stops the default sender and forgets configuration."""
+        kaibantrace.configure(app_id=APP_ID, endpoint=collector.url, flush_interval=0.01)
+        kaibantrace.emit("one")
+        assert kaibantrace.flush(5)
+        kaibantrace.testing.reset()
+        client = kaibantrace.default_client()
+        assert client.settings == kaibantrace.Settings() and client._sender is None
+        assert client.stats()["sent"] == 0
+
+
+class TestPytestPlugin:
+    def test_plugin_opts_out_and_offers_fixtures(self, pytester: pytest.Pytester,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """Under the plugin the run is opted out, and both fixtures work in a user's suite."""
+        monkeypatch.delenv("KAIBAN_TELEMETRY_OPT_OUT", raising=False)
+        pytester.makepyfile(test_user="""
+            import os, pytest, kaibantrace
+
+            def test_opted_out():
+                assert os.environ["KAIBAN_TELEMETRY_OPT_OUT"] == "1"
+                assert not kaibantrace.Telemetry(app_id="x").enabled
+
+            def test_events(telemetry_events):
+                kaibantrace.emit("from_user_code", {"n": 2})
+                assert telemetry_events[0]["type"] == "from_user_code"
+
+            def test_strict(telemetry_events):
+                with pytest.raises(kaibantrace.PrivacyError):
+                    kaibantrace.emit("leaky", {"mail": "a@example.com"})
+
+            def test_collector(telemetry_collector):
+                assert telemetry_collector.url.startswith("http://127.0.0.1:")
+        """)
+        result = pytester.runpytest_subprocess()
+        result.assert_outcomes(passed=4)
+
+    def test_plugin_can_be_disabled(self, pytester: pytest.Pytester,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        """-p no:kaibantrace leaves the environment alone."""
+        monkeypatch.delenv("KAIBAN_TELEMETRY_OPT_OUT", raising=False)
+        pytester.makepyfile(test_user="""
+            import os
+            def test_untouched():
+                assert "KAIBAN_TELEMETRY_OPT_OUT" not in os.environ
+        """)
+        result = pytester.runpytest_subprocess("-p", "no:kaibantrace")
+        result.assert_outcomes(passed=1)
