@@ -33,8 +33,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ._config import (ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, Decision, Settings, decide,
-                      ingest_url)
+from ._config import ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, Decision, Settings, decide, ingest_url
 from ._errors import DropEvent, EventError
 from ._identity import Session, SessionScope
 from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body
@@ -390,7 +389,7 @@ def _float_or_none(value: Any) -> Optional[float]:
 
 # -- process-wide hooks, registered at the first sender start ----------------
 
-_live_clients: "weakref.WeakSet[Telemetry]" = weakref.WeakSet()
+_live_clients: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 _hooks_registered = False
 _hooks_lock = threading.Lock()
 

@@ -66,7 +66,7 @@ class Settings:
     exit_timeout: float = 1.0
     backoff: float = 1.0
 
-    def replace(self, **changes: object) -> "Settings":
+    def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
         given = {key: value for key, value in changes.items() if value is not None}
         unknown = set(given) - {f.name for f in dataclasses.fields(self)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator, Mapping, Optional, Tuple
 
 import wrapt
 
@@ -48,7 +48,7 @@ def _underlying(func: Any) -> Any:
     return inspect.unwrap(func)
 
 
-def make_decorator(client: "Telemetry", name: object, payload: Any, *,
+def make_decorator(client: Telemetry, name: object, payload: Any, *,
                    cli: bool) -> Callable[[Any], Any]:
     event = check_name(name)
     static: Optional[Dict[str, str]] = None
@@ -67,7 +67,8 @@ def make_decorator(client: "Telemetry", name: object, payload: Any, *,
     def payload_for(wrapped: Any, args: Any, kwargs: Any) -> Any:
         assert dynamic is not None
         try:
-            target, leading = wrapped, ()
+            target: Any = wrapped
+            leading: Tuple[Any, ...] = ()
             bound_self = getattr(wrapped, "__self__", None)
             if bound_self is not None and inspect.ismethod(wrapped):
                 target, leading = wrapped.__func__, (bound_self,)
@@ -112,7 +113,7 @@ def make_decorator(client: "Telemetry", name: object, payload: Any, *,
 Fire = Callable[[Any, Any, Any], None]
 
 
-def _plain_wrapper(fire: Fire, client: "Telemetry", event: str, static: Any,
+def _plain_wrapper(fire: Fire, client: Telemetry, event: str, static: Any,
                    dynamic: Any, cli: bool) -> Any:
     if dynamic is None and not cli:
         # The common case, kept short: a static payload and session identity.

@@ -54,9 +54,9 @@ class SessionScope:
     never see each other's ID.
     """
 
-    __slots__ = ("_var", "_session", "_tokens")
+    __slots__ = ("_session", "_tokens", "_var")
 
-    def __init__(self, var: "contextvars.ContextVar[Optional[Session]]") -> None:
+    def __init__(self, var: contextvars.ContextVar[Optional[Session]]) -> None:
         self._var = var
         self._session = Session()
         self._tokens: list[contextvars.Token[Optional[Session]]] = []

@@ -110,7 +110,7 @@ def _js_number(value: float) -> str:
     sign, digits_tuple, exponent = Decimal(repr(value)).normalize().as_tuple()
     digits = "".join(map(str, digits_tuple))
     assert isinstance(exponent, int)
-    k, n = len(digits), len(digits) + exponent  # value = 0.digits × 10^n
+    k, n = len(digits), len(digits) + exponent  # value = 0.digits * 10^n
     prefix = "-" if sign else ""
     if k <= n <= 21:
         return prefix + digits + "0" * (n - k)
@@ -122,7 +122,7 @@ def _js_number(value: float) -> str:
     return f"{prefix}{mantissa}e{'+' if n - 1 >= 0 else '-'}{abs(n - 1)}"
 
 
-def _iso(value: "datetime.date") -> str:
+def _iso(value: datetime.date) -> str:
     if isinstance(value, datetime.datetime):
         if value.tzinfo is not None:
             value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
@@ -200,7 +200,7 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
 class EncodeContext:
     """What encoding needs from the client's settings, fixed for one batch."""
 
-    __slots__ = ("app_id", "salt", "test_mode", "strict", "reporter")
+    __slots__ = ("app_id", "reporter", "salt", "strict", "test_mode")
 
     def __init__(self, app_id: str, salt: str, test_mode: bool, strict: bool,
                  reporter: Reporter) -> None:
@@ -238,6 +238,6 @@ def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     return signal
 
 
-def encode_body(signals: "list[Dict[str, Any]]") -> bytes:
+def encode_body(signals: list[Dict[str, Any]]) -> bytes:
     """The request body: always a JSON array, UTF-8."""
     return json.dumps(signals, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -87,10 +87,10 @@ class HttpTransport:
     """Posts batches with one ``requests.Session``: TLS verified, redirects not followed."""
 
     def __init__(self) -> None:
-        self._session: Optional["requests.Session"] = None
+        self._session: Optional[requests.Session] = None
         self._lock = threading.Lock()
 
-    def _get_session(self) -> "requests.Session":
+    def _get_session(self) -> requests.Session:
         with self._lock:
             if self._session is None:
                 import requests  # deferred: about 90 ms that most programs never need

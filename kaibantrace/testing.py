@@ -111,7 +111,7 @@ class Collector:
 
     # -- life cycle ---------------------------------------------------------
 
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         handler = _make_handler(self)
         server = _QuietServer((self._host, 0), handler)
         self._server = server
@@ -127,7 +127,7 @@ class Collector:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         return self.start()
 
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
