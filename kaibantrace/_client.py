@@ -153,11 +153,9 @@ class Telemetry:
         return decide(self._settings, os.environ)
 
     def stats(self) -> Dict[str, object]:
-        """Counters of what happened to accepted events: queued, sent, retried, dropped by cause."""
-        snapshot = self._counters.snapshot()
+        """What happened to accepted events: queued, pending, sent, retried, requests, dropped by cause."""
         sender = self._sender
-        snapshot["pending"] = sender.pending if sender is not None else 0
-        return snapshot
+        return self._counters.snapshot(sender.pending if sender is not None else 0)
 
     # -- the hot path --------------------------------------------------------
 

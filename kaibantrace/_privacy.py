@@ -2,7 +2,8 @@
 
 A field is refused when its key or value contains an e-mail address, an IPv4
 or IPv6 address, the user's home directory (so any absolute path under it),
-the user's login name as a word of its own, or a long token-like secret. The
+the user's login name as a word of its own (unless it is a shared service
+account such as ``root`` or ``runner``), or a long token-like secret. The
 text is checked as written, URL-decoded, lower-cased, and with either kind of
 path separator, so simple disguises do not get through.
 
@@ -28,6 +29,14 @@ _IPV6_CANDIDATE = re.compile(r"[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[0-9a-z]+
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9_+/=-]{24,}")
 _SECRET_PREFIXES = ("sk-", "sk_live_", "pk_live_", "ghp_", "gho_", "ghs_", "github_pat_",
                     "xoxb-", "xoxp-", "akia", "eyj", "glpat-", "hf_")
+
+# Shared service accounts name no person, and their names are common words
+# ("app", "runner", "node") that would refuse ordinary values.
+_GENERIC_ACCOUNTS = frozenset({
+    "root", "admin", "administrator", "user", "app", "runner", "ci", "jenkins", "docker", "node",
+    "ubuntu", "debian", "ec2-user", "www-data", "nobody", "vagrant", "gitlab-runner", "circleci",
+    "build", "builder", "worker", "daemon", "service", "default", "guest",
+})
 
 _local: Optional[Tuple[str, ...]] = None
 
@@ -55,9 +64,15 @@ def _user_name() -> Optional[str]:
             name = getpass.getuser().strip().lower()
         except Exception:  # no passwd entry, no variables: nothing to compare
             name = ""
-        _user = name if len(name) >= 2 else None
+        _user = name if len(name) >= 2 and name not in _GENERIC_ACCOUNTS else None
         _user_known = True
     return _user
+
+
+def forget_local_markers() -> None:
+    """Look the home directory and user name up again at the next check (tests)."""
+    global _local, _user, _user_known
+    _local, _user, _user_known = None, None, False
 
 
 def _variants(text: str) -> Tuple[str, ...]:
@@ -84,7 +99,7 @@ def _kind(text: str) -> Optional[str]:
         if home in text:
             return "a path in the home directory"
     user = _user_name()
-    if user is not None and re.search(rf"(?<![a-z0-9]){re.escape(user)}(?![a-z0-9])", text):
+    if user is not None and re.search(rf"(?<![a-z0-9_]){re.escape(user)}(?![a-z0-9_])", text):
         return "the user name"
     if "." in text:
         for match in _IPV4.finditer(text):

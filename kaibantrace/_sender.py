@@ -38,25 +38,35 @@ _BACKOFF_MAX = 300.0
 
 
 class Counters:
-    """What happened to the events a client accepted; read with ``snapshot()``."""
+    """What happened to the events a client accepted; read with ``snapshot()``.
+
+    ``taken``, ``sent``, ``retried`` and ``requests`` are written by the worker
+    alone. ``drop`` may be called from any thread (rarely: overflow, debug), so
+    it takes a lock and the counts stay exact under contention.
+    """
 
     def __init__(self) -> None:
-        self.queued = 0
+        self.taken = 0
         self.sent = 0
         self.retried = 0
         self.requests = 0
         self.dropped: Dict[str, int] = collections.defaultdict(int)
+        self._lock = threading.Lock()
 
     def drop(self, cause: str, count: int = 1) -> None:
-        self.dropped[cause] += count
+        with self._lock:
+            self.dropped[cause] += count
 
-    def snapshot(self) -> Dict[str, object]:
+    def snapshot(self, pending: int = 0) -> Dict[str, object]:
+        with self._lock:
+            dropped = dict(self.dropped)
         return {
-            "queued": self.queued,
+            "queued": self.taken + pending,
+            "pending": pending,
             "sent": self.sent,
             "retried": self.retried,
             "requests": self.requests,
-            "dropped": dict(self.dropped),
+            "dropped": dropped,
         }
 
 
@@ -117,7 +127,6 @@ class Sender:
             self._counters.drop("stopped" if self._stopping else "queue_full")
             return
         queue.append(raw)
-        self._counters.queued += 1
         if not self._armed or len(queue) >= self._batch_size:
             self._armed = True
             self._wake.set()
@@ -182,8 +191,10 @@ class Sender:
         while queue and len(batch) < self._batch_size:
             item = queue.popleft()
             if isinstance(item, _FlushMarker):
+                self._counters.taken += len(batch)
                 return batch, item
             batch.append(item)
+        self._counters.taken += len(batch)
         return batch, None
 
     def _drain(self, exiting: bool = False) -> None:

@@ -56,7 +56,7 @@ def make_client(collector: Collector) -> Iterator[Callable[..., kaibantrace.Tele
         client.shutdown(timeout=2.0)
 
 
-def subprocess_env(**overrides: str) -> "dict[str, str]":
+def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment for a child Python: ours without kaibantrace's variables, plus overrides."""
     env = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
     env.update(overrides)

@@ -10,7 +10,7 @@ from kaibantrace._config import decide, endpoint_problem, flag_is_set, ingest_ur
 
 class TestFlagParsing:
     @pytest.mark.parametrize("raw", [None, "", "0", "false", "FALSE", " no ", "off", "n", "F"])
-    def test_unset_words_leave_the_flag_off(self, raw: "str | None") -> None:
+    def test_unset_words_leave_the_flag_off(self, raw: str | None) -> None:
         """Empty and the documented false words (any case, trimmed) leave a flag off."""
         assert flag_is_set(raw) is False
 

@@ -53,12 +53,12 @@ class TestCallableKinds:
 
             @kaibantrace.track("class")
             @classmethod
-            def create(cls) -> "Team":
+            def create(cls) -> Team:
                 return cls()
 
             @classmethod
             @kaibantrace.track("class_inner")
-            def create2(cls) -> "Team":
+            def create2(cls) -> Team:
                 return cls()
 
             @kaibantrace.track("static")
@@ -116,7 +116,7 @@ class TestCallableKinds:
 
         assert inspect.isasyncgenfunction(stream)
 
-        async def main() -> "tuple[int, int, int]":
+        async def main() -> tuple[int, int, int]:
             agen = stream()
             assert signals == []
             first = await agen.__anext__()

@@ -137,6 +137,26 @@ class TestConcurrency:
         seen = [(s["payload"]["n"], s["payload"]["i"]) for s in collector.wait_for(4000)]
         assert len(seen) == len(set(seen)) == 4000
 
+    def test_overflow_is_counted_exactly(self, make_client: MakeClient, collector: Collector) -> None:
+        """With a tiny queue and 8 busy threads, every event is either delivered or counted dropped."""
+        client = make_client(max_queue=50, batch_size=10)
+
+        def work() -> None:
+            for _ in range(1000):
+                client.emit("flood")
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        client.flush(30)
+        stats = client.stats()
+        dropped = stats["dropped"]
+        assert isinstance(dropped, dict) and set(dropped) <= {"queue_full"}
+        assert stats["sent"] + dropped.get("queue_full", 0) == 8000
+        assert len(collector.signals) == stats["sent"]
+
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
     def test_fork_child_gets_a_fresh_sender(self, make_client: MakeClient,
                                             collector: Collector) -> None:
@@ -185,7 +205,7 @@ _EXITING_CHILD = textwrap.dedent("""
 
 
 class TestExit:
-    def run_child(self, url: str, tmp_path: Path) -> "tuple[subprocess.CompletedProcess[str], float]":
+    def run_child(self, url: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
         start = time.monotonic()
         done = subprocess.run([sys.executable, "-c", _EXITING_CHILD, url], env=subprocess_env(),
                               cwd=str(tmp_path), capture_output=True, text=True, timeout=60)

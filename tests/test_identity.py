@@ -33,7 +33,7 @@ class TestProjectId:
         assert kaibantrace.project_id("/srv/work/my-board/", env) == kaibantrace.project_id(
             "/srv/work/my-board", env)
 
-    def test_defaults_to_working_directory(self, tmp_path: "object", monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_defaults_to_working_directory(self, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without arguments, the working directory and real environment are used."""
         monkeypatch.chdir(str(tmp_path))
         monkeypatch.setenv("HOME", "/home/zed")
@@ -66,7 +66,7 @@ class TestSessions:
     def test_threads_do_not_see_each_others_sessions(self) -> None:
         """Concurrent threads with their own session() never share an ID."""
         client = kaibantrace.default_client()
-        seen: "dict[int, set[str]]" = {}
+        seen: dict[int, set[str]] = {}
         barrier = threading.Barrier(8)
 
         def work(n: int) -> None:
@@ -96,7 +96,7 @@ class TestSessions:
             await asyncio.sleep(0)
             return client._session().id
 
-        async def main() -> "tuple[str, list[str], str]":
+        async def main() -> tuple[str, list[str], str]:
             with kaibantrace.session() as s:
                 children = await asyncio.gather(*(own() for _ in range(20)))
                 child = await asyncio.create_task(inherited())

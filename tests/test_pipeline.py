@@ -10,10 +10,10 @@ import pytest
 
 from kaibantrace import EventError, PrivacyError
 from kaibantrace._pipeline import Reporter, clean_payload, js_text, name_problem, received_at
-from kaibantrace._privacy import personal_data_kind
+from kaibantrace._privacy import forget_local_markers, personal_data_kind
 
 
-def clean(payload: object, strict: bool = False) -> "dict[str, str]":
+def clean(payload: object, strict: bool = False) -> dict[str, str]:
     return clean_payload("evt", payload, Reporter(), strict)
 
 
@@ -115,6 +115,28 @@ class TestPrivacyGuard:
         for text in (home + "/project/x.py", "file://" + home.replace("/", "%2F"),
                      home.upper(), home.replace("/", "\\")):
             assert personal_data_kind(text) is not None, text
+
+    def test_user_name_is_recognised_as_a_word(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The login name is caught as a word of its own, not inside other words."""
+        monkeypatch.setenv("LOGNAME", "alice.smith")
+        forget_local_markers()
+        try:
+            assert personal_data_kind("report by Alice.Smith today") == "the user name"
+            assert personal_data_kind("alice.smiths") is None
+            assert personal_data_kind("alice.smith_cause") is None
+        finally:
+            monkeypatch.undo()
+            forget_local_markers()
+
+    def test_shared_service_accounts_are_not_personal(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A shared account name such as "runner" does not refuse the ordinary word."""
+        monkeypatch.setenv("LOGNAME", "runner")
+        forget_local_markers()
+        try:
+            assert personal_data_kind("runner") is None
+        finally:
+            monkeypatch.undo()
+            forget_local_markers()
 
     @pytest.mark.parametrize("text", ["3", "workflow_started", "1.2.3", "12:30:45", "linux",
                                       "python 3.11.7", "0123456789abcdef0123456789abcdef"])

@@ -6,7 +6,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

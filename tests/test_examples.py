@@ -1,0 +1,138 @@
+"""The scripts in ``examples/`` run as documented, in a real subprocess each."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+import time
+from typing import List
+
+import pytest
+
+from kaibantrace.testing import Collector
+
+from .conftest import subprocess_env
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+ENV_APP_ID = "2B1D6A0E-5C3F-4E8A-9D7B-0F4C2E6A8B13"
+LINE = re.compile(r"^  (\S+)\s+sessionID=(\S+) clientUser=([0-9a-f]{12})\.\.\. payload=(.*)$")
+
+
+def run_example(script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/<script>`` with telemetry variables cleared except ``env``."""
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args],
+                          env=subprocess_env(**env), capture_output=True, text=True, timeout=30)
+
+
+def printed_types(stdout: str) -> List[str]:
+    """The signal types the script says its local collector received, in order."""
+    return [match.group(1) for match in map(LINE.match, stdout.splitlines()) if match]
+
+
+def run_against(collector: Collector, script: str, *args: str,
+                **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the script with KAIBAN_TELEMETRY_ENDPOINT and _APP_ID aimed at ``collector``."""
+    return run_example(script, *args, KAIBAN_TELEMETRY_ENDPOINT=collector.url,
+                       KAIBAN_TELEMETRY_APP_ID=ENV_APP_ID, **env)
+
+
+def assert_nothing_arrives(collector: Collector) -> None:
+    time.sleep(0.2)  # a request still on its way would be recorded by now
+    assert collector.requests == []
+
+
+class TestQuickstart:
+    def test_runs_offline_and_shows_the_signals(self) -> None:
+        """Without an endpoint variable, the signals reach the local collector and are printed."""
+        done = run_example("quickstart.py")
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert printed_types(done.stdout) == ["workflow_started", "workflow_finished"]
+        assert "in 1 session(s)" in done.stdout
+        assert '{"agents": "2", "status": "done"}' in done.stdout
+
+    def test_honours_the_endpoint_and_app_id_variables(self, collector: Collector) -> None:
+        """With both variables set, the signals go to that endpoint with that app ID."""
+        done = run_against(collector, "quickstart.py")
+        assert done.returncode == 0, done.stderr
+        assert f"Sent 2 signal(s) to {collector.url}" in done.stdout
+        signals = collector.wait_for(2, timeout=5)
+        assert [s["type"] for s in signals] == ["workflow_started", "workflow_finished"]
+        assert {s["appID"] for s in signals} == {ENV_APP_ID}
+
+    def test_opted_out_sends_nothing(self, collector: Collector) -> None:
+        """With KAIBAN_TELEMETRY_OPT_OUT=1 it still succeeds, says so, and sends nothing."""
+        done = run_against(collector, "quickstart.py", KAIBAN_TELEMETRY_OPT_OUT="1")
+        assert done.returncode == 0, done.stderr
+        assert "Telemetry is off (KAIBAN_TELEMETRY_OPT_OUT is set), so nothing was sent." \
+            in done.stdout
+        assert_nothing_arrives(collector)
+
+
+class TestWorkflow:
+    def test_runs_offline_and_shows_the_signals(self) -> None:
+        """The library's own client reports every decorated call, in three sessions."""
+        done = run_example("workflow.py")
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        types = printed_types(done.stdout)
+        assert sorted(types) == sorted(["workflow_started", "agent_step", "agent_step",
+                                        "report_streamed"] * 3)
+        assert "received 12 signal(s) in 3 session(s)" in done.stdout
+
+    def test_honours_the_endpoint_and_app_id_variables(self, collector: Collector) -> None:
+        """With both variables set, the signals go to that endpoint with that app ID."""
+        done = run_against(collector, "workflow.py")
+        assert done.returncode == 0, done.stderr
+        assert f"Sent 12 signal(s) to {collector.url}" in done.stdout
+        signals = collector.wait_for(12, timeout=5)
+        assert {s["appID"] for s in signals} == {ENV_APP_ID}
+        sessions = {}
+        for signal in signals:
+            sessions.setdefault(signal["sessionID"], []).append(signal["type"])
+        assert len(sessions) == 3
+        for types in sessions.values():
+            assert sorted(types) == ["agent_step", "agent_step", "report_streamed",
+                                     "workflow_started"]
+
+    def test_opted_out_sends_nothing(self, collector: Collector) -> None:
+        """With KAIBAN_TELEMETRY_OPT_OUT=1 the workflow still runs, and nothing is sent."""
+        done = run_against(collector, "workflow.py", KAIBAN_TELEMETRY_OPT_OUT="1")
+        assert done.returncode == 0, done.stderr
+        assert "has notes on pricing" in done.stdout
+        assert "Telemetry is off (KAIBAN_TELEMETRY_OPT_OUT is set), so nothing was sent." \
+            in done.stdout
+        assert_nothing_arrives(collector)
+
+
+class TestCli:
+    @pytest.mark.parametrize(("command", "event"), [("init", "init_board"),
+                                                    ("run", "run_board"),
+                                                    ("deploy", "deploy_board")])
+    def test_runs_offline_and_shows_the_signal(self, command: str, event: str) -> None:
+        """Each subcommand exits 0 and its KaibanJS event reaches the local collector."""
+        done = run_example("cli.py", command)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert printed_types(done.stdout) == [event]
+        assert "appID 95BF7A3E-9D86-432D-9633-3526DD3A8977" in done.stdout
+
+    def test_honours_the_endpoint_and_app_id_variables(self, collector: Collector) -> None:
+        """With both variables set, the run_board signal goes there with that app ID."""
+        done = run_against(collector, "cli.py", "run", "--watch")
+        assert done.returncode == 0, done.stderr
+        (signal,) = collector.wait_for(1, timeout=5)
+        assert signal["type"] == "run_board"
+        assert signal["appID"] == ENV_APP_ID
+        assert signal["payload"] == {"watch": "true"}
+
+    def test_opted_out_sends_nothing(self, collector: Collector) -> None:
+        """With KAIBAN_TELEMETRY_OPT_OUT=1 the command still succeeds, and nothing is sent."""
+        done = run_against(collector, "cli.py", "run", KAIBAN_TELEMETRY_OPT_OUT="1")
+        assert done.returncode == 0, done.stderr
+        assert "Running the board once" in done.stdout
+        assert "Telemetry is off (KAIBAN_TELEMETRY_OPT_OUT is set), so nothing was sent." \
+            in done.stdout
+        assert_nothing_arrives(collector)
