@@ -30,6 +30,8 @@ from ._version import __version__
 if TYPE_CHECKING:
     from typing import Any, Callable, Mapping, Optional
 
+    from ._client import F
+
 _default = Telemetry()
 
 
@@ -49,7 +51,7 @@ def configure(**settings: Any) -> None:
     _default.configure(**settings)
 
 
-def track(name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+def track(name: str, *, payload: Any = None) -> Callable[[F], F]:
     """Decorator: emit ``name`` when the decorated function starts its work.
 
     ``payload`` is a mapping sent with every event, or a callable that receives
@@ -58,7 +60,7 @@ def track(name: str, *, payload: Any = None) -> Callable[[Any], Any]:
     return _default.track(name, payload=payload)
 
 
-def track_cli(name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+def track_cli(name: str, *, payload: Any = None) -> Callable[[F], F]:
     """Decorator for CLI entry points: events are identified by the project ID."""
     return _default.track_cli(name, payload=payload)
 

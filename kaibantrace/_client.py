@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from ._config import ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, Decision, Settings, decide, ingest_url
 from ._errors import DropEvent, EventError
@@ -44,6 +44,7 @@ logger = logging.getLogger("kaibantrace")
 logger.addHandler(logging.NullHandler())  # a library's logs are the host's to show
 
 Accept = Callable[[RawEvent], None]
+F = TypeVar("F")
 
 _generation = 0
 """Bumped by anything that must make every client decide again."""
@@ -117,6 +118,7 @@ class Telemetry:
         self._accept: Optional[Accept] = None
         self._decision: Optional[Decision] = None
         self._no_app_id_logged = False
+        self._lost_before_flush = False  # dropped without a sender since the last flush
         self._opt_key = _encoded_key(self._settings.opt_out_env)
 
     # -- configuration -----------------------------------------------------
@@ -145,7 +147,10 @@ class Telemetry:
 
     @property
     def enabled(self) -> bool:
-        """Whether events would be sent now: not opted out by any source, not shut down."""
+        """Whether telemetry is on: not opted out by any source and not shut down.
+
+        Debug mode counts as on (events are printed instead of sent).
+        """
         return not self._closed and decide(self._settings, os.environ).enabled
 
     def decision(self) -> Decision:
@@ -238,9 +243,11 @@ class Telemetry:
 
     def _drop_at_exit(self, raw: RawEvent) -> None:
         self._counters.drop("interpreter_exit")
+        self._lost_before_flush = True
 
     def _no_app_id(self, raw: RawEvent) -> None:
         self._counters.drop("no_app_id")
+        self._lost_before_flush = True
         if self._settings.strict:
             self._encode_now(raw, "", strict=True)
         if not self._no_app_id_logged:
@@ -318,27 +325,32 @@ class Telemetry:
         """A block whose events share one new, random session ID (``with`` or ``async with``)."""
         return SessionScope(self._session_var)
 
-    def track(self, name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+    def track(self, name: str, *, payload: Any = None) -> Callable[[F], F]:
         """Decorator: emit ``name`` each time the decorated callable starts its work."""
         from ._decorators import make_decorator
 
         return make_decorator(self, name, payload, cli=False)
 
-    def track_cli(self, name: str, *, payload: Any = None) -> Callable[[Any], Any]:
+    def track_cli(self, name: str, *, payload: Any = None) -> Callable[[F], F]:
         """Decorator for a CLI entry point: like ``track``, identified by the project ID."""
         from ._decorators import make_decorator
 
         return make_decorator(self, name, payload, cli=True)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait up to ``timeout`` seconds; ``True`` when every earlier event was delivered."""
+        """Wait up to ``timeout`` seconds; ``True`` when every earlier event was delivered.
+
+        Events refused by opt-out were never accepted and do not count; events
+        dropped since the previous flush (no app ID, a rejected batch, an
+        unreachable endpoint) make it ``False``. Debug mode counts as delivered.
+        """
+        lost, self._lost_before_flush = self._lost_before_flush, False
         sender = self._sender
-        if sender is None:
-            return True
         try:
-            return sender.flush(timeout)
+            delivered = True if sender is None else sender.flush(timeout)
         except Exception:
-            return False
+            delivered = False
+        return delivered and not lost
 
     def shutdown(self, timeout: float = 1.0) -> None:
         """Send what is queued within ``timeout`` seconds, then stop; later events are ignored."""

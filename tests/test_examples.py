@@ -57,7 +57,7 @@ class TestQuickstart:
         """With both variables set, the signals go to that endpoint with that app ID."""
         done = run_against(collector, "quickstart.py")
         assert done.returncode == 0, done.stderr
-        assert f"Sent 2 signal(s) to {collector.url}" in done.stdout
+        assert f"Delivered 2 of 2 signal(s) to {collector.url}" in done.stdout
         signals = collector.wait_for(2, timeout=5)
         assert [s["type"] for s in signals] == ["workflow_started", "workflow_finished"]
         assert {s["appID"] for s in signals} == {ENV_APP_ID}
@@ -86,7 +86,7 @@ class TestWorkflow:
         """With both variables set, the signals go to that endpoint with that app ID."""
         done = run_against(collector, "workflow.py")
         assert done.returncode == 0, done.stderr
-        assert f"Sent 12 signal(s) to {collector.url}" in done.stdout
+        assert f"Delivered 12 of 12 signal(s) to {collector.url}" in done.stdout
         signals = collector.wait_for(12, timeout=5)
         assert {s["appID"] for s in signals} == {ENV_APP_ID}
         sessions = {}
@@ -123,6 +123,7 @@ class TestCli:
         """With both variables set, the run_board signal goes there with that app ID."""
         done = run_against(collector, "cli.py", "run", "--watch")
         assert done.returncode == 0, done.stderr
+        assert f"Delivered 1 of 1 signal(s) to {collector.url}" in done.stdout
         (signal,) = collector.wait_for(1, timeout=5)
         assert signal["type"] == "run_board"
         assert signal["appID"] == ENV_APP_ID

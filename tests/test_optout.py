@@ -128,6 +128,7 @@ class TestDebugAndNoAppId:
         client = kaibantrace.Telemetry(endpoint=collector.url)
         client.emit("lost")
         assert client._sender is None and client.stats()["dropped"] == {"no_app_id": 1}
+        assert client.flush(5) is False
         monkeypatch.setenv("KAIBAN_TELEMETRY_APP_ID", APP_ID)
         client.emit("control")
         assert client.flush(5)
