@@ -50,6 +50,29 @@ class TestFailuresNeverReachTheHost:
         stats = client.stats()
         assert stats["dropped"] == {"unreachable": 1} and stats["retried"] == 2
 
+    def test_name_resolution_failure(self, make_client: MakeClient,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        """A host name that does not resolve is retried, then given up; nothing raises.
+
+        Name resolution is the one piece faked here: a real lookup would leave
+        this machine. The failure is raised where the operating system would.
+        """
+        real_getaddrinfo = socket.getaddrinfo
+        looked_up: "list[object]" = []
+
+        def no_such_host(host: object, *args: object, **kwargs: object) -> object:
+            if host == "ingest.unresolvable.test":
+                looked_up.append(host)
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+        client = make_client(endpoint="https://ingest.unresolvable.test/v2/", backoff=0.01)
+        client.emit("lost")
+        assert client.flush(10) is False
+        assert client.stats()["dropped"] == {"unreachable": 1}
+        assert len(looked_up) == 3  # one look-up per attempt, then the circuit opened
+
     def test_circuit_stays_open(self, make_client: MakeClient, refused_url: str) -> None:
         """After three failed attempts the process stops touching the network."""
         client = make_client(endpoint=refused_url, backoff=0.01)
