@@ -100,6 +100,7 @@ class Sender:
         self._queue: Deque[Item] = collections.deque()
         self._wake = threading.Event()
         self._armed = False
+        self._flush_requested = False
         self._stopping = False
         self._deadline: Optional[float] = None
         self._failures = 0
@@ -136,6 +137,7 @@ class Sender:
         if self._thread is None or not self._thread.is_alive():
             return not self._queue
         marker = _FlushMarker()
+        self._flush_requested = True
         self._queue.append(marker)
         self._armed = True
         self._wake.set()
@@ -173,16 +175,13 @@ class Sender:
                 if self._stopping:
                     self._drain(exiting=True)
                     return
-                if len(self._queue) < self._batch_size and not self._has_marker():
+                if len(self._queue) < self._batch_size and not self._flush_requested:
                     self._sleep(self._interval)
                 self._drain()
         except BaseException:  # the host must never see this thread's trouble
             logger.debug("kaibantrace: sender stopped unexpectedly", exc_info=True)
         finally:
             self._release_markers()
-
-    def _has_marker(self) -> bool:
-        return any(isinstance(item, _FlushMarker) for item in self._queue)
 
     def _take_batch(self) -> Tuple[list[RawEvent], Optional[_FlushMarker]]:
         """Up to one batch of events, stopping early at a flush marker."""
@@ -200,6 +199,7 @@ class Sender:
     def _drain(self, exiting: bool = False) -> None:
         """Send everything queued; stop early if asked to stop, unless already exiting."""
         self._armed = False
+        self._flush_requested = False
         while self._queue and (exiting or not self._stopping):
             batch, marker = self._take_batch()
             if batch:
