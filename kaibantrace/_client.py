@@ -158,9 +158,16 @@ class Telemetry:
         return decide(self._settings, os.environ)
 
     def stats(self) -> Dict[str, object]:
-        """What happened to accepted events: queued, pending, sent, retried, requests, dropped by cause."""
+        """What happened to accepted events.
+
+        ``queued`` (accepted so far), ``pending`` (waiting in the queue),
+        ``in_flight`` (in the request being sent), ``sent``, ``retried``,
+        ``requests``, and ``dropped`` by cause.
+        """
         sender = self._sender
-        return self._counters.snapshot(sender.pending if sender is not None else 0)
+        if sender is None:
+            return self._counters.snapshot()
+        return self._counters.snapshot(sender.pending, sender.in_flight)
 
     # -- the hot path --------------------------------------------------------
 

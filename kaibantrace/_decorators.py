@@ -24,7 +24,7 @@ import wrapt
 
 from ._errors import EventError
 from ._identity import project_id
-from ._pipeline import PayloadFailed, Reporter, clean_payload, name_problem
+from ._pipeline import CleanPayload, PayloadFailed, Reporter, clean_payload, name_problem
 
 if TYPE_CHECKING:
     from ._client import Telemetry
@@ -56,7 +56,7 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
     if payload is None:
         pass
     elif isinstance(payload, Mapping):
-        static = clean_payload(event, payload, Reporter(), strict=True) or None
+        static = CleanPayload(clean_payload(event, payload, Reporter(), strict=True)) or None
     elif callable(payload):
         dynamic = payload
     else:

@@ -15,10 +15,10 @@ machine; that hash is the ``clientUser`` field.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import os
 import threading
-import uuid
 from types import TracebackType
 from typing import Mapping, Optional, Type
 
@@ -39,6 +39,8 @@ class Session:
         if self._id is None:
             with _id_lock:
                 if self._id is None:
+                    import uuid  # deferred: only a process that records an event needs it
+
                     self._id = str(uuid.uuid4())
         return self._id
 
@@ -103,6 +105,7 @@ def project_id(cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] =
     return _md5_hex(f"{_node_basename(directory)}-{_md5_hex(home)}")
 
 
+@functools.lru_cache(maxsize=256)  # a process has few sessions; hashing each event again is waste
 def hash_user(identifier: str, salt: str) -> str:
     """``clientUser`` as TelemetryDeck expects it: hex SHA-256 of identifier + salt."""
     return hashlib.sha256((identifier + salt).encode("utf-8")).hexdigest()

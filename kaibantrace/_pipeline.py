@@ -53,6 +53,10 @@ class PayloadFailed:
         self.error = error
 
 
+class CleanPayload(Dict[str, str]):
+    """A payload already cleaned (a decorator's static payload): encoding reuses it as is."""
+
+
 def name_problem(name: object) -> Optional[str]:
     """What is wrong with an event name, or ``None`` when it is valid."""
     if not isinstance(name, str):
@@ -158,6 +162,8 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
     """Flat text payload with bad, reserved and personal fields dropped."""
     if payload is None:
         return {}
+    if type(payload) is CleanPayload:
+        return payload
     if isinstance(payload, PayloadFailed):
         reporter.problem("payload_callable", name, payload.error, f"payload callable of {name!r} "
                          f"raised {payload.error}; sent without payload", strict=strict)
@@ -211,11 +217,17 @@ class EncodeContext:
         self.reporter = reporter
 
 
+_known_good_names: set[str] = set()
+
+
 def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     """The TelemetryDeck signal for ``raw``; raises ``DropEvent`` to refuse it."""
     name, payload, session, identifier, timestamp, float_value = raw
-    problem = name_problem(name)
-    if problem is not None:
+    problem = None if name in _known_good_names else name_problem(name)
+    if problem is None:
+        if len(_known_good_names) < 4096:
+            _known_good_names.add(name)
+    else:
         ctx.reporter.problem("name", str(name)[:40], "", f"event name {name!r} {problem}; "
                              "event dropped", strict=ctx.strict)
         raise DropEvent("invalid_name", f"event name {problem}")

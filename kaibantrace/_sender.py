@@ -57,12 +57,13 @@ class Counters:
         with self._lock:
             self.dropped[cause] += count
 
-    def snapshot(self, pending: int = 0) -> Dict[str, object]:
+    def snapshot(self, pending: int = 0, in_flight: int = 0) -> Dict[str, object]:
         with self._lock:
             dropped = dict(self.dropped)
         return {
             "queued": self.taken + pending,
             "pending": pending,
+            "in_flight": in_flight,
             "sent": self.sent,
             "retried": self.retried,
             "requests": self.requests,
@@ -98,9 +99,13 @@ class Sender:
         self._timeout = timeout
         self._backoff = backoff
         self._queue: Deque[Item] = collections.deque()
-        self._wake = threading.Event()
-        self._armed = False
+        self._wake = threading.Event()  # new work, a full batch, a flush, or stop
+        self._urgent = threading.Event()  # only a flush or stop: ends a retry backoff early
+        self._stop_signal = threading.Event()  # only stop: ends even a Retry-After wait
+        self._armed = False  # the worker was told there is work
+        self._hurried = False  # the worker was told a batch is full
         self._flush_requested = False
+        self._in_flight = 0
         self._stopping = False
         self._deadline: Optional[float] = None
         self._failures = 0
@@ -128,8 +133,13 @@ class Sender:
             self._counters.drop("stopped" if self._stopping else "queue_full")
             return
         queue.append(raw)
-        if not self._armed or len(queue) >= self._batch_size:
+        # Wake the worker once when work arrives and once when a batch fills;
+        # Event.set() costs more than the rest of this method, so never more.
+        if not self._armed:
             self._armed = True
+            self._wake.set()
+        elif not self._hurried and len(queue) >= self._batch_size:
+            self._hurried = True
             self._wake.set()
 
     def flush(self, timeout: float) -> bool:
@@ -141,6 +151,7 @@ class Sender:
         self._queue.append(marker)
         self._armed = True
         self._wake.set()
+        self._urgent.set()
         return marker.done.wait(timeout) and marker.ok
 
     def stop(self, deadline: float) -> None:
@@ -148,6 +159,8 @@ class Sender:
         self._deadline = deadline
         self._stopping = True
         self._wake.set()
+        self._urgent.set()
+        self._stop_signal.set()
 
     def join(self, deadline: float) -> bool:
         """Wait for the worker to end, at most until ``deadline``; ``True`` if it did."""
@@ -159,7 +172,14 @@ class Sender:
 
     @property
     def pending(self) -> int:
-        return sum(1 for item in self._queue if not isinstance(item, _FlushMarker))
+        """Events queued and not yet taken by the worker."""
+        items = list(self._queue)  # one C-level copy: safe while other threads append and pop
+        return sum(1 for item in items if not isinstance(item, _FlushMarker))
+
+    @property
+    def in_flight(self) -> int:
+        """Events in the request being sent right now."""
+        return self._in_flight
 
     # -- the worker thread -------------------------------------------------
 
@@ -199,6 +219,7 @@ class Sender:
     def _drain(self, exiting: bool = False) -> None:
         """Send everything queued; stop early if asked to stop, unless already exiting."""
         self._armed = False
+        self._hurried = False
         self._flush_requested = False
         while self._queue and (exiting or not self._stopping):
             batch, marker = self._take_batch()
@@ -242,7 +263,11 @@ class Sender:
                 return
             timeout = self._timeout if remaining is None else min(self._timeout, remaining)
             self._counters.requests += 1
-            outcome = self._transport.send(url, body, timeout)
+            self._in_flight = count
+            try:
+                outcome = self._transport.send(url, body, timeout)
+            finally:
+                self._in_flight = 0
             if outcome.result is Result.SENT:
                 self._failures = 0
                 self._counters.sent += count
@@ -262,13 +287,16 @@ class Sender:
                 self._lose(count, "unreachable")
                 return
             self._counters.retried += 1
-            delay = max(backoff, outcome.retry_after or 0.0)
-            delay = min(delay, _BACKOFF_MAX) * random.uniform(1.0, 1.25)
+            # The server's Retry-After is a floor that only stopping may cut short;
+            # our own backoff (with jitter) above it ends early for a flush too.
+            # New events never shorten either.
+            floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
+            delay = min(max(backoff, floor), _BACKOFF_MAX) * random.uniform(1.0, 1.25)
             backoff = min(backoff * 2, _BACKOFF_MAX)
-            self._sleep(delay)
-            if self._stopping:
-                # One last attempt fits in the exit budget only if time is left.
-                continue
+            if floor:
+                self._stop_signal.wait(floor)
+            self._urgent.wait(delay - floor)
+            self._urgent.clear()
 
     def _lose(self, count: int, cause: str) -> None:
         self._counters.drop(cause, count)

@@ -17,7 +17,6 @@ There is no retry here: the sender owns the single retry loop.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import enum
 import threading
 import time
@@ -73,6 +72,8 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     try:
         seconds = float(value)
     except ValueError:
+        import email.utils  # deferred: rare, and costly to import
+
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):

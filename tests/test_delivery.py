@@ -58,7 +58,7 @@ class TestFailuresNeverReachTheHost:
         this machine. The failure is raised where the operating system would.
         """
         real_getaddrinfo = socket.getaddrinfo
-        looked_up: "list[object]" = []
+        looked_up: list[object] = []
 
         def no_such_host(host: object, *args: object, **kwargs: object) -> object:
             if host == "ingest.unresolvable.test":
@@ -120,6 +120,20 @@ class TestFailuresNeverReachTheHost:
         first, second = collector.requests
         assert second.arrived - first.arrived >= 0.95
 
+    def test_events_during_backoff_neither_shorten_it_nor_get_stranded(
+            self, make_client: MakeClient, collector: Collector) -> None:
+        """Events emitted during a retry backoff wait for it, then go out without a flush."""
+        collector.respond(503, times=1)
+        client = make_client(backoff=1.0)
+        client.emit("first")
+        collector.wait_for_requests(1)
+        client.emit("second")
+        client.emit("third")
+        signals = collector.wait_for(3, timeout=10)  # no flush(): the worker must carry on alone
+        assert sorted(s["type"] for s in signals) == ["first", "second", "third"]
+        failed, retried = collector.requests[:2]
+        assert retried.arrived - failed.arrived >= 0.95
+
     def test_timeout_and_dropped_connection(self, make_client: MakeClient,
                                             collector: Collector) -> None:
         """A server that stalls past the timeout, then one that hangs up, are both retried."""
@@ -159,6 +173,27 @@ class TestConcurrency:
         assert client.flush(30)
         seen = [(s["payload"]["n"], s["payload"]["i"]) for s in collector.wait_for(4000)]
         assert len(seen) == len(set(seen)) == 4000
+
+    def test_stats_while_others_emit(self, make_client: MakeClient) -> None:
+        """stats() can be read at any moment while other threads emit and the worker sends."""
+        client = make_client(flush_interval=0.001)
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                client.emit("busy")
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(3000):
+                stats = client.stats()
+                assert isinstance(stats["pending"], int)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
 
     def test_overflow_is_counted_exactly(self, make_client: MakeClient, collector: Collector) -> None:
         """With a tiny queue and 8 busy threads, every event is either delivered or counted dropped."""
