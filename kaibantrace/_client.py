@@ -116,7 +116,6 @@ class Telemetry:
         self._seen_env: Tuple[Any, ...] = ()
         self._off_by_opt_out = False
         self._accept: Optional[Accept] = None
-        self._decision: Optional[Decision] = None
         self._no_app_id_logged = False
         self._lost_before_flush = False  # dropped without a sender since the last flush
         self._opt_key = _encoded_key(self._settings.opt_out_env)
@@ -195,7 +194,6 @@ class Telemetry:
             self._seen_env = tuple(data.get(key) for key in _ENV_KEYS)
             decision = decide(self._settings, os.environ)
             accept = self._choose(decision)
-            self._decision = decision
             self._accept = accept
             # When code or the client's own variable opted out, that alone decides.
             self._off_by_opt_out = accept is None and decision.decided_by in (

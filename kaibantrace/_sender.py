@@ -255,6 +255,8 @@ class Sender:
             self._lost_since_marker = True
             return
         url, body, count = prepared
+        if count < len(batch):  # the encoder refused some (counted there)
+            self._lost_since_marker = True
         backoff = self._backoff
         while True:
             remaining = self._remaining()

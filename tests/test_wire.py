@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import time
 import uuid
 from typing import Any, Callable
+
+import pytest
 
 import kaibantrace
 from kaibantrace.testing import Collector
@@ -147,3 +150,27 @@ class TestRequests:
         assert a.flush(5) and b.flush(5)
         by_type = {s["type"]: s["appID"] for s in collector.wait_for(2)}
         assert by_type == {"from_a": APP_ID, "from_b": other_app}
+
+
+class TestStrictClient:
+    def test_strict_client_raises_at_the_call(self, make_client: MakeClient) -> None:
+        """A strict client raises PrivacyError at emit() for a personal value, and sends nothing."""
+        client = make_client(strict=True)
+        with pytest.raises(kaibantrace.PrivacyError, match="'ip'"):
+            client.emit("leaky", {"ip": "192.168.0.7"})
+        assert client.stats()["queued"] == 0
+
+    def test_bad_runtime_name_is_dropped_quietly_unless_strict(
+            self, make_client: MakeClient, collector: Collector,
+            caplog: pytest.LogCaptureFixture) -> None:
+        """emit() with a bad name drops the event with one warning; a strict client raises."""
+        client = make_client()
+        with caplog.at_level(logging.WARNING, logger="kaibantrace"):
+            client.emit("bad name")
+            client.emit("bad name")
+            client.emit("good")
+        assert client.flush(5) is False  # the bad one was not delivered
+        assert [s["type"] for s in collector.wait_for(1)] == ["good"]
+        assert caplog.text.count("event name") == 1
+        with pytest.raises(kaibantrace.EventError, match="event name"):
+            make_client(strict=True).emit("bad name")

@@ -1,0 +1,570 @@
+"""What kaibantrace costs the program that uses it.
+
+Run from the repository root::
+
+    python benchmarks/bench_overhead.py            # everything, about a minute
+    python benchmarks/bench_overhead.py --quick    # fewer rounds, same sections
+    python benchmarks/bench_overhead.py --exit     # only the exit-delay section
+
+Three sections:
+
+* **calls**: nanoseconds per call, on the calling thread, of a decorated no-op
+  function: bare, a pass-through ``wrapt`` decorator (the floor for any wrapt
+  decorator), kaibantrace opted out, enabled (with the worker really sending to
+  a loopback ``Collector``), enabled with a static payload, opted out by
+  ``DO_NOT_TRACK``, and OpenTelemetry/PostHog when installed. The cases take
+  turns round by round, so drift in the machine's speed hits all of them alike;
+  each row is its best round. Enabled rounds are at most 5,000 calls long and
+  followed by an untimed ``flush()``, so every timed call queues an event
+  instead of hitting the 10,000-event queue limit.
+* **imports**: what ``import kaibantrace`` drags in, and how long it takes next
+  to ``import wrapt`` and ``import requests`` (``python -X importtime``).
+* **exit**: how much later a short script that emits 100 events exits than the
+  same script opted out, with the endpoint black-holed, refusing, and healthy.
+
+Everything talks to 127.0.0.1 only. The collector runs in a child process so
+that its request parsing does not compete with the measured loop for the GIL,
+as a remote ingest service would not. The exit status is 1 when a check fails
+(``requests`` imported at import time, an event dropped in a measured round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import gc
+import importlib.metadata
+import itertools
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import wrapt
+
+import kaibantrace
+
+APP_ID = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"
+OUR_VARIABLES = ("KAIBAN_TELEMETRY_OPT_OUT", "DO_NOT_TRACK", "KAIBAN_TELEMETRY_DEBUG",
+                 "KAIBAN_TELEMETRY_ENDPOINT", "KAIBAN_TELEMETRY_APP_ID", "KAIBAN_TELEMETRY_DIR")
+OPTED_OUT = {"KAIBAN_TELEMETRY_OPT_OUT": "1"}
+
+# Same environment as this process, less anything that would change what is measured.
+CHILD_ENV = {k: v for k, v in os.environ.items()
+             if k not in OUR_VARIABLES and not k.startswith("PYTHONPROFILE")}
+
+
+@dataclasses.dataclass
+class Config:
+    repeats: int
+    calls: int
+    warmup: int
+    import_runs: int
+    exit_runs: int
+    exit_events: int
+
+
+FULL = Config(repeats=7, calls=5_000, warmup=200, import_runs=7, exit_runs=3, exit_events=100)
+QUICK = Config(repeats=3, calls=2_000, warmup=100, import_runs=3, exit_runs=3, exit_events=100)
+
+failures: List[str] = []
+
+
+def check(ok: bool, message: str) -> None:
+    """Print a check's outcome; a failed check makes the script exit with status 1."""
+    print(f"  [{'ok' if ok else 'FAIL'}] {message}")
+    if not ok:
+        failures.append(message)
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, Optional[str]]) -> Iterator[None]:
+    """Set (a string) or remove (``None``) environment variables for the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        _apply(values)
+        yield
+    finally:
+        _apply(saved)
+
+
+def _apply(values: Mapping[str, Optional[str]]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+# -- a collector in a child process -------------------------------------------
+
+COLLECTOR_SCRIPT = textwrap.dedent("""
+    import sys, threading
+    from kaibantrace.testing import Collector
+
+    def accepted(requests):
+        return sum(len(r.signals) for r in requests if 200 <= r.status < 300)
+
+    with Collector() as collector:
+        print(collector.url, flush=True)
+        done = threading.Event()
+        threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+        total, previous = 0, []
+        while not done.wait(0.25):
+            # Swap out what arrived so memory stays flat; count a list one turn
+            # later, when no request can still be appending to it.
+            total += accepted(previous)
+            previous, collector.requests = collector.requests, []
+        total += accepted(previous) + accepted(collector.requests)
+    print(total, flush=True)
+""")
+
+
+@contextlib.contextmanager
+def collector_process() -> Iterator[Tuple[str, Callable[[], int]]]:
+    """A ``kaibantrace.testing.Collector`` in a child process: its URL, and a function
+    that stops it and returns how many signals it accepted."""
+    child = subprocess.Popen([sys.executable, "-c", COLLECTOR_SCRIPT], env=CHILD_ENV, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    url = child.stdout.readline().strip()
+    if not url.startswith("http://127.0.0.1:"):
+        child.kill()
+        raise RuntimeError(f"the collector did not start (it said {url!r})")
+
+    def stop() -> int:
+        out, _ = child.communicate(timeout=30)
+        return int(out.strip() or -1)
+
+    try:
+        yield url, stop
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+# -- timing ---------------------------------------------------------------------
+
+def time_round(func: Callable[[], object], calls: int) -> int:
+    """Nanoseconds that ``calls`` calls of ``func`` take, loop included."""
+    loop = itertools.repeat(None, calls)
+    start = time.perf_counter_ns()
+    for _ in loop:
+        func()
+    return time.perf_counter_ns() - start
+
+
+def empty_loop_ns(calls: int, repeats: int) -> float:
+    """The loop's own cost per iteration, which every row includes."""
+    best = None
+    for _ in range(repeats):
+        loop = itertools.repeat(None, calls)
+        start = time.perf_counter_ns()
+        for _ in loop:
+            pass
+        elapsed = time.perf_counter_ns() - start
+        best = elapsed if best is None else min(best, elapsed)
+    assert best is not None
+    return best / calls
+
+
+@dataclasses.dataclass
+class Case:
+    """One row of the table: a no-arguments function and the environment it runs in."""
+
+    name: str
+    func: Callable[[], object]
+    env: Mapping[str, Optional[str]] = dataclasses.field(default_factory=dict)
+    after_round: Optional[Callable[[], None]] = None  # untimed, e.g. flush()
+    cleanup: Optional[Callable[[], None]] = None  # once, after all rounds
+    calls: Optional[int] = None  # calls per round, if not the configured number
+    queues: bool = False  # every call queues a kaibantrace event
+    samples: List[float] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None
+
+    @property
+    def best(self) -> float:
+        return min(self.samples)
+
+
+def run_cases(cases: List[Case], config: Config) -> None:
+    """Best-of-``repeats`` rounds per case, the cases taking turns round by round."""
+    baseline_env = {name: None for name in OUR_VARIABLES}
+    for _ in range(config.repeats):
+        for case in cases:
+            if case.error is not None:
+                continue
+            try:
+                with environment({**baseline_env, **case.env}):
+                    time_round(case.func, config.warmup)  # the client re-decides here
+                    if case.after_round is not None:
+                        case.after_round()  # start the timed round with an empty queue
+                    gc.collect()
+                    calls = case.calls or config.calls
+                    elapsed = time_round(case.func, calls)
+                    if case.after_round is not None:
+                        case.after_round()
+            except Exception as exc:  # an optional third-party case must not end the run
+                case.error = f"{type(exc).__name__}: {exc}"
+                continue
+            case.samples.append(elapsed / calls)
+
+
+# -- the functions measured -------------------------------------------------------
+
+def noop() -> None:
+    return None
+
+
+def functools_passthru(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The usual hand-written decorator, for scale: a closure and ``functools.wraps``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@wrapt.decorator
+def passthru(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
+             kwargs: Dict[str, Any]) -> Any:
+    return wrapped(*args, **kwargs)
+
+
+def opentelemetry_case(name: str, url: str) -> Case:
+    """OpenTelemetry's API with no SDK configured: the no-op tracer, as a decorator."""
+    from opentelemetry import trace  # type: ignore[import-not-found,unused-ignore]
+
+    tracer = trace.get_tracer("kaibantrace-benchmark")
+    return Case(name, tracer.start_as_current_span("x")(noop))
+
+
+def posthog_case(name: str, url: str) -> Case:
+    """PostHog's ``capture`` in a wrapt decorator, its worker posting to the loopback collector
+    (which reads each request and answers PostHog's path with 400)."""
+    from posthog import Posthog  # type: ignore[import-not-found,unused-ignore]
+
+    logging.getLogger("posthog").setLevel(logging.CRITICAL)  # the 400s are expected
+    client = Posthog("phc_kaibantrace_benchmark", host=url.split("/v2/")[0])
+
+    @wrapt.decorator
+    def tracked(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
+                kwargs: Dict[str, Any]) -> Any:
+        client.capture(event="workflow_started", distinct_id="benchmark")
+        return wrapped(*args, **kwargs)
+
+    return Case(name, tracked(noop), after_round=client.flush, cleanup=client.shutdown)
+
+
+OPTIONAL_CASES: List[Tuple[str, str, Callable[[str, str], Case]]] = [
+    ("OpenTelemetry no-op start_as_current_span", "opentelemetry-api", opentelemetry_case),
+    ("PostHog capture (worker sending)", "posthog", posthog_case),
+]
+
+
+def optional_cases(url: str) -> Tuple[List[Case], List[str]]:
+    """The third-party cases whose package is installed, and a note for each one that is not."""
+    cases: List[Case] = []
+    notes: List[str] = []
+    for name, package, build in OPTIONAL_CASES:
+        try:
+            cases.append(build(name, url))
+        except ImportError:
+            notes.append(f"{name} ({package}): not installed")
+        except Exception as exc:
+            cases.append(Case(name, noop, error=f"setup failed: {type(exc).__name__}: {exc}"))
+    return cases, notes
+
+
+# -- section: calls ---------------------------------------------------------------
+
+def reference_cases() -> List[Case]:
+    return [
+        Case("bare call", noop),
+        Case("wrapt pass-through", passthru(noop)),
+        Case("functools.wraps pass-through (for scale)", functools_passthru(noop)),
+    ]
+
+
+def kaibantrace_cases(client: kaibantrace.Telemetry, flush: Callable[[], None]) -> List[Case]:
+    """One client in each state; the enabled rounds end with an untimed ``flush()``."""
+    tracked = client.track("workflow_started")(noop)
+    batch = client.settings.batch_size
+    return [
+        Case("kaibantrace, KAIBAN_TELEMETRY_OPT_OUT=1", tracked, env=OPTED_OUT),
+        Case("kaibantrace, enabled (queues, worker sends)", tracked, after_round=flush,
+             queues=True),
+        Case("kaibantrace, enabled, static payload",
+             client.track("workflow_started", payload={"agents": 3})(noop), after_round=flush,
+             queues=True),
+        # Fewer calls than a batch: the worker stays asleep, so this is the enqueue alone.
+        Case(f"kaibantrace, enabled, rounds of {batch - 1} (worker idle)", tracked,
+             after_round=flush, calls=batch - 1, queues=True),
+        Case("kaibantrace, DO_NOT_TRACK=1", tracked, env={"DO_NOT_TRACK": "1"}),
+    ]
+
+
+def bench_calls(config: Config) -> None:
+    print(f"\n== per-call cost on the calling thread: best of {config.repeats} rounds of "
+          f"{config.calls:,} calls ==")
+    with collector_process() as (url, stop_collector):
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url)
+        flushed: List[bool] = []
+        cases = reference_cases() + kaibantrace_cases(
+            client, lambda: flushed.append(client.flush(timeout=60)))
+        extra, not_installed = optional_cases(url)
+        cases += extra
+
+        loop_ns = empty_loop_ns(config.calls, config.repeats)
+        run_cases(cases, config)
+        stats = client.stats()
+        client.shutdown()
+        for case in cases:
+            if case.cleanup is not None:
+                try:
+                    case.cleanup()
+                except Exception as exc:
+                    print(f"  {case.name}: cleanup failed: {type(exc).__name__}: {exc}")
+        received = stop_collector()
+
+    print_table(cases)
+    print(f"  every row includes the loop itself: {loop_ns:.1f} ns per iteration")
+    for note in not_installed:
+        print(f"  {note}")
+    expected = sum(len(c.samples) * (config.warmup + (c.calls or config.calls))
+                   for c in cases if c.queues)
+    check_delivery(stats, expected, all(flushed), received)
+
+
+def check_delivery(stats: Dict[str, Any], expected: int, flushed: bool, received: int) -> None:
+    """Every call of the enabled rows queued an event, and every event arrived."""
+    print(f"  enabled client stats after the rounds: {json.dumps(stats)}")
+    dropped = stats["dropped"]
+    check("queue_full" not in dropped,
+          f"no 'queue_full' drop in the measured rounds (dropped: {dropped})")
+    check(stats["queued"] == expected,
+          f"every enabled call queued an event ({stats['queued']:,} of {expected:,})")
+    check(flushed and stats["sent"] == stats["queued"],
+          f"every queued event was delivered ({stats['sent']:,} sent in "
+          f"{stats['requests']:,} requests)")
+    check(received == stats["sent"], f"the collector accepted {received:,} signals")
+
+
+def print_table(cases: List[Case]) -> None:
+    bare = next(c for c in cases if c.name == "bare call").best
+    floor = next(c for c in cases if c.name == "wrapt pass-through").best
+    width = max(len(c.name) for c in cases)
+    print(f"  {'case':<{width}}  {'ns/call':>8}  {'x bare':>7}  {'x wrapt':>7}  {'median':>8}")
+    for case in cases:
+        if case.error is not None or not case.samples:
+            print(f"  {case.name:<{width}}  failed: {case.error}")
+            continue
+        best = case.best
+        print(f"  {case.name:<{width}}  {best:8.1f}  {best / bare:7.2f}  {best / floor:7.2f}  "
+              f"{statistics.median(case.samples):8.1f}")
+
+
+# -- section: imports -----------------------------------------------------------
+
+IMPORTED_SCRIPT = ("import json, sys, kaibantrace; "
+                   "print(json.dumps({m: m in sys.modules for m in sys.argv[1:]}))")
+
+
+def imported_modules(names: List[str]) -> Dict[str, bool]:
+    """Which of ``names`` a fresh interpreter has loaded after ``import kaibantrace``."""
+    out = subprocess.run([sys.executable, "-c", IMPORTED_SCRIPT, *names], env=CHILD_ENV,
+                         check=True, capture_output=True, text=True).stdout
+    result: Dict[str, bool] = json.loads(out)
+    return result
+
+
+def import_time_us(code: str, package: str, runs: int) -> int:
+    """Best cumulative microseconds of the top-level ``package`` entries in ``-X importtime``."""
+    best: Optional[int] = None
+    for _ in range(runs):
+        err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=CHILD_ENV,
+                             check=True, capture_output=True, text=True).stderr
+        total = 0
+        for line in err.splitlines():
+            if not line.startswith("import time:"):
+                continue
+            parts = line.split("|")
+            if len(parts) != 3 or not parts[1].strip().isdigit():
+                continue  # the header line
+            name = parts[2].rstrip()
+            top_level = name.startswith(" ") and not name.startswith("  ")
+            module = name.strip()
+            if top_level and (module == package or module.startswith(package + ".")):
+                total += int(parts[1])
+        best = total if best is None else min(best, total)
+    assert best is not None
+    return best
+
+
+def bench_imports(config: Config) -> None:
+    print("\n== import ==")
+    loaded = imported_modules(["requests", "asyncio", "wrapt", "urllib3", "http.client"])
+    print("  modules loaded by a fresh `import kaibantrace`: "
+          + ", ".join(f"{name}={'yes' if seen else 'no'}" for name, seen in loaded.items()))
+    check(not loaded["requests"], "`import kaibantrace` does not import requests")
+    print(f"  asyncio imported: {'yes' if loaded['asyncio'] else 'no'}")
+    print(f"  import time (python -X importtime, cumulative, best of {config.import_runs}):")
+    rows = [
+        ("import kaibantrace", "import kaibantrace", "kaibantrace"),
+        ("import kaibantrace + first track() (loads wrapt)",
+         "import kaibantrace; kaibantrace.Telemetry().track('x')", "kaibantrace"),
+        ("import wrapt", "import wrapt", "wrapt"),
+        ("import requests", "import requests", "requests"),
+    ]
+    for label, code, package in rows:
+        micros = import_time_us(code, package, config.import_runs)
+        print(f"    {label:<50} {micros / 1000:7.1f} ms")
+
+
+# -- section: exit delay ----------------------------------------------------------
+
+EXIT_SCRIPT = textwrap.dedent("""
+    import atexit, json, sys, time
+
+    marks = {}
+
+    def report():  # registered before kaibantrace's own hook, so it runs after it
+        marks["hooks_done"] = time.perf_counter()
+        print(json.dumps({"stats": client.stats(),
+                          "after_last_event_ms": 1000 * (marks["hooks_done"] - marks["last"])}))
+
+    atexit.register(report)
+    import kaibantrace
+
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+
+    @client.track("workflow_started")
+    def work():
+        return None
+
+    for _ in range(int(sys.argv[3])):
+        work()
+    marks["last"] = time.perf_counter()
+""")
+
+
+@dataclasses.dataclass
+class ExitRun:
+    wall: float
+    returncode: Optional[int]
+    report: Dict[str, Any]
+    stderr: str
+
+
+def run_exit_script(url: str, events: int, env: Mapping[str, str]) -> ExitRun:
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, APP_ID, url, str(events)],
+                              env={**CHILD_ENV, **env}, capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        return ExitRun(time.perf_counter() - start, None, {}, "hung: killed after 60 s")
+    wall = time.perf_counter() - start
+    report: Dict[str, Any] = {}
+    with contextlib.suppress(IndexError, ValueError):
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    return ExitRun(wall, done.returncode, report, done.stderr.strip())
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """A listening socket that is never accepted from: connections complete in the
+    kernel's backlog and the request is never answered."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v2/"
+
+
+def refused_url() -> str:
+    """A loopback port on which nothing listens."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v2/"
+
+
+def bench_exit(config: Config) -> None:
+    print(f"\n== exit delay: a script emits {config.exit_events} events and exits; wall time "
+          f"minus the same script opted out, best of {config.exit_runs} ==")
+    with black_hole() as hole, collector_process() as (healthy, stop_collector):
+        states = [("opted out (reference)", healthy, OPTED_OUT),
+                  ("black-holed endpoint", hole, {}),
+                  ("refused port", refused_url(), {}),
+                  ("healthy collector", healthy, {})]
+        runs: Dict[str, List[ExitRun]] = {name: [] for name, _, _ in states}
+        for _ in range(config.exit_runs):
+            for name, url, env in states:
+                runs[name].append(run_exit_script(url, config.exit_events, env))
+        received = stop_collector()
+
+    reference = min(run.wall for run in runs["opted out (reference)"])
+    print(f"  opted-out script: {reference * 1000:.0f} ms wall (the reference)")
+    print(f"  {'state':<22} {'delay':>9} {'atexit':>9}  what the client counted")
+    delays: Dict[str, float] = {}
+    for name, _, _ in states[1:]:
+        best = min(runs[name], key=lambda run: run.wall)
+        delays[name] = (best.wall - reference) * 1000
+        hooks = best.report.get("after_last_event_ms")
+        hooks_text = f"{hooks:7.0f}ms" if isinstance(hooks, (int, float)) else "      n/a"
+        stats = best.report.get("stats", {})
+        counted = {k: stats[k] for k in ("sent", "requests", "dropped") if k in stats}
+        print(f"  {name:<22} {delays[name]:7.0f}ms {hooks_text}  {json.dumps(counted)}")
+    print("  delay = wall time - opted-out wall time; atexit = last event -> end of the exit hooks")
+    for name, run_list in runs.items():
+        for run in run_list:
+            if run.returncode != 0 or run.stderr:
+                print(f"  {name}: exit status {run.returncode}; stderr: {run.stderr[-300:]!r}")
+    for name, delay in delays.items():
+        check(delay < 1100, f"{name}: exit delay within the 1 s budget (+0.1 s for noise)")
+    expected = config.exit_runs * config.exit_events
+    check(received == expected,
+          f"the healthy collector received every event before exit ({received} of {expected})")
+
+
+# -- main -------------------------------------------------------------------------
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and runs")
+    sections = parser.add_mutually_exclusive_group()
+    sections.add_argument("--exit", action="store_true", help="only the exit-delay section")
+    sections.add_argument("--no-exit", action="store_true", help="skip the exit-delay section")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL
+
+    for name in OUR_VARIABLES:  # the caller's own opt-out must not decide what is measured
+        os.environ.pop(name, None)
+    print(f"kaibantrace {kaibantrace.__version__}, wrapt {importlib.metadata.version('wrapt')}, "
+          f"Python {platform.python_version()} ({platform.python_implementation()}), "
+          f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
+          f"{', quick' if args.quick else ''}")
+    if not args.exit:
+        bench_calls(config)
+        bench_imports(config)
+    if not args.no_exit:
+        bench_exit(config)
+    if failures:
+        print(f"\n{len(failures)} check(s) failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
