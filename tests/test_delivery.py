@@ -216,6 +216,8 @@ class TestConcurrency:
         assert len(collector.signals) == stats["sent"]
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    # Forking while our sender thread runs is exactly the case under test.
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_fork_child_gets_a_fresh_sender(self, make_client: MakeClient,
                                             collector: Collector) -> None:
         """Parent and forked child both deliver; the child never re-sends the parent's queue."""
