@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from ._config import ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, Decision, Settings, decide, ingest_url
 from ._errors import DropEvent, EventError
-from ._identity import Session, SessionScope
+from ._identity import Session, SessionNode, SessionScope
 from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body
 from ._sender import Counters, Sender
 from ._transport import HttpTransport, Transport
@@ -100,9 +100,11 @@ class Telemetry:
             backoff=backoff)
         self._transport = transport
         self._number = next(_client_ids)
-        self._session_var: contextvars.ContextVar[Optional[Session]] = contextvars.ContextVar(
+        self._session_var: contextvars.ContextVar[Optional[SessionNode]] = contextvars.ContextVar(
             f"kaibantrace_session_{self._number}", default=None)
-        self._lock = threading.Lock()
+        # Reentrant: an event emitted from a signal handler that interrupted
+        # this thread inside the lock must not deadlock the host.
+        self._lock = threading.RLock()
         self._reporter = Reporter()
         self._reset_state()
 
@@ -218,14 +220,18 @@ class Telemetry:
             return self._drop_at_exit
         if self._settings.strict:
             def checked(raw: RawEvent) -> None:
-                self._encode_now(raw, decision.app_id or "", strict=True)
+                try:
+                    self._encode_now(raw, decision.app_id or "", strict=True)
+                except DropEvent as drop:
+                    self._lose(drop.cause)
+                    return
                 sender.accept(raw)
             return checked
         return sender.accept
 
     def _session(self) -> Session:
-        session = self._session_var.get()
-        return self._process_session if session is None else session
+        node = self._session_var.get()
+        return self._process_session if node is None else node[0]
 
     def _raw(self, name: str, payload: Any, identifier: Optional[str] = None,
              float_value: Optional[float] = None) -> RawEvent:
@@ -235,7 +241,8 @@ class Telemetry:
 
     def _start_sender(self) -> Optional[Sender]:
         s = self._settings
-        sender = Sender(encode=self._encode_batch, transport=self._transport or HttpTransport(),
+        sender = Sender(encode=self._encode_batch, still_wanted=lambda: self.decision().enabled,
+                        transport=self._transport or HttpTransport(),
                         counters=self._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
                         backoff=s.backoff)
@@ -246,13 +253,16 @@ class Telemetry:
         _live_clients.add(self)
         return sender
 
-    def _drop_at_exit(self, raw: RawEvent) -> None:
-        self._counters.drop("interpreter_exit")
+    def _lose(self, cause: str) -> None:
+        """Count an event dropped before reaching a sender; the next flush reports it."""
+        self._counters.drop(cause)
         self._lost_before_flush = True
 
+    def _drop_at_exit(self, raw: RawEvent) -> None:
+        self._lose("interpreter_exit")
+
     def _no_app_id(self, raw: RawEvent) -> None:
-        self._counters.drop("no_app_id")
-        self._lost_before_flush = True
+        self._lose("no_app_id")
         if self._settings.strict:
             self._encode_now(raw, "", strict=True)
         if not self._no_app_id_logged:
@@ -267,7 +277,8 @@ class Telemetry:
     def _print_debug(self, raw: RawEvent, decision: Decision) -> None:
         try:
             signal = self._encode_now(raw, decision.app_id or "", strict=self._settings.strict)
-        except DropEvent:
+        except DropEvent as drop:
+            self._lose(drop.cause)
             return
         url = ingest_url(self._settings, os.environ) or "(no usable endpoint)"
         note = "" if decision.app_id else " (no app ID configured, so nothing would be sent)"
@@ -278,8 +289,8 @@ class Telemetry:
         try:
             capture.signals.append(self._encode_now(raw, decision.app_id or "",
                                                     strict=capture.strict))
-        except DropEvent:
-            pass
+        except DropEvent as drop:
+            self._lose(drop.cause)
 
     def _encode_batch(self, batch: List[RawEvent]) -> Optional[Tuple[str, bytes, int]]:
         """Runs on the sender's thread: decide again, then encode the batch."""
@@ -371,9 +382,10 @@ class Telemetry:
             return
         sender.stop(deadline)
         if sender.join(deadline):
-            transport = self._transport
-            if transport is not None:
-                transport.close()
+            try:
+                sender.transport.close()
+            except Exception:
+                logger.debug("kaibantrace: closing the transport failed", exc_info=True)
             self._sender = None
 
     def _reset(self, settings: Optional[Settings] = None) -> None:
@@ -388,7 +400,7 @@ class Telemetry:
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's thread, queue and locks do not exist here."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._reset_state()
 
     def __repr__(self) -> str:
@@ -398,7 +410,10 @@ class Telemetry:
 def _float_or_none(value: Any) -> Optional[float]:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a double's range
+        return None
     return number if number == number and abs(number) != float("inf") else None
 
 

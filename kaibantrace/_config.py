@@ -78,8 +78,9 @@ class Settings:
 def validate(settings: Settings) -> Settings:
     """Check code-given settings, raising ``ConfigurationError`` that names the setting."""
     s = settings
-    _expect(s.app_id is None or (isinstance(s.app_id, str) and s.app_id.strip() != ""),
-            "app_id must be a non-empty string")
+    _expect(s.app_id is None or is_app_id(s.app_id),
+            "app_id must be a TelemetryDeck app ID, a UUID such as "
+            "'15E9347E-9EE5-4971-A8FB-61D91F3EBA12'")
     if s.endpoint is not None:
         problem = endpoint_problem(s.endpoint)
         _expect(problem is None, f"endpoint {problem}")
@@ -100,6 +101,19 @@ def validate(settings: Settings) -> Settings:
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 60,
                 f"{name} must be a number of seconds above 0 and at most 60")
     return s
+
+
+def is_app_id(value: object) -> bool:
+    """Whether ``value`` has the form of a TelemetryDeck app ID (a UUID)."""
+    if not isinstance(value, str):
+        return False
+    import uuid  # deferred: needed only when an app ID is configured
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(value: object) -> bool:
@@ -165,7 +179,12 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
         if flag_is_set(environ.get(name)):
             return Decision(False, name, False, None)
     debug = settings.debug if settings.debug is not None else flag_is_set(environ.get(ENV_DEBUG))
-    app_id = settings.app_id or (environ.get(ENV_APP_ID) or "").strip() or None
+    app_id = settings.app_id
+    if app_id is None:
+        app_id = (environ.get(ENV_APP_ID) or "").strip() or None
+        if app_id is not None and not is_app_id(app_id):
+            _log_bad_env_once(ENV_APP_ID, "is not a UUID")
+            app_id = None
     return Decision(True, "default", debug, app_id)
 
 

@@ -142,14 +142,27 @@ def _plain_wrapper(fire: Fire, client: Telemetry, event: str, static: Any,
     return plain
 
 
+# The three wrappers below call the decorated function at once, so a bad
+# argument raises at the call as it would undecorated, and return an object of
+# the same kind, named like the original, that fires the event at its first step.
+
+
+def _named(outer: Any, inner: Any) -> Any:
+    outer.__name__ = inner.__name__
+    outer.__qualname__ = inner.__qualname__
+    return outer
+
+
 def _coroutine_wrapper(fire: Fire) -> Any:
     @wrapt.decorator
     def coroutine(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        inner = wrapped(*args, **kwargs)
+
         async def run() -> Any:
             fire(wrapped, args, kwargs)
-            return await wrapped(*args, **kwargs)
+            return await inner
 
-        return run()
+        return _named(run(), inner)
 
     return coroutine
 
@@ -157,11 +170,13 @@ def _coroutine_wrapper(fire: Fire) -> Any:
 def _generator_wrapper(fire: Fire) -> Any:
     @wrapt.decorator
     def generator(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        inner = wrapped(*args, **kwargs)
+
         def run() -> Generator[Any, Any, Any]:
             fire(wrapped, args, kwargs)
-            return (yield from wrapped(*args, **kwargs))
+            return (yield from inner)
 
-        return run()
+        return _named(run(), inner)
 
     return generator
 
@@ -169,9 +184,10 @@ def _generator_wrapper(fire: Fire) -> Any:
 def _async_generator_wrapper(fire: Fire) -> Any:
     @wrapt.decorator
     def async_generator(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        inner = wrapped(*args, **kwargs)
+
         async def run() -> AsyncGenerator[Any, Any]:
             fire(wrapped, args, kwargs)
-            inner = wrapped(*args, **kwargs)
             # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
             try:
                 value = await inner.__anext__()
@@ -194,6 +210,6 @@ def _async_generator_wrapper(fire: Fire) -> Any:
                     except StopAsyncIteration:
                         return
 
-        return run()
+        return _named(run(), inner)
 
     return async_generator

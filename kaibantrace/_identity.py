@@ -20,7 +20,7 @@ import hashlib
 import os
 import threading
 from types import TracebackType
-from typing import Mapping, Optional, Type
+from typing import Mapping, Optional, Tuple, Type
 
 _id_lock = threading.Lock()
 
@@ -48,28 +48,44 @@ class Session:
         return f"<kaibantrace.Session id={self._id or '(not yet made)'}>"
 
 
+# What a client's ContextVar holds: the current session and the node it
+# replaced, so leaving a block restores the outer session in whichever context
+# (thread, task) the block was left, with no token tied to one context.
+SessionNode = Tuple[Session, Optional["SessionNode"]]
+
+
 class SessionScope:
     """``with``/``async with`` block that makes events inside it share a new session.
 
-    The current session lives in a ``ContextVar``, so asyncio tasks created in
-    the block inherit it and concurrent tasks or threads with their own block
-    never see each other's ID.
+    ``with kaibantrace.session() as s:`` gives the ``Session``; ``s.id`` is its
+    UUID. The current session lives in a ``ContextVar``, so asyncio tasks
+    created in the block inherit it and concurrent tasks or threads with their
+    own block never see each other's ID. One scope object may even be entered
+    by several tasks at once.
     """
 
-    __slots__ = ("_session", "_tokens", "_var")
+    __slots__ = ("_session", "_var")
 
-    def __init__(self, var: contextvars.ContextVar[Optional[Session]]) -> None:
+    def __init__(self, var: contextvars.ContextVar[Optional[SessionNode]]) -> None:
         self._var = var
         self._session = Session()
-        self._tokens: list[contextvars.Token[Optional[Session]]] = []
+
+    @property
+    def session(self) -> Session:
+        """The session this block makes current."""
+        return self._session
 
     def __enter__(self) -> Session:
-        self._tokens.append(self._var.set(self._session))
+        self._var.set((self._session, self._var.get()))
         return self._session
 
     def __exit__(self, exc_type: Optional[Type[BaseException]],
                  exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
-        self._var.reset(self._tokens.pop())
+        node = self._var.get()
+        while node is not None and node[0] is not self._session:
+            node = node[1]  # an inner block left without __exit__: unwind it too
+        if node is not None:
+            self._var.set(node[1])
 
     async def __aenter__(self) -> Session:
         return self.__enter__()

@@ -128,8 +128,8 @@ def _js_number(value: float) -> str:
 
 def _iso(value: datetime.date) -> str:
     if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        # A naive datetime is local time, as Python treats it everywhere else.
+        value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
         return value.isoformat(timespec="milliseconds") + "Z"
     return value.isoformat()
 
@@ -146,6 +146,13 @@ _SCALARS = (str, int, float, datetime.date)
 
 def _field_text(value: Any) -> Optional[str]:
     """Text for one payload value, or ``None`` when the value cannot be sent."""
+    try:
+        return _convert(value)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None  # e.g. an int too long to print, a date out of range
+
+
+def _convert(value: Any) -> Optional[str]:
     if isinstance(value, _SCALARS):
         return js_text(value)
     if isinstance(value, (list, tuple)) and all(
@@ -220,17 +227,45 @@ class EncodeContext:
 _known_good_names: set[str] = set()
 
 
-def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
-    """The TelemetryDeck signal for ``raw``; raises ``DropEvent`` to refuse it."""
-    name, payload, session, identifier, timestamp, float_value = raw
-    problem = None if name in _known_good_names else name_problem(name)
-    if problem is None:
-        if len(_known_good_names) < 4096:
-            _known_good_names.add(name)
-    else:
-        ctx.reporter.problem("name", str(name)[:40], "", f"event name {name!r} {problem}; "
-                             "event dropped", strict=ctx.strict)
+def _check_runtime_name(name: object, ctx: EncodeContext) -> None:
+    """Refuse a bad or personal event name (``emit`` names are only checked here)."""
+    problem = name_problem(name)
+    if problem is not None:
+        shown = repr(name)[:60] if isinstance(name, str) else type(name).__name__
+        ctx.reporter.problem("name", shown, "", f"event name {shown} {problem}; event dropped",
+                             strict=ctx.strict)
         raise DropEvent("invalid_name", f"event name {problem}")
+    assert isinstance(name, str)
+    kind = personal_data_kind(name)
+    if kind is not None:
+        ctx.reporter.problem("name_privacy", kind, "", f"an event name looks like {kind}; event "
+                             "dropped (the name is not logged)", strict=ctx.strict, privacy=True)
+        raise DropEvent("privacy", "event name looks like personal data")
+    if len(_known_good_names) < 4096:
+        _known_good_names.add(name)
+
+
+def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
+    """The TelemetryDeck signal for ``raw``; raises ``DropEvent`` to refuse it.
+
+    Nothing else escapes, outside strict mode's ``EventError``: an unexpected
+    failure on odd input refuses that one event, never its whole batch.
+    """
+    try:
+        return _build(raw, ctx)
+    except (DropEvent, EventError):
+        raise
+    except Exception as exc:
+        cause = type(exc).__name__
+        ctx.reporter.problem("internal", cause, "", f"could not encode an event ({cause}); "
+                             "event dropped", strict=False)
+        raise DropEvent("encode_error", cause) from None
+
+
+def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
+    name, payload, session, identifier, timestamp, float_value = raw
+    if not (isinstance(name, str) and name in _known_good_names):
+        _check_runtime_name(name, ctx)
     session_id = session.id
     signal: Dict[str, Any] = {
         "appID": ctx.app_id,

@@ -2,8 +2,9 @@
 
 A field is refused when its key or value contains an e-mail address, an IPv4
 or IPv6 address, the user's home directory (so any absolute path under it),
-the user's login name as a word of its own (unless it is a shared service
-account such as ``root`` or ``runner``), or a long token-like secret. The
+the user's login name or this machine's host name as a word of its own
+(unless it is a shared service account such as ``root`` or ``runner``), a
+MAC address, or a long token-like secret. The
 text is checked as written, URL-decoded, lower-cased, and with either kind of
 path separator, so simple disguises do not get through.
 
@@ -20,12 +21,14 @@ import getpass
 import ipaddress
 import os
 import re
+import socket
 from typing import Optional, Tuple
 from urllib.parse import unquote
 
 _EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\d])")
 _IPV6_CANDIDATE = re.compile(r"[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[0-9a-z]+)?")
+_MAC = re.compile(r"(?<![0-9a-f])[0-9a-f]{2}([:-])(?:[0-9a-f]{2}\1){4}[0-9a-f]{2}(?![0-9a-f])")
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9_+/=-]{24,}")
 _SECRET_PREFIXES = ("sk-", "sk_live_", "pk_live_", "ghp_", "gho_", "ghs_", "github_pat_",
                     "xoxb-", "xoxp-", "akia", "eyj", "glpat-", "hf_")
@@ -55,6 +58,7 @@ def _local_markers() -> Tuple[str, ...]:
 
 _user: Optional[str] = None
 _user_known = False
+_host: Optional[str] = None
 
 
 def _user_name() -> Optional[str]:
@@ -65,14 +69,20 @@ def _user_name() -> Optional[str]:
         except Exception:  # no passwd entry, no variables: nothing to compare
             name = ""
         _user = name if len(name) >= 2 and name not in _GENERIC_ACCOUNTS else None
+        try:
+            host = socket.gethostname().split(".")[0].strip().lower()
+        except OSError:
+            host = ""
+        global _host
+        _host = host if len(host) >= 3 and host not in ("localhost", "localhost6") else None
         _user_known = True
     return _user
 
 
 def forget_local_markers() -> None:
     """Look the home directory and user name up again at the next check (tests)."""
-    global _local, _user, _user_known
-    _local, _user, _user_known = None, None, False
+    global _local, _user, _user_known, _host
+    _local, _user, _user_known, _host = None, None, False, None
 
 
 def _variants(text: str) -> Tuple[str, ...]:
@@ -99,8 +109,12 @@ def _kind(text: str) -> Optional[str]:
         if home in text:
             return "a path in the home directory"
     user = _user_name()
-    if user is not None and re.search(rf"(?<![a-z0-9_]){re.escape(user)}(?![a-z0-9_])", text):
+    if user is not None and _has_word(user, text):
         return "the user name"
+    if _host is not None and _has_word(_host, text):
+        return "the host name"
+    if _MAC.search(text):
+        return "a hardware address"
     if "." in text:
         for match in _IPV4.finditer(text):
             if all(int(part) <= 255 for part in match.groups()):
@@ -113,6 +127,10 @@ def _kind(text: str) -> Optional[str]:
                 continue
             return "an IP address"
     return None
+
+
+def _has_word(word: str, text: str) -> bool:
+    return re.search(rf"(?<![a-z0-9_]){re.escape(word)}(?![a-z0-9_])", text) is not None
 
 
 def _secret_kind(text: str) -> Optional[str]:

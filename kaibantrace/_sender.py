@@ -25,7 +25,7 @@ import time
 from typing import Callable, Deque, Dict, Optional, Tuple, Union
 
 from ._pipeline import RawEvent
-from ._transport import Result, Transport
+from ._transport import Outcome, Result, Transport
 
 logger = logging.getLogger("kaibantrace")
 
@@ -51,7 +51,7 @@ class Counters:
         self.retried = 0
         self.requests = 0
         self.dropped: Dict[str, int] = collections.defaultdict(int)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant, for events emitted from signal handlers
 
     def drop(self, cause: str, count: int = 1) -> None:
         with self._lock:
@@ -87,11 +87,13 @@ Item = Union[RawEvent, _FlushMarker]
 class Sender:
     """One worker thread and its queue, for one client."""
 
-    def __init__(self, *, encode: Callable[[list[RawEvent]], Prepared], transport: Transport,
+    def __init__(self, *, encode: Callable[[list[RawEvent]], Prepared],
+                 still_wanted: Callable[[], bool], transport: Transport,
                  counters: Counters, batch_size: int, flush_interval: float, max_queue: int,
                  timeout: float, backoff: float) -> None:
         self._encode = encode
-        self._transport = transport
+        self._still_wanted = still_wanted
+        self.transport = transport
         self._counters = counters
         self._batch_size = batch_size
         self._interval = flush_interval
@@ -131,6 +133,7 @@ class Sender:
         queue = self._queue
         if self._stopping or len(queue) >= self._max_queue:
             self._counters.drop("stopped" if self._stopping else "queue_full")
+            self._lost_since_marker = True
             return
         queue.append(raw)
         # Wake the worker once when work arrives and once when a batch fills;
@@ -224,7 +227,11 @@ class Sender:
         while self._queue and (exiting or not self._stopping):
             batch, marker = self._take_batch()
             if batch:
-                self._deliver(batch)
+                try:
+                    self._deliver(batch)
+                except Exception:  # a bug of ours must cost one batch, not the sender
+                    logger.debug("kaibantrace: a batch failed unexpectedly", exc_info=True)
+                    self._lose(len(batch), "internal_error")
             if marker is not None:
                 self._resolve(marker)
 
@@ -263,11 +270,16 @@ class Sender:
             if remaining is not None and remaining < 0.05:
                 self._lose(count, "exit_deadline")
                 return
+            if not self._still_wanted():  # opted out while this batch waited
+                self._lose(count, "opted_out")
+                return
             timeout = self._timeout if remaining is None else min(self._timeout, remaining)
             self._counters.requests += 1
             self._in_flight = count
             try:
-                outcome = self._transport.send(url, body, timeout)
+                outcome = self.transport.send(url, body, timeout)
+            except Exception as exc:  # a custom transport may raise; treat it as the network
+                outcome = Outcome(Result.RETRY, type(exc).__name__)
             finally:
                 self._in_flight = 0
             if outcome.result is Result.SENT:

@@ -59,7 +59,12 @@ class TestDecide:
 
     def test_app_id_from_environment(self) -> None:
         """Without an argument, the app ID comes from the environment."""
-        assert decide(Settings(), {"KAIBAN_TELEMETRY_APP_ID": " abc "}).app_id == "abc"
+        app = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"
+        assert decide(Settings(), {"KAIBAN_TELEMETRY_APP_ID": f" {app} "}).app_id == app
+
+    def test_app_id_from_environment_must_be_a_uuid(self) -> None:
+        """A malformed app ID from the environment is ignored (logged once), so nothing is sent."""
+        assert decide(Settings(), {"KAIBAN_TELEMETRY_APP_ID": "my-app"}).app_id is None
 
     def test_debug_from_environment_unless_code_says(self) -> None:
         """KAIBAN_TELEMETRY_DEBUG turns debug on unless code chose explicitly."""
@@ -99,6 +104,7 @@ class TestEndpoint:
 class TestSettingsValidation:
     @pytest.mark.parametrize(("change", "named"), [
         ({"app_id": ""}, "app_id"),
+        ({"app_id": "YOUR-TELEMETRYDECK-APP-ID"}, "UUID"),
         ({"endpoint": "http://example.com/"}, "endpoint"),
         ({"namespace": "a/b"}, "namespace"),
         ({"batch_size": 101}, "batch_size"),
@@ -123,4 +129,4 @@ class TestSettingsValidation:
     def test_none_leaves_a_setting_as_it_is(self) -> None:
         """None means "leave as is", so configure() can be called piecemeal."""
         settings = Settings().replace(salt="s", test_mode=True)
-        assert settings.replace(salt=None, app_id="a").salt == "s"
+        assert settings.replace(salt=None, test_mode=False).salt == "s"

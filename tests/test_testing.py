@@ -136,7 +136,7 @@ class TestPytestPlugin:
 
             def test_opted_out():
                 assert os.environ["KAIBAN_TELEMETRY_OPT_OUT"] == "1"
-                assert not kaibantrace.Telemetry(app_id="x").enabled
+                assert not kaibantrace.Telemetry(app_id="6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60").enabled
 
             def test_events(telemetry_events):
                 kaibantrace.emit("from_user_code", {"n": 2})
