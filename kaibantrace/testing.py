@@ -6,6 +6,8 @@
   thread of its own, that checks each request as the real ingest does and
   records the signals; it can be told to fail, stall or drop connections.
 * ``reset()``: put the default client back as it was at import.
+* ``MemoryTransport``: a transport for ``Telemetry(transport=...)`` that keeps
+  every request body in memory instead of sending it.
 
 They restore what they change in ``finally`` blocks. They are not meant for
 production code, and ``Collector`` is not a hardened server: bind it to
@@ -28,8 +30,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Type
 
 from . import _client
 from ._config import Settings
+from ._transport import MemoryTransport
 
-__all__ = ["Collector", "ReceivedRequest", "capture", "reset"]
+__all__ = ["Collector", "MemoryTransport", "ReceivedRequest", "capture", "reset"]
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import pytest
 import kaibantrace
 from kaibantrace.testing import Collector, reset
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP_ID = "15E9347E-9EE5-4971-A8FB-61D91F3EBA12"
 
 _OUR_VARIABLES = [
@@ -27,6 +28,8 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts with telemetry on (the plugin opts the run out) and a fresh default client."""
     for name in _OUR_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    # Child processes import this working tree, whatever copy happens to be installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
     reset()
     yield
     reset()

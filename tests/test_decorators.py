@@ -131,6 +131,25 @@ class TestCallableKinds:
             assert asyncio.run(main()) == (1, 42, -1)
         assert types(signals) == ["agen", "agen"]
 
+    def test_bad_arguments_raise_at_the_call(self) -> None:
+        """Tracked generators and coroutines reject bad arguments at the call, as undecorated ones do."""
+        @kaibantrace.track("gen")
+        def numbers(n: int) -> Iterator[int]:
+            yield n
+
+        @kaibantrace.track("coro")
+        async def work(n: int) -> int:
+            return n
+
+        with capture() as signals:
+            with pytest.raises(TypeError):
+                numbers(1, 2)  # type: ignore[call-arg]
+            with pytest.raises(TypeError):
+                work()  # type: ignore[call-arg]
+            gen = numbers(3)
+            assert gen.__name__ == "numbers" and next(gen) == 3
+        assert types(signals) == ["gen"]
+
     def test_async_for_over_tracked_async_generator(self) -> None:
         """A tracked async generator works in a plain async for loop."""
         @kaibantrace.track("agen")

@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -134,6 +134,19 @@ class TestFailuresNeverReachTheHost:
         failed, retried = collector.requests[:2]
         assert retried.arrived - failed.arrived >= 0.95
 
+    def test_opt_out_during_a_retry_drops_the_batch(
+            self, make_client: MakeClient, collector: Collector,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A batch waiting to be retried is dropped, not sent, once the user opts out."""
+        collector.respond(503, times=1)
+        client = make_client(backoff=1.0)
+        client.emit("before_opt_out")
+        collector.wait_for_requests(1)
+        monkeypatch.setenv("KAIBAN_TELEMETRY_OPT_OUT", "1")
+        assert client.flush(10) is False
+        assert client.stats()["dropped"] == {"opted_out": 1}
+        assert len(collector.requests) == 1 and collector.signals == []
+
     def test_timeout_and_dropped_connection(self, make_client: MakeClient,
                                             collector: Collector) -> None:
         """A server that stalls past the timeout, then one that hangs up, are both retried."""
@@ -144,6 +157,54 @@ class TestFailuresNeverReachTheHost:
         assert client.flush(15) is True
         assert [s["type"] for s in collector.signals] == ["eventually"]
         assert client.stats()["retried"] == 2
+
+    def test_a_raising_transport_costs_nothing_but_a_retry(self, make_client: MakeClient) -> None:
+        """A custom transport that raises is treated as a network failure; the sender lives on."""
+        from kaibantrace.testing import MemoryTransport
+
+        class FlakyTransport(MemoryTransport):
+            failures = 1
+
+            def send(self, url: str, body: bytes, timeout: float) -> Any:
+                if self.failures:
+                    self.failures -= 1
+                    raise RuntimeError("transport bug")
+                return super().send(url, body, timeout)
+
+        transport = FlakyTransport()
+        client = make_client(transport=transport, backoff=0.01)
+        client.emit("first")
+        assert client.flush(10) is True
+        client.emit("second")
+        assert client.flush(10) is True
+        assert [s["type"] for s in transport.signals] == ["first", "second"]
+        assert client.stats()["retried"] == 1
+
+    def test_odd_input_refuses_one_event_not_the_batch(self, make_client: MakeClient,
+                                                       collector: Collector) -> None:
+        """Values that break encoding cost their field or event, never the others in the batch."""
+        client = make_client(flush_interval=0.5)
+        client.emit("good", {"i": 1})
+        client.emit("huge_number", {"n": 10**5000})  # too long to print: field dropped
+        client.emit(["not", "a", "name"])  # type: ignore[arg-type]
+        client.emit("huge_float", float_value=10**400)  # beyond a double: value left out
+        client.emit("good", {"i": 2})
+        assert client.flush(10) is False  # the bad name was not delivered
+        types = [s["type"] for s in collector.wait_for(4)]
+        assert types == ["good", "huge_number", "huge_float", "good"]
+        signals = {s["type"]: s for s in collector.signals}
+        assert "payload" not in signals["huge_number"] and "floatValue" not in signals["huge_float"]
+        assert client.stats()["dropped"] == {"invalid_name": 1}
+
+    def test_overflow_makes_flush_false(self, make_client: MakeClient, collector: Collector) -> None:
+        """When the queue overflowed, flush() says not everything was delivered."""
+        client = make_client(max_queue=10, flush_interval=30)
+        for _ in range(100):
+            client.emit("flood")
+        assert client.flush(10) is False
+        assert client.stats()["dropped"] == {"queue_full": 90}
+        client.emit("calm")
+        assert client.flush(10) is True
 
     def test_invalid_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A clear-text non-loopback endpoint from the environment sends nothing and raises nothing."""
@@ -266,23 +327,33 @@ _EXITING_CHILD = textwrap.dedent("""
 
 class TestExit:
     def run_child(self, url: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
-        start = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", _EXITING_CHILD, url], env=subprocess_env(),
-                              cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
-        return done, time.monotonic() - start
+        """Run the child; return it and the seconds from its last printed line to its exit."""
+        child = subprocess.Popen([sys.executable, "-c", _EXITING_CHILD, url], env=subprocess_env(),
+                                 cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert child.stdout is not None
+            first = child.stdout.readline()
+            printed = time.monotonic()
+            rest, err = child.communicate(timeout=60)
+            took = time.monotonic() - printed
+        finally:
+            if child.poll() is None:
+                child.kill()
+        return subprocess.CompletedProcess(child.args, child.returncode, first + rest, err), took
 
     def test_black_holed_endpoint_does_not_hang_exit(self, black_hole_url: str,
                                                      tmp_path: Path) -> None:
         """Exit is bounded and silent when the endpoint accepts and never answers."""
         done, took = self.run_child(black_hole_url, tmp_path)
         assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
-        assert took < 10  # a hang guard; the budget is 1 s (benchmarks/ measures it)
+        assert took < 3  # a generous guard around the 1 s budget (benchmarks/ measures it)
 
     def test_refused_endpoint_exit_is_silent(self, refused_url: str, tmp_path: Path) -> None:
         """Exit is bounded and silent when the endpoint refuses connections."""
         done, took = self.run_child(refused_url, tmp_path)
         assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
-        assert took < 10
+        assert took < 3
 
     def test_healthy_endpoint_receives_everything_before_exit(self, collector: Collector,
                                                               tmp_path: Path) -> None:

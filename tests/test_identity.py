@@ -106,6 +106,23 @@ class TestSessions:
         assert child == parent
         assert len(set(children)) == 20 and parent not in children
 
+    def test_one_scope_entered_by_concurrent_tasks(self) -> None:
+        """One session() object shared by concurrent tasks enters and leaves cleanly in each."""
+        client = kaibantrace.default_client()
+        scope = kaibantrace.session()
+
+        async def use(delay: float) -> str:
+            async with scope as s:
+                await asyncio.sleep(delay)
+                assert client._session() is s
+            return client._session().id
+
+        async def main() -> list[str]:
+            return await asyncio.gather(use(0.01), use(0))
+
+        outside = asyncio.run(main())
+        assert outside == [client._session().id] * 2
+
     def test_outside_sessions_share_the_process_session(self) -> None:
         """Outside any session() every event shares one process-wide ID."""
         client = kaibantrace.default_client()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 
 import pytest
 
 from kaibantrace import EventError, PrivacyError
-from kaibantrace._pipeline import Reporter, clean_payload, js_text, name_problem, received_at
+from kaibantrace._identity import Session
+from kaibantrace._pipeline import (
+    EncodeContext,
+    Reporter,
+    build_signal,
+    clean_payload,
+    js_text,
+    name_problem,
+    received_at,
+)
 from kaibantrace._privacy import forget_local_markers, personal_data_kind
 
 
@@ -49,6 +59,12 @@ class TestJavaScriptText:
         aware = datetime.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.timezone.utc)
         assert js_text(aware) == "2026-01-02T03:04:05.678Z"
         assert js_text(datetime.date(2026, 1, 2)) == "2026-01-02"
+
+    def test_naive_datetimes_are_local_time(self) -> None:
+        """A naive datetime is taken as local time and sent in UTC, as Python treats it."""
+        naive = datetime.datetime(2026, 1, 2, 3, 4, 5)
+        expected = naive.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        assert js_text(naive) == expected
 
     def test_received_at_format(self) -> None:
         """receivedAt looks like JavaScript's Date.toISOString()."""
@@ -101,7 +117,7 @@ class TestPrivacyGuard:
         "mail me at Bob.Smith@Example.org please", "bob%40example.org",
         "10.0.0.12", "server 192.168.1.1:8080", "fe80::1ff:fe23:4567:890a", "::1",
         "sk-abcdefghijklmnopqrstuvwxyz123456", "ghp_ABCDEFghijkl1234567890abcdefghij",
-        "Xy7Qm2Lp9Rt4Vw8Zk3Nb6Hc1Jd5Fg0Sa",
+        "Xy7Qm2Lp9Rt4Vw8Zk3Nb6Hc1Jd5Fg0Sa", "nic 00:1A:2b:3C:4d:5E", "00-1a-2b-3c-4d-5e",
     ])
     def test_personal_or_secret_text_is_recognised(self, text: str) -> None:
         """E-mail and IP addresses and token-like secrets are recognised, however embedded."""
@@ -156,6 +172,24 @@ class TestPrivacyGuard:
         """In strict mode a personal value raises PrivacyError, an EventError."""
         with pytest.raises(PrivacyError, match="'ip'"):
             clean({"ip": "8.8.8.8"}, strict=True)
+
+    def test_host_name_is_recognised(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """This machine's host name is caught as a word of its own."""
+        monkeypatch.setattr(socket, "gethostname", lambda: "alices-laptop.local")
+        forget_local_markers()
+        try:
+            assert personal_data_kind("built on Alices-Laptop") == "the host name"
+        finally:
+            monkeypatch.undo()
+            forget_local_markers()
+
+    def test_event_names_are_checked_at_run_time(self) -> None:
+        """An emitted event name that looks personal is refused, and the warning omits it."""
+        ctx = EncodeContext("app", "", False, True, Reporter())
+        raw = ("10.1.2.3", None, Session(), None, 0.0, None)
+        with pytest.raises(PrivacyError) as refused:
+            build_signal(raw, ctx)
+        assert "10.1.2.3" not in str(refused.value)
 
     def test_keys_are_checked_too(self) -> None:
         """Personal data hidden in a key is refused as well."""

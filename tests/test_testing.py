@@ -133,9 +133,12 @@ class TestPytestPlugin:
         monkeypatch.delenv("KAIBAN_TELEMETRY_OPT_OUT", raising=False)
         pytester.makepyfile(test_user="""
             import os, pytest, kaibantrace
+            APP = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"
 
             def test_opted_out():
                 assert os.environ["KAIBAN_TELEMETRY_OPT_OUT"] == "1"
+                own = kaibantrace.Telemetry(app_id=APP, opt_out_env="MYLIB_TELEMETRY_OPT_OUT")
+                assert not own.enabled  # DO_NOT_TRACK covers clients with their own variable
                 assert not kaibantrace.Telemetry(app_id="6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60").enabled
 
             def test_events(telemetry_events):
@@ -156,10 +159,12 @@ class TestPytestPlugin:
                                     monkeypatch: pytest.MonkeyPatch) -> None:
         """-p no:kaibantrace leaves the environment alone."""
         monkeypatch.delenv("KAIBAN_TELEMETRY_OPT_OUT", raising=False)
+        monkeypatch.delenv("DO_NOT_TRACK", raising=False)
         pytester.makepyfile(test_user="""
             import os
             def test_untouched():
                 assert "KAIBAN_TELEMETRY_OPT_OUT" not in os.environ
+                assert "DO_NOT_TRACK" not in os.environ
         """)
         result = pytester.runpytest_subprocess("-p", "no:kaibantrace")
         result.assert_outcomes(passed=1)

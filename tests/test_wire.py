@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -50,6 +52,18 @@ class TestSignalFields:
         assert signal["floatValue"] == 2.5
         assert signal["isTestMode"] is True
 
+    def test_every_kind_of_value_arrives_as_javascript_text(
+            self, make_client: MakeClient, collector: Collector) -> None:
+        """Floats, lists, dicts and dates reach the endpoint written as the JavaScript SDK writes them."""
+        client = make_client()
+        when = datetime.datetime(2026, 5, 4, 3, 2, 1, 500000, tzinfo=datetime.timezone.utc)
+        client.emit("kinds", {"f": 2.0, "g": 0.25, "l": [1, "a", None], "d": {"k": True},
+                              "t": when, "day": datetime.date(2026, 5, 4), "none": None})
+        assert client.flush(5)
+        (signal,) = collector.wait_for(1)
+        assert signal["payload"] == {"f": "2", "g": "0.25", "l": '[1,"a",null]', "d": '{"k":true}',
+                                     "t": "2026-05-04T03:02:01.500Z", "day": "2026-05-04"}
+
     def test_no_payload_key_when_empty_and_no_test_mode_key(
             self, make_client: MakeClient, collector: Collector) -> None:
         """An empty payload and test mode off leave their keys out entirely."""
@@ -75,6 +89,46 @@ class TestSignalFields:
         expected = hashlib.sha256((kaibantrace.project_id() + "s").encode()).hexdigest()
         assert signal["clientUser"] == expected
         assert kaibantrace.project_id() not in json.dumps(signal)
+
+
+class TestSessionsOnTheWire:
+    def test_asyncio_tasks_and_threads_send_their_own_session_ids(
+            self, make_client: MakeClient, collector: Collector) -> None:
+        """Signals from tasks and threads in their own session() carry their own sessionID."""
+        client = make_client()
+
+        @client.track("step")
+        async def step(label: str) -> None:
+            await asyncio.sleep(0)
+
+        async def task(label: str) -> None:
+            async with client.session():
+                for _ in range(3):
+                    await step(label)
+
+        async def main() -> None:
+            await asyncio.gather(*(task(f"t{i}") for i in range(4)))
+
+        def thread_work() -> None:
+            with client.session():
+                for _ in range(3):
+                    client.emit("threaded")
+
+        asyncio.run(main())
+        threads = [threading.Thread(target=thread_work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        client.emit("outside")
+        assert client.flush(10)
+        signals = collector.wait_for(25)
+        by_session: dict[str, list[str]] = {}
+        for s in signals:
+            by_session.setdefault(s["sessionID"], []).append(s["type"])
+            assert s["clientUser"] == hashlib.sha256(s["sessionID"].encode()).hexdigest()
+        groups = sorted(by_session.values())
+        assert groups == sorted([["outside"]] + [["step"] * 3] * 4 + [["threaded"] * 3] * 4)
 
 
 class TestRequests:
