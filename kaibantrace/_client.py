@@ -129,8 +129,8 @@ class Telemetry:
 
         Raises ``ConfigurationError`` (a ``ValueError``) naming a bad setting.
         Settings that shape the sender (``batch_size``, ``flush_interval``,
-        ``max_queue``, ``timeout``, ``transport``) apply to a sender started
-        after the change.
+        ``max_queue``, ``timeout``, ``backoff``, ``transport``) are read when
+        the sender starts, at the first event.
         """
         transport = settings.pop("transport", None)
         new = self._settings.replace(**settings)
@@ -394,6 +394,7 @@ class Telemetry:
         with self._lock:
             if settings is not None:
                 self._settings = settings
+                self._transport = None
             self._reset_state()
         _live_clients.discard(self)
         bump_generation()

@@ -239,6 +239,8 @@ class Sender:
         marker.ok = not self._lost_since_marker
         self._lost_since_marker = False
         marker.done.set()
+        if not self._flush_requested:
+            self._urgent.clear()  # no flush waits any more: backoffs run their full length
 
     def _release_markers(self) -> None:
         for item in list(self._queue):
