@@ -50,6 +50,7 @@ def _underlying(func: Any) -> Any:
 
 def make_decorator(client: Telemetry, name: object, payload: Any, *,
                    cli: bool) -> Callable[[Any], Any]:
+    """The decorator ``track``/``track_cli`` return, after checking its arguments here."""
     event = check_name(name)
     static: Optional[Dict[str, str]] = None
     dynamic: Optional[Callable[..., Any]] = None
