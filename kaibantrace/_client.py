@@ -33,11 +33,23 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
-from ._config import ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, Decision, Settings, decide, ingest_url
+from ._config import (
+    ENV_APP_ID,
+    ENV_DEBUG,
+    ENV_DO_NOT_TRACK,
+    Decision,
+    Settings,
+    decide,
+    ingest_url,
+    is_app_id,
+)
 from ._errors import DropEvent, EventError
 from ._identity import Session, SessionNode, SessionScope
-from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body
-from ._sender import Counters, Sender
+from ._outbox import MemoryOutbox, Outbox, open_outbox
+from ._outbox import purge as purge_outbox
+from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body, encode_signal
+from ._sender import Counters, Encoded, Sender, Target
+from ._state import state_dir
 from ._transport import HttpTransport, Transport
 
 logger = logging.getLogger("kaibantrace")
@@ -119,6 +131,7 @@ class Telemetry:
         self._off_by_opt_out = False
         self._accept: Optional[Accept] = None
         self._no_app_id_logged = False
+        self._purged = False
         self._lost_before_flush = False  # dropped without a sender since the last flush
         self._opt_key = _encoded_key(self._settings.opt_out_env)
 
@@ -210,6 +223,7 @@ class Telemetry:
             capture = _captures[-1]
             return lambda raw: self._record(raw, capture, decision)
         if not decision.enabled:
+            self._purge_outbox_once()
             return None
         if decision.debug:
             return lambda raw: self._print_debug(raw, decision)
@@ -241,7 +255,8 @@ class Telemetry:
 
     def _start_sender(self) -> Optional[Sender]:
         s = self._settings
-        sender = Sender(encode=self._encode_batch, still_wanted=lambda: self.decision().enabled,
+        sender = Sender(encode=self._encode_batch, target=self._target,
+                        open_outbox=self._open_outbox, on_fork=self._forked_from_c,
                         transport=self._transport or HttpTransport(),
                         counters=self._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
@@ -252,6 +267,41 @@ class Telemetry:
         _register_process_hooks()
         _live_clients.add(self)
         return sender
+
+    def _target(self) -> Optional[Target]:
+        """Where the sender sends now (asked on its thread before each cycle)."""
+        decision = decide(self._settings, os.environ)
+        app_id = decision.app_id if decision.enabled else self._app_id_even_if_off()
+        if app_id is None:
+            return None
+        return Target(app_id, ingest_url(self._settings, os.environ), decision.enabled)
+
+    def _app_id_even_if_off(self) -> Optional[str]:
+        app_id = self._settings.app_id or (os.environ.get(ENV_APP_ID) or "").strip()
+        return app_id if is_app_id(app_id) else None
+
+    def _open_outbox(self) -> Outbox:
+        app_id = self._app_id_even_if_off()
+        if app_id is None:
+            return MemoryOutbox()
+        return open_outbox(state_dir(), app_id)
+
+    def _purge_outbox_once(self) -> None:
+        """Opted out: remove what an earlier run left unsent, without opening it."""
+        if self._purged:
+            return
+        self._purged = True
+        app_id = self._app_id_even_if_off()
+        if app_id is not None and purge_outbox(state_dir(), app_id):
+            logger.debug("kaibantrace: opted out; removed signals an earlier run left unsent")
+
+    def _forked_from_c(self, raw: RawEvent) -> None:
+        """A child forked without Python's at-fork hooks: start over here, keep this event."""
+        self._after_fork()
+        bump_generation()
+        accept = self._route()
+        if accept is not None:
+            accept(raw)
 
     def _lose(self, cause: str) -> None:
         """Count an event dropped before reaching a sender; the next flush reports it."""
@@ -292,8 +342,8 @@ class Telemetry:
         except DropEvent as drop:
             self._lose(drop.cause)
 
-    def _encode_batch(self, batch: List[RawEvent]) -> Optional[Tuple[str, bytes, int]]:
-        """Runs on the sender's thread: decide again, then encode the batch."""
+    def _encode_batch(self, batch: List[RawEvent]) -> Optional[Encoded]:
+        """Runs on the sender's thread (or at exit): decide again, then encode the batch."""
         decision = decide(self._settings, os.environ)
         counters = self._counters
         if not decision.enabled or decision.app_id is None:
@@ -306,9 +356,11 @@ class Telemetry:
         s = self._settings
         ctx = EncodeContext(decision.app_id, s.salt, s.test_mode, False, self._reporter)
         signals = []
+        times = []
         for raw in batch:
             try:
                 signals.append(build_signal(raw, ctx))
+                times.append(raw[4])
             except DropEvent as drop:
                 counters.drop(drop.cause)
         if decision.debug:
@@ -317,9 +369,8 @@ class Telemetry:
                                  f"{encode_body([signal]).decode('utf-8')}\n")
             counters.drop("debug", len(signals))
             return None
-        if not signals:
-            return None
-        return url, encode_body(signals), len(signals)
+        return Encoded(decision.app_id, url, [(when, encode_signal(signal))
+                                              for when, signal in zip(times, signals)])
 
     # -- public API ------------------------------------------------------------
 
@@ -380,8 +431,7 @@ class Telemetry:
         sender = self._sender
         if sender is None:
             return
-        sender.stop(deadline)
-        if sender.join(deadline):
+        if sender.stop(deadline):
             try:
                 sender.transport.close()
             except Exception:
@@ -445,7 +495,10 @@ def _at_exit() -> None:
         client._seen_generation = -1
         sender = client._sender
         if sender is not None:
-            sender.stop(start + client._settings.exit_timeout)
+            try:
+                sender.begin_exit(start + client._settings.exit_timeout)
+            except Exception:
+                logger.debug("kaibantrace: could not save queued signals at exit", exc_info=True)
     for client in clients:
         sender = client._sender
         if sender is not None:

@@ -63,7 +63,7 @@ class Settings:
     flush_interval: float = 0.5
     max_queue: int = 10_000
     timeout: float = 3.0
-    exit_timeout: float = 1.0
+    exit_timeout: float = 0.1
     backoff: float = 1.0
 
     def replace(self, **changes: object) -> Settings:

@@ -285,6 +285,11 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     return signal
 
 
+def encode_signal(signal: Dict[str, Any]) -> str:
+    """One signal as compact JSON text, as stored in the outbox and sent in a body."""
+    return json.dumps(signal, ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_body(signals: list[Dict[str, Any]]) -> bytes:
     """The request body: always a JSON array, UTF-8."""
     return json.dumps(signals, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,48 +1,69 @@
-"""The background sender: a bounded queue drained by one daemon thread.
+"""The background sender: a bounded queue, one daemon thread, and the outbox.
 
 The calling thread only appends to a ``deque`` and, when the queue goes from
 idle to busy or a batch fills up, sets an ``Event``. It never blocks, never
-waits on the network and never raises. The worker sleeps until woken, gives a
-batch ``flush_interval`` seconds to fill, then encodes and posts it.
+touches a file or the network, and never raises.
 
-Failures follow TelemetryDeck's SDKs with one difference that matters on
-blocked networks: after three failed attempts in a row the circuit opens and
-this process stops touching the network for good, instead of retrying
-forever. What could not be delivered is dropped and counted.
+The worker thread does the rest, in one loop:
 
-What this module does not do: decide opt-out, validate or encode events (the
-client passes an ``encode`` function), or survive the process (a later release
-adds a durable outbox).
+1. it encodes what is queued and writes it to the outbox (``_outbox``) before
+   anything is sent, so a killed process loses only what it had not yet
+   written;
+2. it claims a batch from the outbox (leftovers of earlier runs included),
+   posts it, and deletes it after a 2xx, or drops it for good after a refusal
+   (400, 401, 403, 404, 413, 422, 501, 505);
+3. after any other answer it waits, with exponential backoff and jitter from
+   ``backoff`` seconds up to 300, never less than ``Retry-After``; after three
+   failed attempts in a row the circuit opens and this process never touches
+   the network again: what is left stays in the outbox for a later run.
+
+At interpreter exit the main thread itself writes what is still queued to the
+outbox (the worker may be stuck in a request), then gives the worker what is
+left of the exit budget to send; it never waits longer.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from ._outbox import Added, MemoryOutbox, Outbox
 from ._pipeline import RawEvent
 from ._transport import Outcome, Result, Transport
 
 logger = logging.getLogger("kaibantrace")
 
-# What ``encode`` returns for a batch: (url, body, signal count), or ``None``
-# when the batch must not be sent (the client counted why).
-Prepared = Optional[Tuple[str, bytes, int]]
-
 FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
+
+
+class Encoded(NamedTuple):
+    """A batch ready for the outbox: where it goes, and ``(event time, signal JSON)`` pairs."""
+
+    app_id: str
+    url: str
+    signals: List[Tuple[float, str]]
+
+
+class Target(NamedTuple):
+    """Where the client sends now: ``wanted`` is False once opted out; ``url`` is
+    ``None`` when the configured endpoint is unusable (signals then wait)."""
+
+    app_id: str
+    url: Optional[str]
+    wanted: bool
 
 
 class Counters:
     """What happened to the events a client accepted; read with ``snapshot()``.
 
-    ``taken``, ``sent``, ``retried`` and ``requests`` are written by the worker
-    alone. ``drop`` may be called from any thread (rarely: overflow, debug), so
-    it takes a lock and the counts stay exact under contention.
+    The worker writes most counts. ``drop`` may be called from any thread
+    (overflow, exit), so it takes a lock and stays exact under contention.
     """
 
     def __init__(self) -> None:
@@ -50,12 +71,14 @@ class Counters:
         self.sent = 0
         self.retried = 0
         self.requests = 0
+        self.in_outbox = 0
         self.dropped: Dict[str, int] = collections.defaultdict(int)
         self._lock = threading.RLock()  # reentrant, for events emitted from signal handlers
 
     def drop(self, cause: str, count: int = 1) -> None:
-        with self._lock:
-            self.dropped[cause] += count
+        if count:
+            with self._lock:
+                self.dropped[cause] += count
 
     def snapshot(self, pending: int = 0, in_flight: int = 0) -> Dict[str, object]:
         with self._lock:
@@ -64,6 +87,7 @@ class Counters:
             "queued": self.taken + pending,
             "pending": pending,
             "in_flight": in_flight,
+            "in_outbox": self.in_outbox,
             "sent": self.sent,
             "retried": self.retried,
             "requests": self.requests,
@@ -72,51 +96,63 @@ class Counters:
 
 
 class _FlushMarker:
-    """Placed in the queue by ``flush``; resolved once everything before it is handled."""
+    """Placed in the queue by ``flush``; resolved once everything before it is delivered."""
 
-    __slots__ = ("done", "ok")
+    __slots__ = ("done", "ok", "upto")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.ok = False
+        self.upto = 0  # the last outbox row written before the marker was reached
 
 
 Item = Union[RawEvent, _FlushMarker]
 
 
 class Sender:
-    """One worker thread and its queue, for one client."""
+    """One worker thread, its queue and its outbox, for one client."""
 
-    def __init__(self, *, encode: Callable[[list[RawEvent]], Prepared],
-                 still_wanted: Callable[[], bool], transport: Transport,
-                 counters: Counters, batch_size: int, flush_interval: float, max_queue: int,
-                 timeout: float, backoff: float) -> None:
+    def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
+                 target: Callable[[], Optional[Target]], open_outbox: Callable[[], Outbox],
+                 on_fork: Callable[[RawEvent], None],
+                 transport: Transport, counters: Counters, batch_size: int,
+                 flush_interval: float, max_queue: int, timeout: float, backoff: float) -> None:
         self._encode = encode
-        self._still_wanted = still_wanted
+        self._target = target
+        self._open_outbox = open_outbox
+        self._on_fork = on_fork
         self.transport = transport
         self._counters = counters
         self._batch_size = batch_size
         self._interval = flush_interval
         self._max_queue = max_queue
         self._timeout = timeout
-        self._backoff = backoff
+        self._backoff_start = backoff
+        self._pid = os.getpid()
         self._queue: Deque[Item] = collections.deque()
-        self._wake = threading.Event()  # new work, a full batch, a flush, or stop
-        self._urgent = threading.Event()  # only a flush or stop: ends a retry backoff early
-        self._stop_signal = threading.Event()  # only stop: ends even a Retry-After wait
+        self._take_lock = threading.Lock()  # the worker and the exit hook both take from the queue
+        self._wake = threading.Event()
         self._armed = False  # the worker was told there is work
         self._hurried = False  # the worker was told a batch is full
         self._flush_requested = False
-        self._in_flight = 0
         self._stopping = False
         self._deadline: Optional[float] = None
+        self._outbox: Optional[Outbox] = None
+        self._outbox_ready = threading.Event()
+        self._markers: List[_FlushMarker] = []
+        self._last_added = 0
         self._failures = 0
+        self._backoff = backoff
+        self._retry_at = 0.0  # monotonic; our own backoff, which a flush may cut short
+        self._floor_at = 0.0  # monotonic; the server's Retry-After, which nothing cuts short
         self._circuit_open = False
-        self._lost_since_marker = False
+        self._lost = False  # something was dropped since the last flush was answered
+        self._in_flight = 0
+        self._latency: Optional[float] = None  # of the last request the server answered
         self._logged: set[str] = set()
         self._thread: Optional[threading.Thread] = None
 
-    # -- the calling thread ------------------------------------------------
+    # -- any thread --------------------------------------------------------
 
     def start(self) -> bool:
         """Start the worker; ``False`` when no thread can be started (interpreter exit)."""
@@ -130,10 +166,13 @@ class Sender:
 
     def accept(self, raw: RawEvent) -> None:
         """Queue one event. Never blocks, never raises."""
+        if os.getpid() != self._pid:  # forked without the at-fork hook (a fork from C)
+            self._on_fork(raw)
+            return
         queue = self._queue
         if self._stopping or len(queue) >= self._max_queue:
             self._counters.drop("stopped" if self._stopping else "queue_full")
-            self._lost_since_marker = True
+            self._lost = True
             return
         queue.append(raw)
         # Wake the worker once when work arrives and once when a batch fills;
@@ -146,7 +185,7 @@ class Sender:
             self._wake.set()
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything queued before now is handled; ``True`` if all was delivered."""
+        """Wait until everything queued before now is delivered; ``True`` if it all was."""
         if self._thread is None or not self._thread.is_alive():
             return not self._queue
         marker = _FlushMarker()
@@ -154,16 +193,35 @@ class Sender:
         self._queue.append(marker)
         self._armed = True
         self._wake.set()
-        self._urgent.set()
         return marker.done.wait(timeout) and marker.ok
 
-    def stop(self, deadline: float) -> None:
-        """Ask the worker to send what is queued by ``deadline`` (monotonic) and end."""
+    def begin_exit(self, deadline: float) -> None:
+        """At interpreter exit, on the main thread: save what is queued, let the worker send.
+
+        Writing to the outbox comes first and happens here, because the worker
+        may be blocked in a request to an endpoint that never answers. Then
+        ``join`` gives the worker what is left of the budget.
+        """
+        self._deadline = deadline
+        self._stopping = True
+        with self._take_lock:
+            raws = [item for item in self._queue if not isinstance(item, _FlushMarker)]
+            self._queue.clear()
+        if raws:
+            target = self._target()
+            if target is None or not target.wanted:
+                self._lose(len(raws), "opted_out")
+            else:
+                outbox = self._outbox if self._outbox_ready.is_set() else None
+                self._persist(outbox or self._open_outbox(), raws, exiting=True)
+        self._wake.set()
+
+    def stop(self, deadline: float) -> bool:
+        """Send what can be sent by ``deadline`` (monotonic), then end; ``True`` if it ended."""
         self._deadline = deadline
         self._stopping = True
         self._wake.set()
-        self._urgent.set()
-        self._stop_signal.set()
+        return self.join(deadline)
 
     def join(self, deadline: float) -> bool:
         """Wait for the worker to end, at most until ``deadline``; ``True`` if it did."""
@@ -181,144 +239,220 @@ class Sender:
 
     @property
     def in_flight(self) -> int:
-        """Events in the request being sent right now."""
+        """Signals in the request being sent right now."""
         return self._in_flight
 
-    # -- the worker thread -------------------------------------------------
-
-    def _sleep(self, timeout: Optional[float]) -> None:
-        self._wake.wait(timeout)
-        self._wake.clear()
+    # -- the worker thread ----------------------------------------------------
 
     def _run(self) -> None:
         try:
-            while True:
-                if not self._queue and not self._stopping:
-                    self._sleep(None)
+            self._outbox = self._open_outbox()
+        except Exception:
+            logger.debug("kaibantrace: outbox unavailable; keeping signals in memory", exc_info=True)
+            self._outbox = MemoryOutbox()
+        self._outbox_ready.set()
+        prepare = getattr(self.transport, "prepare", None)
+        if prepare is not None:
+            try:
+                prepare()  # import the HTTP stack now, not when the exit budget is running
+            except Exception:
+                logger.debug("kaibantrace: transport preparation failed", exc_info=True)
+        try:
+            while not self._stopping:
+                self._cycle(self._outbox)
                 if self._stopping:
-                    self._drain(exiting=True)
-                    return
-                if len(self._queue) < self._batch_size and not self._flush_requested:
-                    self._sleep(self._interval)
-                self._drain()
+                    break
+                self._sleep(self._next_wake())
+                if self._queue and len(self._queue) < self._batch_size and not (
+                        self._flush_requested or self._stopping):
+                    self._sleep(self._interval)  # let a batch fill up
+            self._cycle(self._outbox)  # exiting: the exit hook saved the queue; send what fits
         except BaseException:  # the host must never see this thread's trouble
             logger.debug("kaibantrace: sender stopped unexpectedly", exc_info=True)
         finally:
-            self._release_markers()
+            self._resolve_markers(force=True)
 
-    def _take_batch(self) -> Tuple[list[RawEvent], Optional[_FlushMarker]]:
-        """Up to one batch of events, stopping early at a flush marker."""
-        batch: list[RawEvent] = []
-        queue = self._queue
-        while queue and len(batch) < self._batch_size:
-            item = queue.popleft()
-            if isinstance(item, _FlushMarker):
-                self._counters.taken += len(batch)
-                return batch, item
-            batch.append(item)
-        self._counters.taken += len(batch)
-        return batch, None
+    def _sleep(self, timeout: Optional[float]) -> None:
+        if timeout is None or timeout > 0:
+            self._wake.wait(timeout)
+        self._wake.clear()
 
-    def _drain(self, exiting: bool = False) -> None:
-        """Send everything queued; stop early if asked to stop, unless already exiting."""
+    def _next_wake(self) -> Optional[float]:
+        """Seconds until the worker has something to do unasked, or ``None`` to wait for work."""
+        if self._queue or self._stopping:
+            return 0
+        if self._circuit_open or not self._counters.in_outbox:
+            return None
+        wait = max(self._retry_at, self._floor_at) - time.monotonic()
+        # Out of backoff, what is left is leased by another process: look again when it expires.
+        return wait if wait > 0 else self._timeout + 2.0
+
+    def _cycle(self, outbox: Outbox) -> None:
+        """Save the queue to the outbox, then send from it as far as allowed."""
         self._armed = False
         self._hurried = False
         self._flush_requested = False
-        while self._queue and (exiting or not self._stopping):
-            batch, marker = self._take_batch()
-            if batch:
-                try:
-                    self._deliver(batch)
-                except Exception:  # a bug of ours must cost one batch, not the sender
-                    logger.debug("kaibantrace: a batch failed unexpectedly", exc_info=True)
-                    self._lose(len(batch), "internal_error")
-            if marker is not None:
-                self._resolve(marker)
+        target = self._target()
+        while True:
+            with self._take_lock:
+                raws, markers = self._take_batch()
+            if raws and (target is None or not target.wanted):
+                self._lose(len(raws), "opted_out" if target else "no_app_id")
+            elif raws:
+                self._persist(outbox, raws, exiting=False)
+            for marker in markers:
+                marker.upto = self._last_added
+                self._markers.append(marker)
+            if not raws and not markers:
+                break
+        if target is not None and not target.wanted:  # opted out: what waited is dropped unsent
+            self._lose(outbox.drop_app(target.app_id), "opted_out")
+        elif target is not None and target.url is not None:
+            self._send(outbox, target)
+        if target is not None and target.url is not None:
+            self._counters.in_outbox = outbox.count(target.app_id, target.url)
+        self._resolve_markers(force=False)
 
-    def _resolve(self, marker: _FlushMarker) -> None:
-        marker.ok = not self._lost_since_marker
-        self._lost_since_marker = False
-        marker.done.set()
-        if not self._flush_requested:
-            self._urgent.clear()  # no flush waits any more: backoffs run their full length
-
-    def _release_markers(self) -> None:
-        for item in list(self._queue):
+    def _take_batch(self) -> Tuple[List[RawEvent], List[_FlushMarker]]:
+        raws: List[RawEvent] = []
+        markers: List[_FlushMarker] = []
+        queue = self._queue
+        while queue and len(raws) < self._batch_size:
+            item = queue.popleft()
             if isinstance(item, _FlushMarker):
-                item.done.set()
+                markers.append(item)
+                break
+            raws.append(item)
+        self._counters.taken += len(raws)
+        return raws, markers
 
-    def _remaining(self) -> Optional[float]:
-        return None if self._deadline is None else self._deadline - time.monotonic()
-
-    def _deliver(self, batch: list[RawEvent]) -> None:
-        if self._circuit_open:
-            self._lose(len(batch), "circuit_open")
-            return
+    def _persist(self, outbox: Outbox, raws: List[RawEvent], *, exiting: bool) -> None:
         try:
-            prepared = self._encode(batch)
+            encoded = self._encode(raws)
         except Exception:
             logger.debug("kaibantrace: could not encode a batch", exc_info=True)
-            prepared = None
-            self._counters.drop("encode_error", len(batch))
-        if prepared is None:
-            self._lost_since_marker = True
+            encoded = None
+            self._counters.drop("encode_error", len(raws))
+        if encoded is None or not encoded.signals:
+            self._lost = self._lost or encoded is None or len(raws) > 0
             return
-        url, body, count = prepared
-        if count < len(batch):  # the encoder refused some (counted there)
-            self._lost_since_marker = True
-        backoff = self._backoff
-        while True:
-            remaining = self._remaining()
-            if remaining is not None and remaining < 0.05:
-                self._lose(count, "exit_deadline")
-                return
-            if not self._still_wanted():  # opted out while this batch waited
-                self._lose(count, "opted_out")
+        if len(encoded.signals) < len(raws):  # the encoder refused some (counted there)
+            self._lost = True
+        try:
+            if exiting and hasattr(outbox, "set_busy_timeout"):
+                outbox.set_busy_timeout(max(0.0, (self._deadline or 0) - time.monotonic()))
+            added: Added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
+        except Exception:
+            logger.debug("kaibantrace: could not write to the outbox", exc_info=True)
+            self._lose(len(encoded.signals), "outbox_error")
+            return
+        if not exiting:
+            self._last_added = added.last_id
+        self._lose(added.full, "outbox_full")
+        self._lose(added.expired, "expired")
+
+    def _send(self, outbox: Outbox, target: Target) -> None:
+        assert target.url is not None
+        while not self._circuit_open and self._may_try_now():
+            remaining = None if self._deadline is None else self._deadline - time.monotonic()
+            if remaining is not None and not self._fits(remaining):
                 return
             timeout = self._timeout if remaining is None else min(self._timeout, remaining)
-            self._counters.requests += 1
-            self._in_flight = count
-            try:
-                outcome = self.transport.send(url, body, timeout)
-            except Exception as exc:  # a custom transport may raise; treat it as the network
-                outcome = Outcome(Result.RETRY, type(exc).__name__)
-            finally:
-                self._in_flight = 0
-            if outcome.result is Result.SENT:
-                self._failures = 0
-                self._counters.sent += count
+            rows = outbox.claim(target.app_id, target.url, self._batch_size, timeout + 2.0)
+            if not rows:
                 return
-            if outcome.result is Result.REJECTED:
+            ids = [row.id for row in rows]
+            body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
+            outcome = self._post(target.url, body, timeout, len(rows))
+            if outcome.result is Result.SENT:
+                outbox.delete(ids)
+                self._counters.sent += len(rows)
+                self._failures, self._backoff = 0, self._backoff_start
+            elif outcome.result is Result.REJECTED:
+                outbox.delete(ids)
                 self._failures = 0
                 self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
                                f"({outcome.detail}); dropped, not retried")
-                self._lose(count, "rejected")
+                self._lose(len(rows), "rejected")
+            else:
+                outbox.release(ids)
+                self._failed(outcome)
                 return
-            self._failures += 1
-            if self._failures >= FAILURES_BEFORE_CIRCUIT_OPENS or self._stopping:
-                if not self._stopping:
-                    self._circuit_open = True
-                    self._log_once("circuit", "kaibantrace: ingest unreachable "
-                                   f"({outcome.detail}); not sending again in this process")
-                self._lose(count, "unreachable")
-                return
-            self._counters.retried += 1
-            # The server's Retry-After is a floor that only stopping may cut short;
-            # our own backoff (with jitter) above it ends early for a flush too.
-            # New events never shorten either.
-            floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
-            delay = min(max(backoff, floor), _BACKOFF_MAX) * random.uniform(1.0, 1.25)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
-            if floor:
-                self._stop_signal.wait(floor)
-            self._urgent.wait(delay - floor)
-            self._urgent.clear()
+
+    def _fits(self, remaining: float) -> bool:
+        """Whether a request can be answered within what is left of the exit budget.
+
+        A request still in flight when the process ends may have reached the
+        server, and its signals, not yet deleted, would then be sent twice.
+        So at exit a request starts only when the last one took well under
+        the time left.
+        """
+        return self._latency is not None and remaining > 2 * self._latency + 0.005
+
+    def _may_try_now(self) -> bool:
+        now = time.monotonic()
+        if now < self._floor_at and not self._stopping:
+            return False
+        # A waiting flush, or the exit, may cut our own backoff short.
+        return now >= self._retry_at or bool(self._markers) or self._stopping
+
+    def _post(self, url: str, body: bytes, timeout: float, count: int) -> Outcome:
+        self._counters.requests += 1
+        self._in_flight = count
+        started = time.monotonic()
+        try:
+            outcome = self.transport.send(url, body, timeout)
+        except Exception as exc:  # a custom transport may raise; treat it as the network
+            outcome = Outcome(Result.RETRY, type(exc).__name__)
+        finally:
+            self._in_flight = 0
+        if outcome.result is not Result.RETRY:
+            self._latency = time.monotonic() - started
+        return outcome
+
+    def _failed(self, outcome: Outcome) -> None:
+        self._failures += 1
+        if self._failures >= FAILURES_BEFORE_CIRCUIT_OPENS:
+            self._circuit_open = True
+            self._log_once("circuit", f"kaibantrace: ingest unreachable ({outcome.detail}); not "
+                           "sending again in this process, undelivered signals wait in the outbox")
+            return
+        self._counters.retried += 1
+        now = time.monotonic()
+        floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
+        self._floor_at = now + floor
+        self._retry_at = now + min(max(self._backoff, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    def _resolve_markers(self, *, force: bool) -> None:
+        """Answer the flushes whose events are all delivered, or can no longer be soon."""
+        if not self._markers:
+            return
+        outbox = self._outbox
+        target = self._target()
+        give_up = force or self._circuit_open or target is None or not target.wanted
+        still: List[_FlushMarker] = []
+        for marker in self._markers:
+            try:
+                left = outbox.count_mine(marker.upto) if outbox is not None else 0
+            except Exception:
+                left = 1
+            if left == 0 or give_up:
+                marker.ok = left == 0 and not self._lost
+                marker.done.set()
+            else:
+                still.append(marker)
+        if len(still) < len(self._markers):
+            self._lost = False
+        self._markers = still
 
     def _lose(self, count: int, cause: str) -> None:
-        self._counters.drop(cause, count)
-        self._lost_since_marker = True
+        if count:
+            self._counters.drop(cause, count)
+            self._lost = True
 
     def _log_once(self, key: str, message: str) -> None:
         if key not in self._logged:
             self._logged.add(key)
             logger.warning(message)
+

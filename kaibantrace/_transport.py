@@ -91,6 +91,10 @@ class HttpTransport:
         self._session: Optional[requests.Session] = None
         self._lock = threading.Lock()
 
+    def prepare(self) -> None:
+        """Import ``requests`` and make the session ahead of the first send."""
+        self._get_session()
+
     def _get_session(self) -> requests.Session:
         with self._lock:
             if self._session is None:

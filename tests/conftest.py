@@ -24,10 +24,13 @@ _OUR_VARIABLES = [
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts with telemetry on (the plugin opts the run out) and a fresh default client."""
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[None]:
+    """Each test starts with telemetry on (the plugin opts the run out), a fresh default client,
+    and a state directory of its own, which child processes inherit."""
     for name in _OUR_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAIBAN_TELEMETRY_DIR", str(tmp_path_factory.mktemp("state")))
     # Child processes import this working tree, whatever copy happens to be installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
     reset()
@@ -60,7 +63,9 @@ def make_client(collector: Collector) -> Iterator[Callable[..., kaibantrace.Tele
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
-    """The environment for a child Python: ours without kaibantrace's variables, plus overrides."""
-    env = {k: v for k, v in os.environ.items() if k not in _OUR_VARIABLES}
+    """The environment for a child Python: ours without kaibantrace's variables (but the
+    test's state directory), plus overrides."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _OUR_VARIABLES or k == "KAIBAN_TELEMETRY_DIR"}
     env.update(overrides)
     return env

@@ -43,12 +43,13 @@ def black_hole_url() -> Iterator[str]:
 
 class TestFailuresNeverReachTheHost:
     def test_refused_connection(self, make_client: MakeClient, refused_url: str) -> None:
-        """A refused connection is retried, then given up and counted; nothing raises."""
+        """A refused connection is retried, then left in the outbox; nothing raises."""
         client = make_client(endpoint=refused_url, backoff=0.01)
-        client.emit("lost")
+        client.emit("kept")
         assert client.flush(10) is False
         stats = client.stats()
-        assert stats["dropped"] == {"unreachable": 1} and stats["retried"] == 2
+        assert stats["dropped"] == {} and stats["retried"] == 2 and stats["requests"] == 3
+        assert stats["in_outbox"] == 1
 
     def test_name_resolution_failure(self, make_client: MakeClient,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,13 +69,13 @@ class TestFailuresNeverReachTheHost:
 
         monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
         client = make_client(endpoint="https://ingest.unresolvable.test/v2/", backoff=0.01)
-        client.emit("lost")
+        client.emit("kept")
         assert client.flush(10) is False
-        assert client.stats()["dropped"] == {"unreachable": 1}
+        assert client.stats()["in_outbox"] == 1
         assert len(looked_up) == 3  # one look-up per attempt, then the circuit opened
 
     def test_circuit_stays_open(self, make_client: MakeClient, refused_url: str) -> None:
-        """After three failed attempts the process stops touching the network."""
+        """After three failed attempts the process stops touching the network; all waits in the outbox."""
         client = make_client(endpoint=refused_url, backoff=0.01)
         client.emit("first")
         assert client.flush(10) is False
@@ -84,7 +85,7 @@ class TestFailuresNeverReachTheHost:
         assert client.flush(10) is False
         stats = client.stats()
         assert stats["requests"] == requests_before == 3
-        assert stats["dropped"] == {"unreachable": 1, "circuit_open": 50}
+        assert stats["dropped"] == {} and stats["in_outbox"] == 51
 
     def test_server_errors_then_recovery(self, make_client: MakeClient,
                                          collector: Collector) -> None:
@@ -315,20 +316,24 @@ _EXITING_CHILD = textwrap.dedent("""
 
     kaibantrace.configure(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12", endpoint=sys.argv[1])
 
-    @kaibantrace.track("workflow_started")
-    def work():
-        return 1
+    @kaibantrace.track("workflow_started", payload=lambda args: {"i": args["i"]})
+    def work(i):
+        return i
 
-    for _ in range(250):
-        work()
+    for i in range(250):
+        work(i)
+    if "flush" in sys.argv:
+        assert kaibantrace.flush(10)
     print("done", flush=True)
 """)
 
 
 class TestExit:
-    def run_child(self, url: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    def run_child(self, url: str, tmp_path: Path, *args: str
+                  ) -> tuple[subprocess.CompletedProcess[str], float]:
         """Run the child; return it and the seconds from its last printed line to its exit."""
-        child = subprocess.Popen([sys.executable, "-c", _EXITING_CHILD, url], env=subprocess_env(),
+        child = subprocess.Popen([sys.executable, "-c", _EXITING_CHILD, url, *args],
+                                 env=subprocess_env(),
                                  cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
         try:
@@ -355,9 +360,14 @@ class TestExit:
         assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
         assert took < 3
 
-    def test_healthy_endpoint_receives_everything_before_exit(self, collector: Collector,
-                                                              tmp_path: Path) -> None:
-        """A short-lived process delivers what it emitted during its exit budget."""
-        done, _ = self.run_child(collector.url, tmp_path)
+    def test_healthy_endpoint_gets_everything_once_over_runs(self, collector: Collector,
+                                                             tmp_path: Path) -> None:
+        """What short runs could not send within their exit budget, a later run sends; none twice."""
+        for _ in range(2):
+            done, _ = self.run_child(collector.url, tmp_path)
+            assert (done.returncode, done.stderr) == (0, "")
+        done, _ = self.run_child(collector.url, tmp_path, "flush")
         assert (done.returncode, done.stderr) == (0, "")
-        assert len(collector.wait_for(250)) == 250
+        signals = collector.wait_for(750)
+        assert len(signals) == 750
+        assert len({(s["sessionID"], s["payload"]["i"]) for s in signals}) == 750

@@ -1,0 +1,294 @@
+"""The outbox: encoded signals waiting to be delivered, in SQLite or in memory.
+
+Every batch passes through it: the sender adds the encoded signals, claims a
+batch, posts it, and deletes it after a 2xx. What is still there when a
+process ends (the endpoint was down, the exit budget ran out, the process was
+killed after the write) is claimed and sent by the next process that runs with
+the same app: at-least-once delivery, and no duplicate in normal operation.
+
+``SqliteOutbox`` keeps one database per app ID in the state directory (WAL
+mode, file 0600, directory 0700). Several processes may share it: a claim is a
+short lease taken in an ``IMMEDIATE`` transaction, so two processes never post
+the same signal while the lease holds. Each thread uses its own connection.
+
+``MemoryOutbox`` has the same interface and is used when no file can be
+written (read-only home, container): nothing survives the process then.
+
+Both are bounded: at most ``MAX_SIGNALS`` rows and nothing older than 24 hours
+(the ingest clamps older events anyway). The oldest go first, and every drop
+is reported to the caller so it can be counted.
+
+Rows hold only encoded signals, exactly the bytes that would be sent: hashed
+identities and privacy-checked payloads, never raw input.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+
+from ._state import create_private_file, ensure_private_dir
+
+logger = logging.getLogger("kaibantrace")
+
+MAX_SIGNALS = 10_000
+MAX_AGE = 24 * 3600.0
+
+
+class Row(NamedTuple):
+    id: int
+    body: str
+
+
+class Added(NamedTuple):
+    """What an ``add`` did: the id of its last row, and rows it pushed out (too many, too old)."""
+
+    last_id: int
+    full: int = 0
+    expired: int = 0
+
+
+class Outbox(Protocol):
+    durable: bool
+
+    def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
+        """Store ``(event time, signal JSON)`` pairs, then trim to the bounds."""
+
+    def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
+        """Up to ``limit`` oldest unleased rows for this target, leased for ``lease`` seconds."""
+
+    def delete(self, ids: Sequence[int]) -> None:
+        """Forget rows: delivered, or refused for good."""
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Give up a lease so the rows can be claimed again at once."""
+
+    def count(self, app_id: str, url: str) -> int:
+        """Rows waiting for this app and endpoint."""
+
+    def count_mine(self, upto: int) -> int:
+        """Rows this process added, up to id ``upto``, that are still here."""
+
+    def drop_app(self, app_id: str) -> int:
+        """Delete every row of the app (opt-out); how many there were."""
+
+
+def outbox_path(directory: str, app_id: str) -> str:
+    return os.path.join(directory, f"outbox-{app_id.lower()}.sqlite3")
+
+
+def purge(directory: str, app_id: str) -> bool:
+    """Delete an app's outbox files without opening them; ``True`` if one existed."""
+    removed = False
+    base = outbox_path(directory, app_id)
+    for path in (base, base + "-wal", base + "-shm"):
+        try:
+            os.unlink(path)
+            removed = True
+        except FileNotFoundError:
+            pass
+        except OSError:
+            logger.debug("kaibantrace: could not remove %s", path, exc_info=True)
+    return removed
+
+
+def open_outbox(directory: str, app_id: str, *, max_signals: int = MAX_SIGNALS) -> Outbox:
+    """The app's SQLite outbox, or a memory one when the directory is unusable (logged at DEBUG)."""
+    try:
+        ensure_private_dir(directory)
+        return SqliteOutbox(outbox_path(directory, app_id), max_signals=max_signals)
+    except (OSError, sqlite3.Error) as exc:
+        logger.debug("kaibantrace: no outbox file (%s); undelivered signals stay in memory",
+                     type(exc).__name__)
+        return MemoryOutbox(max_signals=max_signals)
+
+
+def _origin() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    app_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    created REAL NOT NULL,
+    body TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS signals_by_target ON signals (app_id, url, lease_until);
+CREATE INDEX IF NOT EXISTS signals_by_origin ON signals (origin);
+CREATE INDEX IF NOT EXISTS signals_by_created ON signals (created);
+"""
+
+
+class SqliteOutbox:
+    """The outbox in an SQLite file shared by every process of one app."""
+
+    durable = True
+
+    def __init__(self, path: str, *, max_signals: int = MAX_SIGNALS) -> None:
+        self.path = path
+        self._max = max_signals
+        self._origin = _origin()
+        self._local = threading.local()
+        create_private_file(path)
+        self._connection()  # fail now, in open_outbox, if the file is unusable
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: Optional[sqlite3.Connection] = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
+                                         check_same_thread=True)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+            connection.executescript(_SCHEMA)
+            self._local.connection = connection
+        return connection
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long this thread's statements wait for another process's write lock."""
+        self._connection().execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
+    def _write(self, statements: list[Tuple[str, Sequence[object]]]) -> List[int]:
+        """Run statements in one IMMEDIATE transaction; the row counts of each."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            counts = [db.execute(sql, args).rowcount for sql, args in statements]
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return counts
+
+    def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
+        db = self._connection()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO signals (app_id, url, created, body, origin) VALUES (?, ?, ?, ?, ?)",
+                [(app_id, url, created, body, self._origin) for created, body in signals])
+            (last_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
+            expired = db.execute("DELETE FROM signals WHERE created < ?", (now - MAX_AGE,)).rowcount
+            full = db.execute("DELETE FROM signals WHERE id IN (SELECT id FROM signals "
+                              "ORDER BY id DESC LIMIT -1 OFFSET ?)", (self._max,)).rowcount
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return Added(int(last_id), full, expired)
+
+    def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
+        db = self._connection()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = [Row(i, body) for i, body in db.execute(
+                "SELECT id, body FROM signals WHERE app_id = ? AND url = ? AND lease_until < ? "
+                "ORDER BY id LIMIT ?", (app_id, url, now, limit))]
+            if rows:
+                db.execute(f"UPDATE signals SET lease_until = ? WHERE id IN ({_marks(rows)})",
+                           [now + lease, *(r.id for r in rows)])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return rows
+
+    def delete(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._write([(f"DELETE FROM signals WHERE id IN ({_marks(ids)})", list(ids))])
+
+    def release(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._write([(f"UPDATE signals SET lease_until = 0 WHERE id IN ({_marks(ids)})",
+                          list(ids))])
+
+    def count(self, app_id: str, url: str) -> int:
+        (n,) = self._connection().execute(
+            "SELECT COUNT(*) FROM signals WHERE app_id = ? AND url = ?", (app_id, url)).fetchone()
+        return int(n)
+
+    def count_mine(self, upto: int) -> int:
+        (n,) = self._connection().execute(
+            "SELECT COUNT(*) FROM signals WHERE origin = ? AND id <= ?",
+            (self._origin, upto)).fetchone()
+        return int(n)
+
+    def drop_app(self, app_id: str) -> int:
+        return self._write([("DELETE FROM signals WHERE app_id = ?", (app_id,))])[0]
+
+
+def _marks(items: Sequence[object]) -> str:
+    return ",".join("?" * len(items))
+
+
+class MemoryOutbox:
+    """The same interface in memory, for when no outbox file can be written."""
+
+    durable = False
+
+    def __init__(self, *, max_signals: int = MAX_SIGNALS) -> None:
+        self._max = max_signals
+        self._rows: Dict[int, Tuple[str, str, float, str, float]] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
+        with self._lock:
+            for created, body in signals:
+                self._rows[self._next] = (app_id, url, created, body, 0.0)
+                self._next += 1
+            cutoff = time.time() - MAX_AGE
+            old = [i for i, row in self._rows.items() if row[2] < cutoff]
+            for i in old:
+                del self._rows[i]
+            over = max(0, len(self._rows) - self._max)
+            for i in list(itertools.islice(self._rows, over)):  # ids ascend: oldest first
+                del self._rows[i]
+            return Added(self._next - 1, over, len(old))
+
+    def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
+        now = time.time()
+        with self._lock:
+            rows = list(itertools.islice((Row(i, row[3]) for i, row in self._rows.items()
+                                          if row[0] == app_id and row[1] == url and row[4] < now),
+                                         limit))
+            for r in rows:
+                self._rows[r.id] = (*self._rows[r.id][:4], now + lease)
+            return rows
+
+    def delete(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            for i in ids:
+                self._rows.pop(i, None)
+
+    def release(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            for i in ids:
+                if i in self._rows:
+                    self._rows[i] = (*self._rows[i][:4], 0.0)
+
+    def count(self, app_id: str, url: str) -> int:
+        with self._lock:
+            return sum(1 for row in self._rows.values() if row[0] == app_id and row[1] == url)
+
+    def count_mine(self, upto: int) -> int:
+        with self._lock:
+            return sum(1 for i in self._rows if i <= upto)
+
+    def drop_app(self, app_id: str) -> int:
+        with self._lock:
+            doomed = [i for i, row in self._rows.items() if row[0] == app_id]
+            for i in doomed:
+                del self._rows[i]
+            return len(doomed)

@@ -1,0 +1,65 @@
+"""Where kaibantrace may keep files, created privately and only when needed.
+
+The state directory is ``KAIBAN_TELEMETRY_DIR`` when set, otherwise the
+platform's per-user state directory for ``kaibantrace``:
+
+* Linux and other Unix: ``$XDG_STATE_HOME/kaibantrace`` (``~/.local/state/kaibantrace``);
+* macOS: ``~/Library/Application Support/kaibantrace``;
+* Windows: ``%LOCALAPPDATA%\\kaibantrace``.
+
+Nothing here runs at import. ``state_dir()`` only computes the path;
+``ensure_private_dir()`` creates it (0700) when a file is about to be written.
+This module never decides opt-out: callers ask only when telemetry is on, or
+to remove what an opted-out user left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping, Optional
+
+from ._config import ENV_DIR
+
+
+def state_dir(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The directory for kaibantrace's files (not created here)."""
+    env = os.environ if environ is None else environ
+    chosen = (env.get(ENV_DIR) or "").strip()
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = env.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+    elif sys.platform == "darwin":
+        base = os.path.join(home, "Library", "Application Support")
+    else:
+        base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "kaibantrace")
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create ``path`` (and parents) readable only by this user; raise ``OSError`` if impossible."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.name == "posix":
+        info = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise OSError(f"{path} is not a plain directory")
+        if info.st_uid != os.getuid():
+            raise OSError(f"{path} belongs to another user")
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o700)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"{path} is not writable")
+    return path
+
+
+def create_private_file(path: str) -> None:
+    """Create ``path`` as an empty 0600 file unless it exists; never follow a symlink there."""
+    flags = os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.name == "posix" and os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
