@@ -130,10 +130,13 @@ COLLECTOR_SCRIPT = textwrap.dedent("""
 
 
 @contextlib.contextmanager
-def collector_process() -> Iterator[Tuple[str, Callable[[], int]]]:
+def collector_process(script: str = COLLECTOR_SCRIPT) -> Iterator[Tuple[str, Callable[[], int]]]:
     """A ``kaibantrace.testing.Collector`` in a child process: its URL, and a function
-    that stops it and returns how many signals it accepted."""
-    child = subprocess.Popen([sys.executable, "-c", COLLECTOR_SCRIPT], env=CHILD_ENV, text=True,
+    that stops it and returns how many signals it accepted.
+
+    ``script`` may be another loopback server with the same protocol: it prints its
+    URL, serves until its stdin closes, then prints how many events it accepted."""
+    child = subprocess.Popen([sys.executable, "-c", script], env=CHILD_ENV, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert child.stdin is not None and child.stdout is not None
     url = child.stdout.readline().strip()
@@ -468,13 +471,19 @@ class ExitRun:
 
 
 def run_exit_script(url: str, events: int, env: Mapping[str, str]) -> ExitRun:
+    return run_child(EXIT_SCRIPT, [APP_ID, url, str(events)], env)
+
+
+def run_child(script: str, args: List[str], env: Mapping[str, str],
+              timeout: float = 60) -> ExitRun:
+    """Run ``python -c script *args``: its wall time, and the JSON object on its last line."""
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, APP_ID, url, str(events)],
+        done = subprocess.run([sys.executable, "-c", script, *args],
                               env={**CHILD_ENV, **env}, capture_output=True, text=True,
-                              timeout=60)
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
-        return ExitRun(time.perf_counter() - start, None, {}, "hung: killed after 60 s")
+        return ExitRun(time.perf_counter() - start, None, {}, f"hung: killed after {timeout:g} s")
     wall = time.perf_counter() - start
     report: Dict[str, Any] = {}
     with contextlib.suppress(IndexError, ValueError):

@@ -147,11 +147,37 @@ class SqliteOutbox:
         if connection is None:
             connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                          check_same_thread=True)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
-            connection.executescript(_SCHEMA)
+            try:
+                self._prepare(connection)
+            except BaseException:
+                connection.close()
+                raise
             self._local.connection = connection
         return connection
+
+    @staticmethod
+    def _prepare(connection: sqlite3.Connection) -> None:
+        """WAL mode and the schema, retried briefly while another process sets them up.
+
+        Switching to WAL needs the database to itself and does not wait on the
+        busy timeout, so processes opening a new outbox together may see
+        "database is locked" for a moment.
+        """
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+                if str(mode).lower() != "wal":
+                    connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+                connection.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long this thread's statements wait for another process's write lock."""

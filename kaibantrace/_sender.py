@@ -212,7 +212,11 @@ class Sender:
             if target is None or not target.wanted:
                 self._lose(len(raws), "opted_out")
             else:
-                outbox = self._outbox if self._outbox_ready.is_set() else None
+                # The worker opens the outbox as it starts; wait a moment for it
+                # rather than race it to create the file.
+                left = max(0.0, deadline - time.monotonic())
+                ready = self._outbox_ready.wait(left / 2)
+                outbox = self._outbox if ready else None
                 self._persist(outbox or self._open_outbox(), raws, exiting=True)
         self._wake.set()
 
@@ -288,11 +292,16 @@ class Sender:
         return wait if wait > 0 else self._timeout + 2.0
 
     def _cycle(self, outbox: Outbox) -> None:
-        """Save the queue to the outbox, then send from it as far as allowed."""
+        """Move the queue into the outbox batch by batch, sending as it goes, as far as allowed.
+
+        Saving and sending alternate, so in healthy operation the outbox holds
+        about one batch, and its bound only bites during an outage.
+        """
         self._armed = False
         self._hurried = False
         self._flush_requested = False
         target = self._target()
+        sending = target is not None and target.wanted and target.url is not None
         while True:
             with self._take_lock:
                 raws, markers = self._take_batch()
@@ -303,12 +312,18 @@ class Sender:
             for marker in markers:
                 marker.upto = self._last_added
                 self._markers.append(marker)
+            if sending:
+                assert target is not None
+                sending = self._send_batch(outbox, target)
             if not raws and not markers:
                 break
-        if target is not None and not target.wanted:  # opted out: what waited is dropped unsent
+        target = self._target()  # again: the user may have opted out while we were busy
+        if target is not None and not target.wanted:  # what waited is dropped unsent
             self._lose(outbox.drop_app(target.app_id), "opted_out")
-        elif target is not None and target.url is not None:
-            self._send(outbox, target)
+            sending = False
+        while sending:
+            assert target is not None
+            sending = self._send_batch(outbox, target)
         if target is not None and target.url is not None:
             self._counters.in_outbox = outbox.count(target.app_id, target.url)
         self._resolve_markers(force=False)
@@ -351,33 +366,36 @@ class Sender:
         self._lose(added.full, "outbox_full")
         self._lose(added.expired, "expired")
 
-    def _send(self, outbox: Outbox, target: Target) -> None:
+    def _send_batch(self, outbox: Outbox, target: Target) -> bool:
+        """Claim and post one batch; ``True`` if there may be more to send right now."""
         assert target.url is not None
-        while not self._circuit_open and self._may_try_now():
-            remaining = None if self._deadline is None else self._deadline - time.monotonic()
-            if remaining is not None and not self._fits(remaining):
-                return
-            timeout = self._timeout if remaining is None else min(self._timeout, remaining)
-            rows = outbox.claim(target.app_id, target.url, self._batch_size, timeout + 2.0)
-            if not rows:
-                return
-            ids = [row.id for row in rows]
-            body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
-            outcome = self._post(target.url, body, timeout, len(rows))
-            if outcome.result is Result.SENT:
-                outbox.delete(ids)
-                self._counters.sent += len(rows)
-                self._failures, self._backoff = 0, self._backoff_start
-            elif outcome.result is Result.REJECTED:
-                outbox.delete(ids)
-                self._failures = 0
-                self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
-                               f"({outcome.detail}); dropped, not retried")
-                self._lose(len(rows), "rejected")
-            else:
-                outbox.release(ids)
-                self._failed(outcome)
-                return
+        if self._circuit_open or not self._may_try_now():
+            return False
+        remaining = None if self._deadline is None else self._deadline - time.monotonic()
+        if remaining is not None and not self._fits(remaining):
+            return False
+        timeout = self._timeout if remaining is None else min(self._timeout, remaining)
+        rows = outbox.claim(target.app_id, target.url, self._batch_size, timeout + 2.0)
+        if not rows:
+            return False
+        ids = [row.id for row in rows]
+        body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
+        outcome = self._post(target.url, body, timeout, len(rows))
+        if outcome.result is Result.SENT:
+            outbox.delete(ids)
+            self._counters.sent += len(rows)
+            self._failures, self._backoff = 0, self._backoff_start
+        elif outcome.result is Result.REJECTED:
+            outbox.delete(ids)
+            self._failures = 0
+            self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
+                           f"({outcome.detail}); dropped, not retried")
+            self._lose(len(rows), "rejected")
+        else:
+            outbox.release(ids)
+            self._failed(outcome)
+            return False
+        return True
 
     def _fits(self, remaining: float) -> bool:
         """Whether a request can be answered within what is left of the exit budget.

@@ -98,13 +98,15 @@ class Collector:
     signals with string ``appID`` (a UUID), ``clientUser`` and ``type``, or a
     payload that is not flat) is answered 400 and recorded with its ``error``.
 
-    ``respond()`` changes how the next requests are answered: a status and
+    ``port`` picks the port (default: any free one), so a test can bring an
+    endpoint back where it was down. ``respond()`` changes how the next requests are answered: a status and
     headers (``Retry-After``), a delay before answering, or a dropped
     connection.
     """
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._host = host
+        self._port = port
         self._lock = threading.Condition()
         self._script: List[Tuple[_Behaviour, Optional[int]]] = []
         self._stopping = threading.Event()
@@ -116,7 +118,7 @@ class Collector:
 
     def start(self) -> Collector:
         handler = _make_handler(self)
-        server = _QuietServer((self._host, 0), handler)
+        server = _QuietServer((self._host, self._port), handler)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="kaibantrace-collector", daemon=True)
@@ -268,6 +270,9 @@ def _signal_problem(signal: Any) -> Optional[str]:
 def _make_handler(collector: Collector) -> Type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body leave in two writes; with Nagle on, the second waits
+        # for the client's delayed ACK and every request costs 40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet in tests
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Callable, Iterator, List
 
 import pytest
@@ -60,6 +61,29 @@ def make_client(collector: Collector) -> Iterator[Callable[..., kaibantrace.Tele
     yield make
     for client in made:
         client.shutdown(timeout=2.0)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port on which nothing listens (yet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def refused_url(free_port: int) -> str:
+    """A loopback URL on which nothing listens."""
+    return f"http://127.0.0.1:{free_port}/v2/"
+
+
+@pytest.fixture
+def black_hole_url() -> Iterator[str]:
+    """A loopback URL whose server accepts connections and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/v2/"
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:

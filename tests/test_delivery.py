@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -21,24 +21,6 @@ from kaibantrace.testing import Collector
 from .conftest import subprocess_env
 
 MakeClient = Callable[..., kaibantrace.Telemetry]
-
-
-@pytest.fixture
-def refused_url() -> str:
-    """A loopback URL on which nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v2/"
-
-
-@pytest.fixture
-def black_hole_url() -> Iterator[str]:
-    """A loopback URL whose server accepts connections and never answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(64)
-        yield f"http://127.0.0.1:{s.getsockname()[1]}/v2/"
 
 
 class TestFailuresNeverReachTheHost:

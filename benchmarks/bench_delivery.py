@@ -1,0 +1,673 @@
+"""Delivery: exit delay, memory, delivery rate and per-call cost, next to PostHog.
+
+Run from the repository root::
+
+    python benchmarks/bench_delivery.py            # everything, a few minutes
+    python benchmarks/bench_delivery.py --quick    # fewer rounds and events, same sections
+
+Four sections, in one run (``--only`` picks some of them):
+
+* **exit**: how much later a script that emits 100 events exits than the same
+  script with telemetry off, for kaibantrace (``KAIBAN_TELEMETRY_OPT_OUT=1``)
+  and PostHog (``disabled=True``), with the endpoint black-holed (a listening
+  socket that never accepts), refusing (a closed port) and healthy. Best of 3.
+  Every kaibantrace run gets a fresh ``KAIBAN_TELEMETRY_DIR``; afterwards the
+  benchmark counts the signals left in its outbox.
+* **memory**: a child emits 1,000,000 events as fast as it can with the
+  endpoint down (refused); extra peak RSS, the worst sampled ``emit`` latency,
+  and ``stats()``.
+* **delivery**: a child emits 100,000 events to a healthy ``Collector`` (in a
+  process of its own), never letting more than 5,000 wait in the queue, then
+  ``flush()``es; events per second from the first ``emit`` to the flush.
+* **calls**: nanoseconds per call of kaibantrace's ``emit`` and PostHog's
+  ``capture``, enabled (each worker posting to its loopback server) and off,
+  measured as ``bench_overhead.py`` does (rounds taking turns, best round).
+
+Everything talks to 127.0.0.1 only. Each target prints ``[ok]`` or
+``[MISSED]``; a failed hard check (a signal missing from the outbox, an event
+lost, a child that crashed or printed at exit) prints ``[FAIL]`` and makes the
+exit status 1. ``--strict`` makes a missed target do the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import bench_overhead as overhead
+from bench_overhead import APP_ID, OPTED_OUT, Case, ExitRun, check
+
+import kaibantrace
+
+POSTHOG_KEY = "phc_kaibantrace_benchmark"
+MAX_OUTBOX = 10_000  # the outbox bound the issue sets (kaibantrace._outbox.MAX_SIGNALS)
+EXIT_BUDGET_MS = 100.0
+EXIT_RATIO = 10.0
+MEMORY_BUDGET_MB = 30.0
+FLAT_MB = 5.0  # growth allowed between the 100,000th event and the last
+WORST_EMIT_MS = 20.0  # four times the GIL switch interval: no wait on a file or the network
+DELIVERY_HIGH_WATER = 5_000  # the delivery child waits while more than this are queued
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    base: overhead.Config  # per-call rounds, exit runs and events
+    memory_events: int
+    memory_samples: Tuple[int, ...]
+    delivery_events: int
+
+
+FULL = Plan(overhead.FULL, 1_000_000, (1_000, 10_000, 100_000, 1_000_000), 100_000)
+QUICK = Plan(overhead.QUICK, 1_000_000, (1_000, 10_000, 100_000, 1_000_000), 20_000)
+
+missed: List[str] = []
+
+
+def target(ok: bool, message: str) -> None:
+    """Print whether a performance target was met; only ``--strict`` fails the run on a miss."""
+    print(f"  [{'ok' if ok else 'MISSED'}] {message}")
+    if not ok:
+        missed.append(message)
+
+
+def posthog_version() -> Optional[str]:
+    if importlib.util.find_spec("posthog") is None:
+        return None
+    return importlib.metadata.version("posthog")
+
+
+@contextlib.contextmanager
+def state_dir() -> Iterator[str]:
+    """A fresh ``KAIBAN_TELEMETRY_DIR`` (not yet created, as for a first run), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="kaibantrace-bench-") as parent:
+        yield os.path.join(parent, "state")
+
+
+def outbox_rows(directory: str) -> Optional[int]:
+    """Signals in the app's outbox under ``directory``, or ``None`` when there is no outbox file."""
+    path = os.path.join(directory, f"outbox-{APP_ID.lower()}.sqlite3")
+    if not os.path.exists(path):
+        return None
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM signals").fetchone()
+    return int(count)
+
+
+def ratio_text(numerator: float, denominator: float) -> str:
+    """``numerator / denominator`` as ``12.3x``; a denominator under 1 counts as 1 (``>=``)."""
+    if denominator < 1.0:
+        return f">={numerator:.0f}x"
+    return f"{numerator / denominator:.1f}x"
+
+
+# -- a loopback server for PostHog ---------------------------------------------------
+
+POSTHOG_SERVER_SCRIPT = textwrap.dedent("""
+    import gzip, json, sys, threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    events = [0]
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                batch = json.loads(body).get("batch")
+            except Exception:
+                batch = None
+            with lock:
+                events[0] += len(batch) if isinstance(batch, list) else 0
+            self.answer()
+
+        def do_GET(self):
+            self.answer()
+
+        def answer(self):
+            answer = b'{"status": 1}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
+    sys.stdin.read()
+    server.shutdown()
+    print(events[0], flush=True)
+""")
+
+
+def posthog_server() -> contextlib.AbstractContextManager[Tuple[str, Callable[[], int]]]:
+    """A server in a child process that answers 200 to anything: its URL (PostHog's ``host``),
+    and a function that stops it and returns how many events PostHog's batches held."""
+    return overhead.collector_process(POSTHOG_SERVER_SCRIPT)
+
+
+# -- section: exit delay ----------------------------------------------------------------
+
+POSTHOG_EXIT_SCRIPT = textwrap.dedent("""
+    import atexit, json, logging, sys, time
+
+    marks = {}
+
+    def report():  # registered before PostHog's own hook, so it runs after it
+        print(json.dumps({"after_last_event_ms": 1000 * (time.perf_counter() - marks["last"])}))
+
+    atexit.register(report)
+    from posthog import Posthog
+
+    logging.getLogger("posthog").setLevel(logging.CRITICAL)
+    client = Posthog(sys.argv[1], host=sys.argv[2], disabled=sys.argv[4] == "disabled")
+    for _ in range(int(sys.argv[3])):
+        client.capture("workflow_started", distinct_id="benchmark")
+    marks["last"] = time.perf_counter()
+""")
+
+
+@dataclasses.dataclass
+class ExitState:
+    """One endpoint state, with every run of both clients in it."""
+
+    name: str
+    kaibantrace_url: str
+    posthog_url: str
+    kaibantrace: List[ExitRun] = dataclasses.field(default_factory=list)
+    outbox: List[Optional[int]] = dataclasses.field(default_factory=list)  # rows after each run
+    posthog: List[ExitRun] = dataclasses.field(default_factory=list)
+
+
+def best_wall_ms(runs: Sequence[ExitRun]) -> float:
+    return min(run.wall for run in runs) * 1000
+
+
+def run_kaibantrace_exit(state: ExitState, events: int, env: Mapping[str, str]) -> None:
+    with state_dir() as directory:
+        run = overhead.run_exit_script(state.kaibantrace_url, events,
+                                       {**env, "KAIBAN_TELEMETRY_DIR": directory})
+        state.kaibantrace.append(run)
+        state.outbox.append(outbox_rows(directory))
+
+
+def run_posthog_exit(state: ExitState, events: int, mode: str) -> None:
+    state.posthog.append(overhead.run_child(POSTHOG_EXIT_SCRIPT,
+                                            [POSTHOG_KEY, state.posthog_url, str(events), mode],
+                                            {}))
+
+
+def bench_exit(plan: Plan, with_posthog: bool) -> None:
+    events, runs = plan.base.exit_events, plan.base.exit_runs
+    print(f"\n== exit delay: a script emits {events} events and exits; wall time minus the same "
+          f"script with telemetry off, best of {runs} ==")
+    with contextlib.ExitStack() as stack:
+        hole = stack.enter_context(overhead.black_hole())
+        refused = overhead.refused_url()
+        collector, stop_collector = stack.enter_context(overhead.collector_process())
+        healthy_posthog, stop_posthog = (stack.enter_context(posthog_server()) if with_posthog
+                                         else ("", lambda: 0))
+        off = ExitState("telemetry off", collector, healthy_posthog)
+        states = [ExitState("black-holed", hole, hole.split("/v2/")[0]),
+                  ExitState("refused", refused, refused.split("/v2/")[0]),
+                  ExitState("healthy", collector, healthy_posthog)]
+        for _ in range(runs):  # the states take turns, so drift hits them all alike
+            run_kaibantrace_exit(off, events, OPTED_OUT)
+            for state in states:
+                run_kaibantrace_exit(state, events, {})
+            if with_posthog:
+                run_posthog_exit(off, events, "disabled")
+                for state in states:
+                    run_posthog_exit(state, events, "enabled")
+        received = stop_collector()
+        posthog_received = stop_posthog()
+
+    print_exit_table(off, states, with_posthog)
+    check_exit(off, states, with_posthog, events, received, posthog_received)
+
+
+def print_exit_table(off: ExitState, states: List[ExitState], with_posthog: bool) -> None:
+    print(f"  telemetry off (the reference): kaibantrace {best_wall_ms(off.kaibantrace):.0f} ms"
+          + (f", PostHog {best_wall_ms(off.posthog):.0f} ms" if with_posthog else "")
+          + " wall, interpreter start-up and imports included")
+    print(f"  {'endpoint':<12} {'kaibantrace':>12} {'(atexit)':>9} {'PostHog':>9} {'(atexit)':>9} "
+          f"{'PostHog/kaibantrace':>20}  kaibantrace outbox rows after each run")
+    for state in states:
+        ours = best_wall_ms(state.kaibantrace) - best_wall_ms(off.kaibantrace)
+        row = f"  {state.name:<12} {ours:9.0f} ms {atexit_ms(state.kaibantrace):>9}"
+        if with_posthog:
+            theirs = best_wall_ms(state.posthog) - best_wall_ms(off.posthog)
+            row += (f" {theirs:6.0f} ms {atexit_ms(state.posthog):>9} "
+                    f"{ratio_text(theirs, ours):>20}")
+        else:
+            row += f" {'-':>9} {'-':>9} {'-':>20}"
+        row += "  " + ", ".join("no file" if n is None else str(n) for n in state.outbox)
+        print(row)
+    print("  each figure: best wall time minus the best telemetry-off wall time; (atexit): last "
+          "event -> end of the exit hooks, in the best run")
+    if with_posthog:
+        print("  note: PostHog imports requests in both of its scripts; kaibantrace imports it only "
+              "when enabled, so its delay includes that import")
+
+
+def atexit_ms(runs: List[ExitRun]) -> str:
+    best = min(runs, key=lambda run: run.wall)
+    value = best.report.get("after_last_event_ms")
+    return f"{value:.0f} ms" if isinstance(value, (int, float)) else "n/a"
+
+
+def check_exit(off: ExitState, states: List[ExitState], with_posthog: bool, events: int,
+               received: int, posthog_received: int) -> None:
+    reference = best_wall_ms(off.kaibantrace)
+    delays = {s.name: best_wall_ms(s.kaibantrace) - reference for s in states}
+    for name, delay in delays.items():
+        target(delay < EXIT_BUDGET_MS,
+               f"kaibantrace, {name}: exits {delay:.0f} ms later than opted out "
+               f"(target: under {EXIT_BUDGET_MS:.0f} ms)")
+    if with_posthog:
+        hole = states[0]
+        theirs = best_wall_ms(hole.posthog) - best_wall_ms(off.posthog)
+        ours = max(delays[hole.name], 1.0)
+        target(theirs / ours >= EXIT_RATIO,
+               f"black-holed: kaibantrace's exit delay is {ratio_text(theirs, delays[hole.name])} "
+               f"shorter than PostHog's (target: at least {EXIT_RATIO:.0f}x)")
+
+    for state in (off, *states):
+        bad = [run for run in state.kaibantrace if run.returncode != 0 or run.stderr]
+        check(not bad, f"kaibantrace, {state.name}: every run exited with status 0 and printed "
+              "nothing on stderr" + "".join(f"; status {r.returncode}, stderr {r.stderr[-200:]!r}"
+                                            for r in bad))
+    check(all(n is None for n in off.outbox),
+          f"kaibantrace, telemetry off: no outbox file was created ({off.outbox})")
+    for state in states[:2]:
+        check(all(n == events for n in state.outbox),
+              f"kaibantrace, {state.name}: all {events} signals of every run are in the outbox "
+              f"({', '.join(str(n) for n in state.outbox)})")
+    healthy = states[2]
+    left = sum(n or 0 for n in healthy.outbox)
+    total = events * len(healthy.outbox)
+    check(received + left == total,
+          f"kaibantrace, healthy: every event was delivered or is in the outbox ({received:,} "
+          f"delivered before exit + {left:,} in the outbox of {total:,})")
+    print(f"  [info] kaibantrace, healthy: {received:,} of {total:,} events delivered before exit; "
+          f"the rest wait in the outbox for the next run")
+    if with_posthog:
+        posthog_total = events * len(healthy.posthog)
+        print(f"  [info] PostHog, healthy: its server received {posthog_received:,} of "
+              f"{posthog_total:,} events before exit")
+        said = {run.stderr.splitlines()[0] for s in states for run in s.posthog if run.stderr}
+        for line in sorted(said):
+            print(f"  [info] PostHog printed at exit: {line[:150]}")
+
+
+# -- section: memory --------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import itertools, json, resource, sys, time
+    import kaibantrace
+
+    def peak_mb():
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
+
+    app_id, url, events = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    sample_at = {int(n) for n in sys.argv[4].split(",")}
+    client = kaibantrace.Telemetry(app_id=app_id, endpoint=url)
+    emit, payload, clock = client.emit, {"agents": 3}, time.perf_counter_ns
+    latencies, samples = [], {}
+    before = peak_mb()
+    start = time.perf_counter()
+    for done in range(1000, events + 1, 1000):
+        # Every 1,000th call is timed; the other 999 run as a plain loop.
+        began = clock()
+        emit("workflow_started", payload)
+        latencies.append(clock() - began)
+        for _ in itertools.repeat(None, 999):
+            emit("workflow_started", payload)
+        if done in sample_at:
+            samples[done] = peak_mb() - before
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"before_mb": before, "extra_mb": peak_mb() - before, "samples": samples,
+                      "seconds": elapsed, "latencies_ns": latencies, "stats": client.stats()}))
+""")
+
+
+def bench_memory(plan: Plan) -> None:
+    events = plan.memory_events
+    print(f"\n== memory: a child emits {events:,} events as fast as it can, endpoint refusing ==")
+    samples = ",".join(str(n) for n in plan.memory_samples if n <= events)
+    with state_dir() as directory:
+        run = overhead.run_child(MEMORY_SCRIPT, [APP_ID, overhead.refused_url(), str(events),
+                                                 samples],
+                                 {"KAIBAN_TELEMETRY_DIR": directory}, timeout=600)
+        rows = outbox_rows(directory)
+    check(run.returncode == 0 and not run.stderr and bool(run.report),
+          f"the child exited with status 0 and printed nothing on stderr "
+          f"(status {run.returncode}{', stderr ' + repr(run.stderr[-300:]) if run.stderr else ''})")
+    if not run.report:
+        return
+    report = run.report
+    stats: Dict[str, Any] = report["stats"]
+    latencies = sorted(report["latencies_ns"])
+    extra = float(report["extra_mb"])
+    print(f"  peak RSS before the first event: {report['before_mb']:.1f} MB "
+          "(interpreter, kaibantrace, the client)")
+    print(f"  {'events emitted':>16} {'extra peak RSS':>15}")
+    for count, mb in sorted((int(k), float(v)) for k, v in report["samples"].items()):
+        print(f"  {count:>16,} {mb:12.1f} MB")
+    seconds = float(report["seconds"])
+    print(f"  emit loop: {seconds:.2f} s ({events / seconds:,.0f} events/s on the calling thread); "
+          f"child wall time, start-up and exit included: {run.wall:.2f} s")
+    print(f"  emit latency, every 1,000th call ({len(latencies):,} timed): median "
+          f"{percentile(latencies, 50) / 1000:.1f} us, p99 {percentile(latencies, 99) / 1000:.1f} us, "
+          f"worst {latencies[-1] / 1e6:.2f} ms")
+    print(f"  stats(): {json.dumps(stats)}")
+    print(f"  outbox rows after the child exited: {rows}")
+
+    flat = extra - float(report["samples"].get("100000", extra))
+    target(extra < MEMORY_BUDGET_MB,
+           f"extra peak RSS {extra:.1f} MB after {events:,} events (target: under "
+           f"{MEMORY_BUDGET_MB:.0f} MB)")
+    if "100000" in report["samples"]:
+        target(flat < FLAT_MB, f"flat: +{flat:.1f} MB from the 100,000th event to the last "
+               f"(target: under {FLAT_MB:.0f} MB)")
+    target(latencies[-1] / 1e6 < WORST_EMIT_MS,
+           f"the caller never blocks: worst timed emit {latencies[-1] / 1e6:.2f} ms "
+           f"(target: under {WORST_EMIT_MS:.0f} ms)")
+    dropped: Dict[str, int] = stats["dropped"]
+    accounted = int(stats["queued"]) + dropped.get("queue_full", 0)
+    check(accounted == events, f"every event is counted: queued {stats['queued']:,} + dropped "
+          f"queue_full {dropped.get('queue_full', 0):,} = {accounted:,} of {events:,}")
+    check(rows is not None and rows <= MAX_OUTBOX,
+          f"the outbox stayed bounded: {rows} rows (at most {MAX_OUTBOX:,})")
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+# -- section: delivery rate -------------------------------------------------------
+
+DELIVERY_SCRIPT = textwrap.dedent("""
+    import itertools, json, sys, time
+    import kaibantrace
+
+    app_id, url, events, high_water = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    client = kaibantrace.Telemetry(app_id=app_id, endpoint=url)
+    emit, payload = client.emit, {"agents": 3}
+    waits = 0
+    start = time.perf_counter()
+    for _ in range(events // 1000):
+        for _ in itertools.repeat(None, 1000):
+            emit("workflow_started", payload)
+        while client.stats()["pending"] > high_water:  # never overflow the queue
+            waits += 1
+            time.sleep(0.001)
+    emitted = time.perf_counter()
+    flushed = client.flush(timeout=300)
+    done = time.perf_counter()
+    print(json.dumps({"emit_s": emitted - start, "total_s": done - start, "flushed": flushed,
+                      "waits": waits, "stats": client.stats()}))
+""")
+
+
+NODELAY_COLLECTOR_PREFIX = textwrap.dedent("""
+    import socket
+    from kaibantrace import testing
+
+    class NoDelayServer(testing._QuietServer):
+        def get_request(self):
+            connection, address = super().get_request()
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return connection, address
+
+    testing._QuietServer = NoDelayServer  # Collector.start() looks it up here
+""")
+
+COLLECTORS = [
+    ("Collector as it is", overhead.COLLECTOR_SCRIPT),
+    ("Collector, TCP_NODELAY", NODELAY_COLLECTOR_PREFIX + overhead.COLLECTOR_SCRIPT),
+]
+
+
+@dataclasses.dataclass
+class Delivery:
+    collector: str
+    run: Optional[ExitRun] = None
+    received: int = 0
+    outbox: Optional[int] = None
+    error: Optional[str] = None
+
+
+def run_delivery(collector: str, script: str, events: int) -> Delivery:
+    result = Delivery(collector)
+    try:
+        with state_dir() as directory, overhead.collector_process(script) as (url, stop):
+            result.run = overhead.run_child(
+                DELIVERY_SCRIPT, [APP_ID, url, str(events), str(DELIVERY_HIGH_WATER)],
+                {"KAIBAN_TELEMETRY_DIR": directory}, timeout=900)
+            result.received = stop()
+            result.outbox = outbox_rows(directory)
+    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def bench_delivery(plan: Plan) -> None:
+    events = plan.delivery_events
+    print(f"\n== delivery rate: a child emits {events:,} events to a healthy collector in another "
+          f"process, then flush() ==")
+    results = [run_delivery(name, script, events) for name, script in COLLECTORS]
+    print(f"  {'collector':<24} {'end to end':>10} {'events/s':>9} {'emitting':>9} {'waits':>6} "
+          f"{'requests':>8} {'ms/request':>10}")
+    for result in results:
+        report = result.run.report if result.run is not None else {}
+        if not report:
+            print(f"  {result.collector:<24} failed: {result.error or describe(result.run)}")
+            continue
+        total, stats = float(report["total_s"]), report["stats"]
+        requests = max(int(stats["requests"]), 1)
+        print(f"  {result.collector:<24} {total:8.2f} s {events / total:9,.0f} "
+              f"{float(report['emit_s']):7.2f} s {report['waits']:6,} {stats['requests']:8,} "
+              f"{1000 * total / requests:10.1f}")
+    print(f"  end to end: first emit() -> flush() returned; the emitter waits 1 ms whenever more "
+          f"than {DELIVERY_HIGH_WATER:,} events are queued (waits), so nothing overflows")
+    print("  The stock Collector writes an answer's headers and body in two send() calls without "
+          "TCP_NODELAY, so Nagle's algorithm holds the body until the client's delayed ACK "
+          "(about 40 ms per request); the second row sets TCP_NODELAY on its connections, as a "
+          "production server does.")
+    for result in results:
+        report = result.run.report if result.run is not None else {}
+        name = result.collector
+        check(bool(report) and result.run is not None and result.run.returncode == 0
+              and not result.run.stderr,
+              f"{name}: the child exited with status 0 and printed nothing on stderr "
+              f"({describe(result.run) if result.run else result.error})")
+        if not report:
+            continue
+        stats = report["stats"]
+        print(f"  {name}: stats() {json.dumps(stats)}")
+        check(bool(report["flushed"]), f"{name}: flush() returned True")
+        check(result.received == events,
+              f"{name}: the collector accepted {result.received:,} of {events:,} signals")
+        check(not stats["dropped"], f"{name}: nothing was dropped ({stats['dropped']})")
+        check(result.outbox == 0, f"{name}: the outbox is empty afterwards ({result.outbox} rows)")
+
+
+def describe(run: Optional[ExitRun]) -> str:
+    """A child's exit status and the end of what it printed on stderr."""
+    if run is None:
+        return "did not run"
+    return f"status {run.returncode}" + (f", stderr {run.stderr[-300:]!r}" if run.stderr else "")
+
+
+# -- section: per call ---------------------------------------------------------------
+
+def noop() -> None:
+    return None
+
+
+def posthog_cases(url: str) -> List[Case]:
+    """PostHog's ``capture``, enabled (its worker posting to ``url``) and ``disabled=True``."""
+    from posthog import Posthog  # type: ignore[import-not-found,unused-ignore]
+
+    logging.getLogger("posthog").setLevel(logging.CRITICAL)
+    enabled = Posthog(POSTHOG_KEY, host=url)
+    disabled = Posthog(POSTHOG_KEY, host=url, disabled=True)
+    capture: Callable[[Any], Callable[[], object]] = lambda client: functools.partial(  # noqa: E731
+        client.capture, "workflow_started", distinct_id="benchmark")
+    cases = [
+        Case("PostHog capture(), enabled (worker sending)", capture(enabled),
+             after_round=enabled.flush, cleanup=enabled.shutdown, queues=True),
+        Case("PostHog capture(), disabled=True", capture(disabled), cleanup=disabled.shutdown),
+    ]
+    return cases
+
+
+def bench_calls(plan: Plan, with_posthog: bool) -> None:
+    config = plan.base
+    print(f"\n== per-call cost on the calling thread: best of {config.repeats} rounds of "
+          f"{config.calls:,} calls ==")
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(state_dir())
+        url, stop_collector = stack.enter_context(overhead.collector_process())
+        env = {"KAIBAN_TELEMETRY_DIR": directory}
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url)
+        flushed: List[bool] = []
+
+        def flush() -> None:
+            flushed.append(client.flush(timeout=60))
+
+        emit = functools.partial(client.emit, "workflow_started")
+        cases = [
+            Case("bare call", noop),
+            Case("kaibantrace emit(), enabled (worker sending)", emit, env=env, after_round=flush,
+                 queues=True),
+            Case("kaibantrace emit(), KAIBAN_TELEMETRY_OPT_OUT=1", emit,
+                 env={**env, **OPTED_OUT}),
+            Case("kaibantrace @track no-op, enabled (worker sending)",
+                 client.track("workflow_started")(noop), env=env, after_round=flush, queues=True),
+        ]
+        if with_posthog:
+            posthog_url, stop_posthog = stack.enter_context(posthog_server())
+            cases += posthog_cases(posthog_url)
+        overhead.run_cases(cases, config)
+        stats = client.stats()
+        client.shutdown()
+        for case in cases:
+            if case.cleanup is not None:
+                case.cleanup()
+        received = stop_collector()
+        posthog_received = stop_posthog() if with_posthog else 0
+
+    print_calls_table(cases)
+    ours = [c for c in cases if c.queues and c.name.startswith("kaibantrace")]
+    expected = sum(len(c.samples) * (config.warmup + (c.calls or config.calls)) for c in ours)
+    overhead.check_delivery(stats, expected, all(flushed), received)
+    if with_posthog:
+        theirs = next(c for c in cases if c.name.startswith("PostHog") and c.queues)
+        expected_posthog = len(theirs.samples) * (config.warmup + config.calls)
+        print(f"  [info] PostHog's server received {posthog_received:,} of {expected_posthog:,} "
+              "events captured by the enabled client")
+
+
+def print_calls_table(cases: List[Case]) -> None:
+    by_name = {c.name: c for c in cases}
+    bare = by_name["bare call"].best
+    width = max(len(c.name) for c in cases)
+    print(f"  {'case':<{width}}  {'ns/call':>9}  {'median':>9}  {'x bare':>7}")
+    for case in cases:
+        if case.error is not None or not case.samples:
+            print(f"  {case.name:<{width}}  failed: {case.error}")
+            continue
+        print(f"  {case.name:<{width}}  {case.best:9,.0f}  "
+              f"{sorted(case.samples)[len(case.samples) // 2]:9,.0f}  {case.best / bare:7.1f}")
+    pairs = [("enabled", "PostHog capture(), enabled (worker sending)",
+              "kaibantrace emit(), enabled (worker sending)"),
+             ("off", "PostHog capture(), disabled=True",
+              "kaibantrace emit(), KAIBAN_TELEMETRY_OPT_OUT=1")]
+    for label, theirs, ours in pairs:
+        a, b = by_name.get(theirs), by_name.get(ours)
+        if a is not None and b is not None and a.samples and b.samples:
+            print(f"  PostHog/kaibantrace, {label}: {a.best / b.best:.1f}x "
+                  f"({a.best:,.0f} / {b.best:,.0f} ns)")
+
+
+# -- main ---------------------------------------------------------------------------
+
+SECTIONS = ("exit", "memory", "delivery", "calls")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and events")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (may be repeated)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a target is missed, too")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    sections = args.only or list(SECTIONS)
+
+    for name in overhead.OUR_VARIABLES:  # the caller's own opt-out must not decide what is measured
+        os.environ.pop(name, None)
+    for name in [n for n in os.environ if n.startswith("POSTHOG_")]:
+        os.environ.pop(name, None)
+        overhead.CHILD_ENV.pop(name, None)
+    if any(n.lower().endswith("_proxy") and n.lower() != "no_proxy" for n in os.environ):
+        for name in ("NO_PROXY", "no_proxy"):  # loopback must never go through a proxy
+            os.environ[name] = overhead.CHILD_ENV[name] = "127.0.0.1,localhost"
+
+    version = posthog_version()
+    print(f"kaibantrace {kaibantrace.__version__}, "
+          f"posthog {version or 'not installed (PostHog columns skipped)'}, "
+          f"Python {platform.python_version()} ({platform.python_implementation()}), "
+          f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
+          f"{', quick' if args.quick else ''}")
+    if "exit" in sections:
+        bench_exit(plan, version is not None)
+    if "memory" in sections:
+        bench_memory(plan)
+    if "delivery" in sections:
+        bench_delivery(plan)
+    if "calls" in sections:
+        bench_calls(plan, version is not None)
+
+    print()
+    if missed:
+        print(f"{len(missed)} target(s) missed:")
+        for message in missed:
+            print(f"  - {message}")
+    if overhead.failures:
+        print(f"{len(overhead.failures)} check(s) failed:")
+        for message in overhead.failures:
+            print(f"  - {message}")
+    if not missed and not overhead.failures:
+        print("every target met, every check passed")
+    return 1 if overhead.failures or (args.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
