@@ -132,6 +132,7 @@ class Telemetry:
         self._accept: Optional[Accept] = None
         self._no_app_id_logged = False
         self._purged = False
+        self._direct_outbox: Optional[Outbox] = None
         self._lost_before_flush = False  # dropped without a sender since the last flush
         self._opt_key = _encoded_key(self._settings.opt_out_env)
 
@@ -230,8 +231,8 @@ class Telemetry:
         if decision.app_id is None:
             return self._no_app_id
         sender = self._sender or self._start_sender()
-        if sender is None:
-            return self._drop_at_exit
+        if sender is None:  # the interpreter is exiting: no new thread now
+            return self._save_directly
         if self._settings.strict:
             def checked(raw: RawEvent) -> None:
                 try:
@@ -254,6 +255,10 @@ class Telemetry:
     # -- the sinks ----------------------------------------------------------
 
     def _start_sender(self) -> Optional[Sender]:
+        if not threading.main_thread().is_alive():
+            # The main thread has finished: the interpreter is shutting down, and
+            # a thread started now may never run (Python 3.12 refuses to start it).
+            return None
         s = self._settings
         sender = Sender(encode=self._encode_batch, target=self._target,
                         open_outbox=self._open_outbox, on_fork=self._forked_from_c,
@@ -308,8 +313,19 @@ class Telemetry:
         self._counters.drop(cause)
         self._lost_before_flush = True
 
-    def _drop_at_exit(self, raw: RawEvent) -> None:
-        self._lose("interpreter_exit")
+    def _save_directly(self, raw: RawEvent) -> None:
+        """During interpreter shutdown, with no sender: write the event to the outbox here."""
+        try:
+            encoded = self._encode_batch([raw])
+            if encoded is None or not encoded.signals:
+                return
+            if self._direct_outbox is None:
+                self._direct_outbox = self._open_outbox()
+            added = self._direct_outbox.add(encoded.app_id, encoded.url, encoded.signals)
+            self._counters.drop("outbox_full", added.full)
+        except Exception:
+            logger.debug("kaibantrace: could not save an event at exit", exc_info=True)
+            self._lose("interpreter_exit")
 
     def _no_app_id(self, raw: RawEvent) -> None:
         self._lose("no_app_id")

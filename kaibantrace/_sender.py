@@ -136,6 +136,7 @@ class Sender:
         self._hurried = False  # the worker was told a batch is full
         self._flush_requested = False
         self._stopping = False
+        self._exiting = False  # the interpreter is ending: a request cut short may be resent
         self._deadline: Optional[float] = None
         self._outbox: Optional[Outbox] = None
         self._outbox_ready = threading.Event()
@@ -204,6 +205,7 @@ class Sender:
         """
         self._deadline = deadline
         self._stopping = True
+        self._exiting = True
         with self._take_lock:
             raws = [item for item in self._queue if not isinstance(item, _FlushMarker)]
             self._queue.clear()
@@ -372,7 +374,7 @@ class Sender:
         if self._circuit_open or not self._may_try_now():
             return False
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
-        if remaining is not None and not self._fits(remaining):
+        if remaining is not None and (remaining < 0.01 or (self._exiting and not self._fits(remaining))):
             return False
         timeout = self._timeout if remaining is None else min(self._timeout, remaining)
         rows = outbox.claim(target.app_id, target.url, self._batch_size, timeout + 2.0)

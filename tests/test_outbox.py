@@ -166,7 +166,23 @@ def unique(signals_: list[dict[str, object]]) -> set[tuple[object, object]]:
     return {(s["payload"]["pid"], s["payload"]["i"]) for s in signals_}  # type: ignore[index]
 
 
+_AT_EXIT_CHILD = textwrap.dedent("""
+    import atexit, sys, kaibantrace
+
+    kaibantrace.configure(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12", endpoint=sys.argv[1])
+    atexit.register(lambda: kaibantrace.emit("from_an_exit_hook"))
+""")
+
+
 class TestAcrossProcesses:
+    def test_first_event_during_shutdown_goes_to_the_outbox(self, refused_url: str) -> None:
+        """An event first emitted from an exit hook starts no thread and is saved, silently."""
+        directory = os.environ["KAIBAN_TELEMETRY_DIR"]
+        done = subprocess.run([sys.executable, "-c", _AT_EXIT_CHILD, refused_url],
+                              env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+        assert rows_in_outbox(directory) == 1
+
     def test_exit_while_down_then_next_run_delivers(self, free_port: int) -> None:
         """A run that exits while the endpoint is down leaves its events; the next run sends them."""
         directory = os.environ["KAIBAN_TELEMETRY_DIR"]
@@ -288,6 +304,29 @@ class TestFaultMatrix:
         assert client.flush(10) is True
         assert [s["type"] for s in collector.signals] == ["accepted"]
         assert client.stats()["dropped"] == {"rejected": 1}
+
+
+class TestForkFromC:
+    def test_a_sender_from_another_process_is_replaced(self, make_client: MakeClient,
+                                                       collector: Collector) -> None:
+        """An event reaching a sender made by another pid (a fork the at-fork hook missed) starts over.
+
+        A real fork from C without ``PyOS_AfterFork_Child`` leaves CPython itself
+        unusable, so this plays the child's side: the sender claims another pid.
+        """
+        client = make_client(flush_interval=30)
+        client.emit("parent_queued", {"i": 0, "pid": 0})
+        inherited = client._sender
+        assert inherited is not None
+        inherited._pid = -1  # as if this process were the child of the one that made it
+        client.emit("child", {"i": 1, "pid": 0})
+        assert client._sender is not inherited
+        assert client.flush(10) is True
+        # Here the "parent" is this same process, so its sender still runs and sends its own
+        # queue: the parent's event arrives once, from the parent, and the child's once.
+        inherited.stop(time.monotonic() + 5)
+        assert sorted(s["type"] for s in collector.wait_for(2)) == ["child", "parent_queued"]
+        assert len(collector.signals) == 2
 
 
 def _pool_task(n: int) -> bool:
