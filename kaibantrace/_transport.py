@@ -102,6 +102,10 @@ class HttpTransport:
 
                 session = requests.Session()
                 session.headers["User-Agent"] = USER_AGENT
+                # The sender owns the only retry loop: no urllib3 retries underneath it.
+                adapter = requests.adapters.HTTPAdapter(max_retries=0)
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
                 self._session = session
             return self._session
 
