@@ -333,7 +333,16 @@ def check_exit(off: ExitState, states: List[ExitState], with_posthog: bool, even
 # -- section: memory --------------------------------------------------------------
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import itertools, json, resource, sys, time
+    import atexit, itertools, json, resource, sys, time
+
+    result = {}
+
+    def report():  # registered before kaibantrace's own hook, so it runs after it
+        result["exit_hooks_ms"] = 1000 * (time.perf_counter() - result.pop("ended"))
+        result["exit_stats"] = client.stats()
+        print(json.dumps(result))
+
+    atexit.register(report)
     import kaibantrace
 
     def peak_mb():
@@ -371,8 +380,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
         time.sleep(0.01)  # let the worker finish starting: requests imported, outbox open
     warm_mb = peak_mb() - before
     burst("warm")
-    print(json.dumps({"before_mb": before, "warm_mb": warm_mb, "samples": samples,
-                      "bursts": bursts}))
+    result.update(before_mb=before, warm_mb=warm_mb, samples=samples, bursts=bursts)
+    result["ended"] = time.perf_counter()  # the process exits with 10,000 events queued
 """)
 
 
@@ -411,6 +420,8 @@ def bench_memory(plan: Plan) -> None:
               f"{percentile(latencies, 50) / 1000:.1f} us, p99 "
               f"{percentile(latencies, 99) / 1000:.1f} us, worst {latencies[-1] / 1e6:.2f} ms")
         print(f"    stats() after it: {json.dumps(burst['stats'])}")
+    print(f"  exit, with a full queue: the exit hooks took {float(report['exit_hooks_ms']):.0f} ms; "
+          f"stats() after them: {json.dumps(report['exit_stats'])}")
     print(f"  outbox rows after the child exited: {rows}; child wall time {run.wall:.2f} s")
 
     extra = float(cold["extra_mb"])
@@ -431,6 +442,17 @@ def bench_memory(plan: Plan) -> None:
           f"dropped queue_full {dropped.get('queue_full', 0):,} = {accounted:,} of {2 * events:,}")
     check(rows is not None and rows <= MAX_OUTBOX,
           f"the outbox stayed bounded: {rows} rows (at most {MAX_OUTBOX:,})")
+    # At exit the queue (full: 10,000) goes to the outbox, which keeps the newest 10,000.
+    after_exit: Dict[str, Any] = report["exit_stats"]
+    lost = {cause: n for cause, n in after_exit["dropped"].items()
+            if cause not in ("queue_full", "outbox_full")}
+    check(not lost and rows == MAX_OUTBOX,
+          f"at exit the queued events went to the outbox: {rows} rows, dropped at exit other "
+          f"than by the bounds: {lost or 'none'}")
+    hooks = float(report["exit_hooks_ms"])
+    target(hooks < EXIT_BUDGET_MS,
+           f"exit with a full queue: the exit hooks took {hooks:.0f} ms (target: under "
+           f"{EXIT_BUDGET_MS:.0f} ms)")
 
 
 def percentile(ordered: Sequence[float], pct: float) -> float:
@@ -613,6 +635,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for name in overhead.OUR_VARIABLES:  # the caller's own opt-out must not decide what is measured
         os.environ.pop(name, None)
+    overhead.use_private_state_dir()
     for name in [n for n in os.environ if n.startswith("POSTHOG_")]:
         os.environ.pop(name, None)
         overhead.CHILD_ENV.pop(name, None)

@@ -45,6 +45,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -61,6 +62,14 @@ OPTED_OUT = {"KAIBAN_TELEMETRY_OPT_OUT": "1"}
 # Same environment as this process, less anything that would change what is measured.
 CHILD_ENV = {k: v for k, v in os.environ.items()
              if k not in OUR_VARIABLES and not k.startswith("PYTHONPROFILE")}
+
+
+def use_private_state_dir() -> str:
+    """Point this process and its children at a fresh state directory, never the user's own."""
+    directory = tempfile.mkdtemp(prefix="kaibantrace-bench-")
+    os.environ["KAIBAN_TELEMETRY_DIR"] = directory
+    CHILD_ENV["KAIBAN_TELEMETRY_DIR"] = directory
+    return directory
 
 
 @dataclasses.dataclass
@@ -202,7 +211,7 @@ class Case:
 
 def run_cases(cases: List[Case], config: Config) -> None:
     """Best-of-``repeats`` rounds per case, the cases taking turns round by round."""
-    baseline_env = {name: None for name in OUR_VARIABLES}
+    baseline_env = {name: None for name in OUR_VARIABLES if name != "KAIBAN_TELEMETRY_DIR"}
     for _ in range(config.repeats):
         for case in cases:
             if case.error is not None:
@@ -560,6 +569,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     for name in OUR_VARIABLES:  # the caller's own opt-out must not decide what is measured
         os.environ.pop(name, None)
+    use_private_state_dir()
     print(f"kaibantrace {kaibantrace.__version__}, wrapt {importlib.metadata.version('wrapt')}, "
           f"Python {platform.python_version()} ({platform.python_implementation()}), "
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"

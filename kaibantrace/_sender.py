@@ -40,6 +40,8 @@ logger = logging.getLogger("kaibantrace")
 
 FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
+_EXIT_SAVE_WAIT = 1.0  # at most this long for another writer's lock when saving at exit
+_FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
 
 
 class Encoded(NamedTuple):
@@ -209,6 +211,7 @@ class Sender:
         with self._take_lock:
             raws = [item for item in self._queue if not isinstance(item, _FlushMarker)]
             self._queue.clear()
+            self._counters.taken += len(raws)
         if raws:
             target = self._target()
             if target is None or not target.wanted:
@@ -357,7 +360,10 @@ class Sender:
             self._lost = True
         try:
             if exiting and hasattr(outbox, "set_busy_timeout"):
-                outbox.set_busy_timeout(max(0.0, (self._deadline or 0) - time.monotonic()))
+                # Saving what was accepted outranks the exit budget: wait for the
+                # worker's write to finish rather than lose the queue.
+                left = (self._deadline or 0) - time.monotonic()
+                outbox.set_busy_timeout(max(left, _EXIT_SAVE_WAIT))
             added: Added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
         except Exception:
             logger.debug("kaibantrace: could not write to the outbox", exc_info=True)
@@ -365,6 +371,7 @@ class Sender:
             return
         if not exiting:
             self._last_added = added.last_id
+        self._counters.in_outbox += len(encoded.signals) - added.full - added.expired
         self._lose(added.full, "outbox_full")
         self._lose(added.expired, "expired")
 
@@ -385,10 +392,12 @@ class Sender:
         outcome = self._post(target.url, body, timeout, len(rows))
         if outcome.result is Result.SENT:
             outbox.delete(ids)
+            self._counters.in_outbox -= len(rows)
             self._counters.sent += len(rows)
             self._failures, self._backoff = 0, self._backoff_start
         elif outcome.result is Result.REJECTED:
             outbox.delete(ids)
+            self._counters.in_outbox -= len(rows)
             self._failures = 0
             self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
                            f"({outcome.detail}); dropped, not retried")
@@ -407,7 +416,9 @@ class Sender:
         So at exit a request starts only when the last one took well under
         the time left.
         """
-        return self._latency is not None and remaining > 2 * self._latency + 0.005
+        if self._latency is None:  # nothing answered yet: try only with a good share left
+            return remaining > _FIRST_REQUEST_AT_EXIT
+        return remaining > 2 * self._latency + 0.005
 
     def _may_try_now(self) -> bool:
         now = time.monotonic()
