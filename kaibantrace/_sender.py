@@ -142,6 +142,7 @@ class Sender:
         self._deadline: Optional[float] = None
         self._outbox: Optional[Outbox] = None
         self._outbox_ready = threading.Event()
+        self._ready_to_send = False  # the transport is prepared: a request could start now
         self._markers: List[_FlushMarker] = []
         self._last_added = 0
         self._failures = 0
@@ -233,10 +234,16 @@ class Sender:
         return self.join(deadline)
 
     def join(self, deadline: float) -> bool:
-        """Wait for the worker to end, at most until ``deadline``; ``True`` if it did."""
+        """Wait for the worker to end, at most until ``deadline``; ``True`` if it did.
+
+        At exit there is no point waiting for a worker still setting up its HTTP
+        stack: no request could start and finish in the budget anyway.
+        """
         thread = self._thread
         if thread is None:
             return True
+        if self._exiting and not self._ready_to_send:
+            return not thread.is_alive()
         thread.join(max(0.0, deadline - time.monotonic()))
         return not thread.is_alive()
 
@@ -266,6 +273,7 @@ class Sender:
                 prepare()  # import the HTTP stack now, not when the exit budget is running
             except Exception:
                 logger.debug("kaibantrace: transport preparation failed", exc_info=True)
+        self._ready_to_send = True
         try:
             while not self._stopping:
                 self._cycle(self._outbox)
