@@ -33,6 +33,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
+from . import _fork
 from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
@@ -302,6 +303,7 @@ class Telemetry:
 
     def _forked_from_c(self, raw: RawEvent) -> None:
         """A child forked without Python's at-fork hooks: start over here, keep this event."""
+        _fork.ensure_fresh_in_child()
         self._after_fork()
         bump_generation()
         accept = self._route()
@@ -468,6 +470,12 @@ class Telemetry:
     def _after_fork(self) -> None:
         """In a forked child: the parent's thread, queue and locks do not exist here."""
         self._lock = threading.RLock()
+        after_fork = getattr(self._transport, "after_fork", None)
+        if after_fork is not None:  # a transport given in code, shared with the parent
+            try:
+                after_fork()
+            except Exception:
+                logger.debug("kaibantrace: the transport failed to reset after fork", exc_info=True)
         self._reset_state()
 
     def __repr__(self) -> str:
@@ -499,7 +507,8 @@ def _register_process_hooks() -> None:
         _hooks_registered = True
     atexit.register(_at_exit)
     if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_fork.before_fork, after_in_parent=_fork.after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
 
 
 def _at_exit() -> None:
@@ -523,6 +532,7 @@ def _at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     global _hooks_lock
+    _fork.after_fork_in_child()
     _hooks_lock = threading.Lock()
     for client in list(_live_clients):
         client._after_fork()

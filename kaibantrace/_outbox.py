@@ -9,7 +9,9 @@ the same app: at-least-once delivery, and no duplicate in normal operation.
 ``SqliteOutbox`` keeps one database per app ID in the state directory (WAL
 mode, file 0600, directory 0700). Several processes may share it: a claim is a
 short lease taken in an ``IMMEDIATE`` transaction, so two processes never post
-the same signal while the lease holds. Each thread uses its own connection.
+the same signal while the lease holds. Each thread uses its own connection,
+and every call runs under the fork guard (``_fork``), so a child never
+inherits SQLite halfway through a statement.
 
 ``MemoryOutbox`` has the same interface and is used when no file can be
 written (read-only home, container): nothing survives the process then.
@@ -33,6 +35,7 @@ import time
 import uuid
 from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
+from ._fork import guarded
 from ._state import create_private_file, ensure_private_dir
 
 logger = logging.getLogger("kaibantrace")
@@ -134,6 +137,7 @@ class SqliteOutbox:
 
     durable = True
 
+    @guarded
     def __init__(self, path: str, *, max_signals: int = MAX_SIGNALS) -> None:
         self.path = path
         self._max = max_signals
@@ -179,6 +183,7 @@ class SqliteOutbox:
                     raise
                 time.sleep(0.005)
 
+    @guarded
     def set_busy_timeout(self, seconds: float) -> None:
         """How long this thread's statements wait for another process's write lock."""
         self._connection().execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
@@ -195,6 +200,7 @@ class SqliteOutbox:
         db.execute("COMMIT")
         return counts
 
+    @guarded
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
         db = self._connection()
         now = time.time()
@@ -213,6 +219,7 @@ class SqliteOutbox:
         db.execute("COMMIT")
         return Added(int(last_id), full, expired)
 
+    @guarded
     def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
         db = self._connection()
         now = time.time()
@@ -230,26 +237,31 @@ class SqliteOutbox:
         db.execute("COMMIT")
         return rows
 
+    @guarded
     def delete(self, ids: Sequence[int]) -> None:
         if ids:
             self._write([(f"DELETE FROM signals WHERE id IN ({_marks(ids)})", list(ids))])
 
+    @guarded
     def release(self, ids: Sequence[int]) -> None:
         if ids:
             self._write([(f"UPDATE signals SET lease_until = 0 WHERE id IN ({_marks(ids)})",
                           list(ids))])
 
+    @guarded
     def count(self, app_id: str, url: str) -> int:
         (n,) = self._connection().execute(
             "SELECT COUNT(*) FROM signals WHERE app_id = ? AND url = ?", (app_id, url)).fetchone()
         return int(n)
 
+    @guarded
     def count_mine(self, upto: int) -> int:
         (n,) = self._connection().execute(
             "SELECT COUNT(*) FROM signals WHERE origin = ? AND id <= ?",
             (self._origin, upto)).fetchone()
         return int(n)
 
+    @guarded
     def drop_app(self, app_id: str) -> int:
         return self._write([("DELETE FROM signals WHERE app_id = ?", (app_id,))])[0]
 

@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from ._fork import guard as fork_guard
 from ._outbox import Added, MemoryOutbox, Outbox
 from ._pipeline import RawEvent
 from ._transport import Outcome, Result, Transport
@@ -42,6 +43,7 @@ FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
 _EXIT_SAVE_WAIT = 1.0  # at most this long for another writer's lock when saving at exit
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
+_FLUSH_POLL = 0.02  # how often a waiting flush checks signals another process is sending
 
 
 class Encoded(NamedTuple):
@@ -270,7 +272,8 @@ class Sender:
         prepare = getattr(self.transport, "prepare", None)
         if prepare is not None:
             try:
-                prepare()  # import the HTTP stack now, not when the exit budget is running
+                with fork_guard():  # a fork mid-import would leave the child a held import lock
+                    prepare()  # import the HTTP stack now, not when the exit budget is running
             except Exception:
                 logger.debug("kaibantrace: transport preparation failed", exc_info=True)
         self._ready_to_send = True
@@ -301,8 +304,12 @@ class Sender:
         if self._circuit_open or not self._counters.in_outbox:
             return None
         wait = max(self._retry_at, self._floor_at) - time.monotonic()
-        # Out of backoff, what is left is leased by another process: look again when it expires.
-        return wait if wait > 0 else self._timeout + 2.0
+        if wait > 0:
+            return wait
+        # Out of backoff, what is left is leased by another process. A waiting
+        # flush looks often, as that process may deliver our signals any moment;
+        # otherwise look again when the lease expires.
+        return _FLUSH_POLL if self._markers else self._timeout + 2.0
 
     def _cycle(self, outbox: Outbox) -> None:
         """Move the queue into the outbox batch by batch, sending as it goes, as far as allowed.

@@ -138,6 +138,11 @@ class HttpTransport:
                 self._session.close()
                 self._session = None
 
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's session, whose sockets the parent still uses."""
+        self._session = None
+        self._lock = threading.Lock()
+
 
 class MemoryTransport:
     """Keeps every request body in memory and answers ``SENT``; for tests.

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import pytest
 
 import kaibantrace
-from kaibantrace.testing import Collector
+from kaibantrace._transport import HttpTransport
+from kaibantrace.testing import Collector, MemoryTransport
 
 from .conftest import subprocess_env
 
@@ -275,22 +276,74 @@ class TestConcurrency:
                 code = 0 if client.flush(10) else 2
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 30
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                pytest.fail("the forked child hung")
-            time.sleep(0.01)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert _exit_code_of(pid) == 0
         assert client.flush(10)
         types = sorted(s["type"] for s in collector.wait_for(2))
         assert types == ["child", "parent_before_fork"]
         parent_sessions = {s["sessionID"] for s in collector.signals if s["type"] != "child"}
         child_sessions = {s["sessionID"] for s in collector.signals if s["type"] == "child"}
         assert parent_sessions.isdisjoint(child_sessions)
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_fork_waits_while_the_sender_sets_up(self, make_client: MakeClient) -> None:
+        """A fork never lands while the sender prepares its HTTP stack (an import in progress
+        would leave the child a module lock held by a thread it does not have)."""
+        started = threading.Event()
+
+        class SlowToPrepare(MemoryTransport):
+            prepared = False
+
+            def prepare(self) -> None:
+                started.set()
+                time.sleep(0.3)  # the window a fork must not land in
+                self.prepared = True
+
+        transport = SlowToPrepare()
+        client = make_client(transport=transport)
+        client.emit("starts_the_sender")
+        assert started.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if transport.prepared else 1)
+        assert _exit_code_of(pid) == 0, "the fork landed while the sender was preparing"
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_transport_given_in_code_is_reset_in_the_child(self, make_client: MakeClient,
+                                                           collector: Collector) -> None:
+        """A child never posts through the parent's connections, even on a shared transport."""
+        transport = HttpTransport()
+        client = make_client(transport=transport)
+        client.emit("parent")
+        assert client.flush(10)  # the parent's session and its connection now exist
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fresh = transport._session is None
+                client.emit("child")
+                code = 0 if fresh and client.flush(10) else 2
+            finally:
+                os._exit(code)
+        assert _exit_code_of(pid) == 0
+        client.emit("parent_again")
+        assert client.flush(10)
+        assert sorted(s["type"] for s in collector.wait_for(3)) == ["child", "parent", "parent_again"]
+
+
+def _exit_code_of(pid: int, timeout: float = 30.0) -> int:
+    """Wait for a forked child; kill it and fail the test if it hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.01)
 
 
 _EXITING_CHILD = textwrap.dedent("""

@@ -384,9 +384,6 @@ class TestConcurrencyAtScale:
         """Workers of a multiprocessing pool (fork and spawn) each deliver their events once."""
         import multiprocessing
 
-        if method == "fork":
-            pytest.skip("known bug: a fork while the parent's sender imports requests can hang the "
-                        "child; needs a before-fork guard (issue 3, open)")
         if method not in multiprocessing.get_all_start_methods():
             pytest.skip(f"no {method} here")
         monkeypatch.setenv("KAIBAN_TELEMETRY_ENDPOINT", collector.url)
