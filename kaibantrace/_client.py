@@ -373,22 +373,21 @@ class Telemetry:
             return None
         s = self._settings
         ctx = EncodeContext(decision.app_id, s.salt, s.test_mode, False, self._reporter)
-        signals = []
-        times = []
+        encoded = []
         for raw in batch:
             try:
-                signals.append(build_signal(raw, ctx))
-                times.append(raw[4])
+                encoded.append((raw[4], encode_signal(build_signal(raw, ctx))))
             except DropEvent as drop:
                 counters.drop(drop.cause)
+            except Exception:  # one event that cannot be encoded never costs the batch
+                logger.debug("kaibantrace: could not encode an event", exc_info=True)
+                counters.drop("encode_error")
         if decision.debug:
-            for signal in signals:
-                sys.stderr.write(f"[kaibantrace debug] would send to {url}: "
-                                 f"{encode_body([signal]).decode('utf-8')}\n")
-            counters.drop("debug", len(signals))
+            for _, text in encoded:
+                sys.stderr.write(f"[kaibantrace debug] would send to {url}: [{text}]\n")
+            counters.drop("debug", len(encoded))
             return None
-        return Encoded(decision.app_id, url, [(when, encode_signal(signal))
-                                              for when, signal in zip(times, signals)])
+        return Encoded(decision.app_id, url, encoded)
 
     # -- public API ------------------------------------------------------------
 

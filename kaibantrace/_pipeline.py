@@ -134,11 +134,19 @@ def _iso(value: datetime.date) -> str:
     return value.isoformat()
 
 
+_last_second: Tuple[int, str] = (-1, "")
+
+
 def received_at(timestamp: float) -> str:
     """ISO-8601 UTC with milliseconds, as JavaScript's ``Date.toISOString``."""
+    global _last_second
     seconds = int(timestamp)
     millis = int((timestamp - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    last, prefix = _last_second  # events come in bursts: format each second once
+    if last != seconds:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, prefix)
+    return f"{prefix}.{millis:03d}Z"
 
 
 _SCALARS = (str, int, float, datetime.date)
@@ -157,11 +165,11 @@ def _convert(value: Any) -> Optional[str]:
         return js_text(value)
     if isinstance(value, (list, tuple)) and all(
             v is None or isinstance(v, (str, int, float, bool)) for v in value):
-        return json.dumps(list(value), ensure_ascii=False, separators=(",", ":"))
+        return _COMPACT.encode(list(value))
     if isinstance(value, Mapping) and all(
             isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
             for k, v in value.items()):
-        return json.dumps(dict(value), ensure_ascii=False, separators=(",", ":"))
+        return _COMPACT.encode(dict(value))
     return None
 
 
@@ -197,17 +205,43 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
                              f"{type(value).__name__}; only text, numbers, booleans, dates and flat "
                              "lists or mappings of them can be sent; field dropped", strict=strict)
             continue
+        if not (key.isascii() and text.isascii()) and not _is_utf8(key, text):
+            reporter.problem("encoding", name, "", f"a payload field of {name!r} holds text "
+                             "that is not valid Unicode (a lone surrogate); field dropped",
+                             strict=strict)
+            continue
         kind = personal_data_kind(key) or personal_data_kind(text)
         if kind is not None:
             reporter.problem("privacy", name, key, f"payload field {key!r} of {name!r} looks like "
                              f"{kind}; field dropped", strict=strict, privacy=True)
             continue
         result[key] = text
-    if result and len(json.dumps(result, ensure_ascii=False).encode("utf-8")) > MAX_PAYLOAD_BYTES:
+    if result and _encoded_size(result) > MAX_PAYLOAD_BYTES:
         reporter.problem("size", name, "", f"payload of {name!r} is over {MAX_PAYLOAD_BYTES} bytes "
                          "encoded; sent without payload", strict=strict)
         return {}
     return result
+
+
+def _is_utf8(*texts: str) -> bool:
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _encoded_size(fields: Dict[str, str]) -> int:
+    """Bytes of ``fields`` as compact JSON, or a bound above them when that is clearly small.
+
+    No character takes more than 6 bytes in JSON (``\\u001f``), so most
+    payloads are known to fit without encoding them twice.
+    """
+    bound = 2 + sum(6 * (len(key) + len(value)) + 6 for key, value in fields.items())
+    if bound <= MAX_PAYLOAD_BYTES:
+        return bound
+    return len(_COMPACT.encode(fields).encode("utf-8"))
 
 
 class EncodeContext:
@@ -285,11 +319,14 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     return signal
 
 
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: it is reused
+
+
 def encode_signal(signal: Dict[str, Any]) -> str:
     """One signal as compact JSON text, as stored in the outbox and sent in a body."""
-    return json.dumps(signal, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT.encode(signal)
 
 
 def encode_body(signals: list[Dict[str, Any]]) -> bytes:
     """The request body: always a JSON array, UTF-8."""
-    return json.dumps(signals, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _COMPACT.encode(signals).encode("utf-8")

@@ -22,7 +22,7 @@ import ipaddress
 import os
 import re
 import socket
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 from urllib.parse import unquote
 
 _EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
@@ -59,10 +59,18 @@ def _local_markers() -> Tuple[str, ...]:
 _user: Optional[str] = None
 _user_known = False
 _host: Optional[str] = None
+_words: Tuple[Tuple[str, re.Pattern[str]], ...] = ()  # (kind, the user or host name as a word)
+
+# Verdicts on short texts, which repeat a lot (keys, enum-like values): at most
+# this many are kept, and all are forgotten when the machine's markers are.
+_CACHE_SIZE = 4096
+_CACHEABLE_LENGTH = 256
+_verdicts: Dict[str, Optional[str]] = {}
+_UNKNOWN = object()
 
 
 def _user_name() -> Optional[str]:
-    global _user, _user_known
+    global _user, _user_known, _host, _words
     if not _user_known:
         try:
             name = getpass.getuser().strip().lower()
@@ -73,28 +81,49 @@ def _user_name() -> Optional[str]:
             host = socket.gethostname().split(".")[0].strip().lower()
         except OSError:
             host = ""
-        global _host
         _host = host if len(host) >= 3 and host not in ("localhost", "localhost6") else None
+        _words = tuple((kind, re.compile(rf"(?<![a-z0-9_]){re.escape(word)}(?![a-z0-9_])"))
+                       for kind, word in (("the user name", _user), ("the host name", _host))
+                       if word is not None)
         _user_known = True
     return _user
 
 
 def forget_local_markers() -> None:
     """Look the home directory and user name up again at the next check (tests)."""
-    global _local, _user, _user_known, _host
-    _local, _user, _user_known, _host = None, None, False, None
+    global _local, _user, _user_known, _host, _words
+    _local, _user, _user_known, _host, _words = None, None, False, None, ()
+    _verdicts.clear()
 
 
 def _variants(text: str) -> Tuple[str, ...]:
+    """The text lower-cased, URL-decoded (twice), and with ``/`` for ``\\``, each once."""
     lowered = text.lower()
-    decoded = unquote(unquote(lowered))
-    return (lowered, decoded, decoded.replace("\\", "/"))
+    decoded = unquote(unquote(lowered)) if "%" in lowered else lowered
+    slashed = decoded.replace("\\", "/")
+    if decoded == lowered:
+        return (lowered,) if slashed == lowered else (lowered, slashed)
+    return (lowered, decoded) if slashed == decoded else (lowered, decoded, slashed)
 
 
 def personal_data_kind(text: str) -> Optional[str]:
     """What kind of personal data ``text`` seems to hold, or ``None``."""
     if not text:
         return None
+    cacheable = len(text) <= _CACHEABLE_LENGTH
+    if cacheable:
+        verdict = _verdicts.get(text, _UNKNOWN)
+        if verdict is not _UNKNOWN:
+            return verdict  # type: ignore[return-value]
+    verdict = _check(text)
+    if cacheable:
+        if len(_verdicts) >= _CACHE_SIZE:
+            _verdicts.clear()  # cheaper than tracking use; the common texts come back at once
+        _verdicts[text] = verdict
+    return verdict
+
+
+def _check(text: str) -> Optional[str]:
     for variant in _variants(text):
         kind = _kind(variant)
         if kind is not None:
@@ -108,11 +137,10 @@ def _kind(text: str) -> Optional[str]:
     for home in _local_markers():
         if home in text:
             return "a path in the home directory"
-    user = _user_name()
-    if user is not None and _has_word(user, text):
-        return "the user name"
-    if _host is not None and _has_word(_host, text):
-        return "the host name"
+    _user_name()
+    for kind, word in _words:
+        if word.search(text):
+            return kind
     if _MAC.search(text):
         return "a hardware address"
     if "." in text:
@@ -127,10 +155,6 @@ def _kind(text: str) -> Optional[str]:
                 continue
             return "an IP address"
     return None
-
-
-def _has_word(word: str, text: str) -> bool:
-    return re.search(rf"(?<![a-z0-9_]){re.escape(word)}(?![a-z0-9_])", text) is not None
 
 
 def _secret_kind(text: str) -> Optional[str]:

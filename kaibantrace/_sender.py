@@ -1,25 +1,28 @@
-"""The background sender: a bounded queue, one daemon thread, and the outbox.
+"""The background sender: a bounded queue, two daemon threads, and the outbox.
 
 The calling thread only appends to a ``deque`` and, when the queue goes from
 idle to busy or a batch fills up, sets an ``Event``. It never blocks, never
 touches a file or the network, and never raises.
 
-The worker thread does the rest, in one loop:
+Two threads do the rest, so that neither waits for the other:
 
-1. it encodes what is queued and writes it to the outbox (``_outbox``) before
-   anything is sent, so a killed process loses only what it had not yet
-   written;
-2. it claims a batch from the outbox (leftovers of earlier runs included),
-   posts it, and deletes it after a 2xx, or drops it for good after a refusal
-   (400, 401, 403, 404, 413, 422, 501, 505);
-3. after any other answer it waits, with exponential backoff and jitter from
-   ``backoff`` seconds up to 300, never less than ``Retry-After``; after three
-   failed attempts in a row the circuit opens and this process never touches
-   the network again: what is left stays in the outbox for a later run.
+* the *writer* encodes what is queued and writes it to the outbox
+  (``_outbox``) in batches, before anything is sent, so a killed process loses
+  only what it had not yet written. It never touches the network, so the queue
+  keeps draining into the outbox while a request hangs: the in-memory queue is
+  only a staging area, and overflows only when the host emits faster than
+  signals can be encoded;
+* the *poster* claims a batch from the outbox (leftovers of earlier runs
+  included), posts it, and deletes it after a 2xx, or drops it for good after
+  a refusal (400, 401, 403, 404, 413, 422, 501, 505). After any other answer it
+  waits, with exponential backoff and jitter from ``backoff`` seconds up to 300,
+  never less than ``Retry-After``; after three failed attempts in a row the
+  circuit opens and this process never touches the network again: what is
+  left stays in the outbox for a later run.
 
 At interpreter exit the main thread itself writes what is still queued to the
-outbox (the worker may be stuck in a request), then gives the worker what is
-left of the exit budget to send; it never waits longer.
+outbox (the writer may be waiting for another process's lock), then gives the
+poster what is left of the exit budget to send; it never waits longer.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
 _EXIT_SAVE_WAIT = 1.0  # at most this long for another writer's lock when saving at exit
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
+_SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process has run this long
 _FLUSH_POLL = 0.02  # how often a waiting flush checks signals another process is sending
 
 
@@ -114,7 +118,7 @@ Item = Union[RawEvent, _FlushMarker]
 
 
 class Sender:
-    """One worker thread, its queue and its outbox, for one client."""
+    """The writer and poster threads, their queue and their outbox, for one client."""
 
     def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
                  target: Callable[[], Optional[Target]], open_outbox: Callable[[], Outbox],
@@ -134,10 +138,12 @@ class Sender:
         self._backoff_start = backoff
         self._pid = os.getpid()
         self._queue: Deque[Item] = collections.deque()
-        self._take_lock = threading.Lock()  # the worker and the exit hook both take from the queue
-        self._wake = threading.Event()
-        self._armed = False  # the worker was told there is work
-        self._hurried = False  # the worker was told a batch is full
+        self._take_lock = threading.Lock()  # the writer and the exit hook both take from the queue
+        self._book_lock = threading.Lock()  # an outbox change and its count change together
+        self._wake = threading.Event()  # the writer's: work was queued
+        self._post_wake = threading.Event()  # the poster's: rows were written, or a flush waits
+        self._armed = False  # the writer was told there is work
+        self._hurried = False  # the writer was told a batch is full
         self._flush_requested = False
         self._stopping = False
         self._exiting = False  # the interpreter is ending: a request cut short may be resent
@@ -145,7 +151,8 @@ class Sender:
         self._outbox: Optional[Outbox] = None
         self._outbox_ready = threading.Event()
         self._ready_to_send = False  # the transport is prepared: a request could start now
-        self._markers: List[_FlushMarker] = []
+        self._markers: List[_FlushMarker] = []  # reached by the writer, answered by the poster
+        self._marker_lock = threading.Lock()
         self._last_added = 0
         self._failures = 0
         self._backoff = backoff
@@ -156,18 +163,25 @@ class Sender:
         self._in_flight = 0
         self._latency: Optional[float] = None  # of the last request the server answered
         self._logged: set[str] = set()
-        self._thread: Optional[threading.Thread] = None
+        self._writer: Optional[threading.Thread] = None
+        self._poster: Optional[threading.Thread] = None
 
     # -- any thread --------------------------------------------------------
 
     def start(self) -> bool:
-        """Start the worker; ``False`` when no thread can be started (interpreter exit)."""
-        thread = threading.Thread(target=self._run, name="kaibantrace-sender", daemon=True)
+        """Start both threads; ``False`` when no thread can be started (interpreter exit)."""
+        writer = threading.Thread(target=self._write_loop, name="kaibantrace-writer", daemon=True)
+        poster = threading.Thread(target=self._post_loop, name="kaibantrace-poster", daemon=True)
         try:
-            thread.start()
+            writer.start()
         except RuntimeError:
             return False
-        self._thread = thread
+        self._writer = writer
+        try:
+            poster.start()
+        except RuntimeError:  # the writer alone keeps signals for a later run
+            return True
+        self._poster = poster
         return True
 
     def accept(self, raw: RawEvent) -> None:
@@ -181,7 +195,7 @@ class Sender:
             self._lost = True
             return
         queue.append(raw)
-        # Wake the worker once when work arrives and once when a batch fills;
+        # Wake the writer once when work arrives and once when a batch fills;
         # Event.set() costs more than the rest of this method, so never more.
         if not self._armed:
             self._armed = True
@@ -192,7 +206,7 @@ class Sender:
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued before now is delivered; ``True`` if it all was."""
-        if self._thread is None or not self._thread.is_alive():
+        if self._writer is None or not self._writer.is_alive():
             return not self._queue
         marker = _FlushMarker()
         self._flush_requested = True
@@ -202,11 +216,11 @@ class Sender:
         return marker.done.wait(timeout) and marker.ok
 
     def begin_exit(self, deadline: float) -> None:
-        """At interpreter exit, on the main thread: save what is queued, let the worker send.
+        """At interpreter exit, on the main thread: save what is queued, let the poster send.
 
-        Writing to the outbox comes first and happens here, because the worker
-        may be blocked in a request to an endpoint that never answers. Then
-        ``join`` gives the worker what is left of the budget.
+        Writing to the outbox happens here, not on the writer, which may be
+        waiting for another process's lock. Then ``join`` gives the poster
+        what is left of the budget.
         """
         self._deadline = deadline
         self._stopping = True
@@ -220,38 +234,41 @@ class Sender:
             if target is None or not target.wanted:
                 self._lose(len(raws), "opted_out")
             else:
-                # The worker opens the outbox as it starts; wait a moment for it
+                # The writer opens the outbox as it starts; wait a moment for it
                 # rather than race it to create the file.
                 left = max(0.0, deadline - time.monotonic())
                 ready = self._outbox_ready.wait(left / 2)
                 outbox = self._outbox if ready else None
                 self._persist(outbox or self._open_outbox(), raws, exiting=True)
         self._wake.set()
+        self._post_wake.set()
 
     def stop(self, deadline: float) -> bool:
         """Send what can be sent by ``deadline`` (monotonic), then end; ``True`` if it ended."""
         self._deadline = deadline
         self._stopping = True
         self._wake.set()
+        self._post_wake.set()
         return self.join(deadline)
 
     def join(self, deadline: float) -> bool:
-        """Wait for the worker to end, at most until ``deadline``; ``True`` if it did.
+        """Wait for both threads to end, at most until ``deadline``; ``True`` if they did.
 
-        At exit there is no point waiting for a worker still setting up its HTTP
-        stack: no request could start and finish in the budget anyway.
+        At exit there is no point waiting for a poster still setting up its
+        HTTP stack: no request could start and finish in the budget anyway.
         """
-        thread = self._thread
-        if thread is None:
-            return True
-        if self._exiting and not self._ready_to_send:
-            return not thread.is_alive()
-        thread.join(max(0.0, deadline - time.monotonic()))
-        return not thread.is_alive()
+        ended = True
+        for thread in (self._writer, self._poster):
+            if thread is None:
+                continue
+            if not (self._exiting and thread is self._poster and not self._ready_to_send):
+                thread.join(max(0.0, deadline - time.monotonic()))
+            ended = ended and not thread.is_alive()
+        return ended
 
     @property
     def pending(self) -> int:
-        """Events queued and not yet taken by the worker."""
+        """Events queued and not yet taken by the writer."""
         items = list(self._queue)  # one C-level copy: safe while other threads append and pop
         return sum(1 for item in items if not isinstance(item, _FlushMarker))
 
@@ -260,93 +277,58 @@ class Sender:
         """Signals in the request being sent right now."""
         return self._in_flight
 
-    # -- the worker thread ----------------------------------------------------
+    # -- the writer thread ---------------------------------------------------
 
-    def _run(self) -> None:
+    def _write_loop(self) -> None:
         try:
-            self._outbox = self._open_outbox()
-        except Exception:
-            logger.debug("kaibantrace: outbox unavailable; keeping signals in memory", exc_info=True)
-            self._outbox = MemoryOutbox()
-        self._outbox_ready.set()
-        prepare = getattr(self.transport, "prepare", None)
-        if prepare is not None:
             try:
-                with fork_guard():  # a fork mid-import would leave the child a held import lock
-                    prepare()  # import the HTTP stack now, not when the exit budget is running
+                self._outbox = self._open_outbox()
             except Exception:
-                logger.debug("kaibantrace: transport preparation failed", exc_info=True)
-        self._ready_to_send = True
-        try:
+                logger.debug("kaibantrace: outbox unavailable; keeping signals in memory",
+                             exc_info=True)
+                self._outbox = MemoryOutbox()
+            self._outbox_ready.set()
             while not self._stopping:
-                self._cycle(self._outbox)
-                if self._stopping:
-                    break
-                self._sleep(self._next_wake())
+                self._write_queued(self._outbox)
+                if not self._queue:
+                    self._sleep(None)
                 if self._queue and len(self._queue) < self._batch_size and not (
                         self._flush_requested or self._stopping):
                     self._sleep(self._interval)  # let a batch fill up
-            self._cycle(self._outbox)  # exiting: the exit hook saved the queue; send what fits
+            self._write_queued(self._outbox)  # stopping: what is left (empty at exit)
         except BaseException:  # the host must never see this thread's trouble
-            logger.debug("kaibantrace: sender stopped unexpectedly", exc_info=True)
+            logger.debug("kaibantrace: writer stopped unexpectedly", exc_info=True)
         finally:
-            self._resolve_markers(force=True)
+            self._outbox_ready.set()
+            self._post_wake.set()
 
     def _sleep(self, timeout: Optional[float]) -> None:
-        if timeout is None or timeout > 0:
+        if not self._stopping:
             self._wake.wait(timeout)
         self._wake.clear()
 
-    def _next_wake(self) -> Optional[float]:
-        """Seconds until the worker has something to do unasked, or ``None`` to wait for work."""
-        if self._queue or self._stopping:
-            return 0
-        if self._circuit_open or not self._counters.in_outbox:
-            return None
-        wait = max(self._retry_at, self._floor_at) - time.monotonic()
-        if wait > 0:
-            return wait
-        # Out of backoff, what is left is leased by another process. A waiting
-        # flush looks often, as that process may deliver our signals any moment;
-        # otherwise look again when the lease expires.
-        return _FLUSH_POLL if self._markers else self._timeout + 2.0
-
-    def _cycle(self, outbox: Outbox) -> None:
-        """Move the queue into the outbox batch by batch, sending as it goes, as far as allowed.
-
-        Saving and sending alternate, so in healthy operation the outbox holds
-        about one batch, and its bound only bites during an outage.
-        """
+    def _write_queued(self, outbox: Outbox) -> None:
+        """Move the queue into the outbox, a batch per transaction, and tell the poster."""
         self._armed = False
         self._hurried = False
         self._flush_requested = False
-        target = self._target()
-        sending = target is not None and target.wanted and target.url is not None
         while True:
             with self._take_lock:
                 raws, markers = self._take_batch()
-            if raws and (target is None or not target.wanted):
-                self._lose(len(raws), "opted_out" if target else "no_app_id")
-            elif raws:
-                self._persist(outbox, raws, exiting=False)
-            for marker in markers:
-                marker.upto = self._last_added
-                self._markers.append(marker)
-            if sending:
-                assert target is not None
-                sending = self._send_batch(outbox, target)
             if not raws and not markers:
                 break
-        target = self._target()  # again: the user may have opted out while we were busy
-        if target is not None and not target.wanted:  # what waited is dropped unsent
-            self._lose(outbox.drop_app(target.app_id), "opted_out")
-            sending = False
-        while sending:
-            assert target is not None
-            sending = self._send_batch(outbox, target)
-        if target is not None and target.url is not None:
-            self._counters.in_outbox = outbox.count(target.app_id, target.url)
-        self._resolve_markers(force=False)
+            if raws:
+                target = self._target()
+                if target is None or not target.wanted:
+                    self._lose(len(raws), "opted_out" if target else "no_app_id")
+                else:
+                    self._persist(outbox, raws, exiting=False)
+            if markers:
+                with self._marker_lock:
+                    for marker in markers:
+                        marker.upto = self._last_added
+                        self._markers.append(marker)
+            self._post_wake.set()
 
     def _take_batch(self) -> Tuple[List[RawEvent], List[_FlushMarker]]:
         raws: List[RawEvent] = []
@@ -376,19 +358,92 @@ class Sender:
         try:
             if exiting and hasattr(outbox, "set_busy_timeout"):
                 # Saving what was accepted outranks the exit budget: wait for the
-                # worker's write to finish rather than lose the queue.
+                # writer's transaction to finish rather than lose the queue.
                 left = (self._deadline or 0) - time.monotonic()
                 outbox.set_busy_timeout(max(left, _EXIT_SAVE_WAIT))
-            added: Added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
+            with self._book_lock:
+                added: Added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
+                self._counters.in_outbox += len(encoded.signals) - added.full - added.expired
         except Exception:
             logger.debug("kaibantrace: could not write to the outbox", exc_info=True)
             self._lose(len(encoded.signals), "outbox_error")
             return
         if not exiting:
             self._last_added = added.last_id
-        self._counters.in_outbox += len(encoded.signals) - added.full - added.expired
         self._lose(added.full, "outbox_full")
         self._lose(added.expired, "expired")
+
+    # -- the poster thread -----------------------------------------------------
+
+    def _post_loop(self) -> None:
+        try:
+            self._outbox_ready.wait()
+            outbox = self._outbox
+            self._wait_before_setup()
+            if self._exiting:  # a short run: its signals are saved, the next run sends them
+                return
+            prepare = getattr(self.transport, "prepare", None)
+            if prepare is not None:
+                try:
+                    with fork_guard("setup"):  # a fork mid-import would leave the child a held import lock
+                        prepare()  # import the HTTP stack now, not when the exit budget runs
+                except Exception:
+                    logger.debug("kaibantrace: transport preparation failed", exc_info=True)
+            self._ready_to_send = True
+            while outbox is not None:
+                self._post_wake.clear()  # before the pass: a wake during it is kept
+                self._post_pass(outbox)
+                if self._stopping:
+                    self._post_pass(outbox)  # the exit hook saved the queue: send what fits
+                    break
+                timeout = self._next_wake()
+                if timeout is None or timeout > 0:
+                    self._post_wake.wait(timeout)
+        except BaseException:  # the host must never see this thread's trouble
+            logger.debug("kaibantrace: poster stopped unexpectedly", exc_info=True)
+        finally:
+            self._resolve_markers(force=True)
+
+    def _wait_before_setup(self) -> None:
+        """Give a short run the chance to end before the HTTP stack is imported.
+
+        Importing it takes a good part of a core for a while; were the process
+        to exit meanwhile, saving the queue would compete with the import for
+        the GIL, and a request could not fit in the exit budget anyway.
+        """
+        deadline = time.monotonic() + _SETUP_DELAY
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._post_wake.wait(left)
+            self._post_wake.clear()
+
+    def _next_wake(self) -> Optional[float]:
+        """Seconds until the poster has something to do unasked, or ``None`` to wait for work."""
+        if self._circuit_open or not (self._counters.in_outbox or self._markers):
+            return None
+        wait = max(self._retry_at, self._floor_at) - time.monotonic()
+        if wait > 0:
+            return wait
+        # Out of backoff, what is left is leased by another process. A waiting
+        # flush looks often, as that process may deliver our signals any moment;
+        # otherwise look again when the lease expires.
+        return _FLUSH_POLL if self._markers else self._timeout + 2.0
+
+    def _post_pass(self, outbox: Outbox) -> None:
+        """Send batches while allowed, then recount the outbox and answer waiting flushes."""
+        target = self._target()
+        if target is not None and not target.wanted:  # opted out: what waited is dropped unsent
+            with self._book_lock:
+                self._lose(outbox.drop_app(target.app_id), "opted_out")
+        elif target is not None and target.url is not None:
+            while self._send_batch(outbox, target):
+                pass
+        if target is not None and target.url is not None:
+            with self._book_lock:
+                self._counters.in_outbox = outbox.count(target.app_id, target.url)
+        self._resolve_markers(force=False, target=target)
 
     def _send_batch(self, outbox: Outbox, target: Target) -> bool:
         """Claim and post one batch; ``True`` if there may be more to send right now."""
@@ -406,13 +461,11 @@ class Sender:
         body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
         outcome = self._post(target.url, body, timeout, len(rows))
         if outcome.result is Result.SENT:
-            outbox.delete(ids)
-            self._counters.in_outbox -= len(rows)
+            self._forget(outbox, ids)
             self._counters.sent += len(rows)
             self._failures, self._backoff = 0, self._backoff_start
         elif outcome.result is Result.REJECTED:
-            outbox.delete(ids)
-            self._counters.in_outbox -= len(rows)
+            self._forget(outbox, ids)
             self._failures = 0
             self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
                            f"({outcome.detail}); dropped, not retried")
@@ -422,6 +475,11 @@ class Sender:
             self._failed(outcome)
             return False
         return True
+
+    def _forget(self, outbox: Outbox, ids: List[int]) -> None:
+        with self._book_lock:
+            outbox.delete(ids)
+            self._counters.in_outbox -= len(ids)
 
     def _fits(self, remaining: float) -> bool:
         """Whether a request can be answered within what is left of the exit budget.
@@ -470,15 +528,22 @@ class Sender:
         self._retry_at = now + min(max(self._backoff, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
-    def _resolve_markers(self, *, force: bool) -> None:
-        """Answer the flushes whose events are all delivered, or can no longer be soon."""
-        if not self._markers:
+    def _resolve_markers(self, *, force: bool, target: Optional[Target] = None) -> None:
+        """Answer the flushes whose events are all delivered, or can no longer be soon.
+
+        ``target`` is the one the pass just sent to: deciding with a newer one
+        could give up on signals an opt-out has not yet dropped.
+        """
+        with self._marker_lock:
+            markers = list(self._markers)
+        if not markers:
             return
         outbox = self._outbox
-        target = self._target()
+        if target is None:
+            target = self._target()
         give_up = force or self._circuit_open or target is None or not target.wanted
-        still: List[_FlushMarker] = []
-        for marker in self._markers:
+        answered = []
+        for marker in markers:
             try:
                 left = outbox.count_mine(marker.upto) if outbox is not None else 0
             except Exception:
@@ -486,11 +551,11 @@ class Sender:
             if left == 0 or give_up:
                 marker.ok = left == 0 and not self._lost
                 marker.done.set()
-            else:
-                still.append(marker)
-        if len(still) < len(self._markers):
+                answered.append(marker)
+        if answered:
             self._lost = False
-        self._markers = still
+            with self._marker_lock:
+                self._markers = [m for m in self._markers if m not in answered]
 
     def _lose(self, count: int, cause: str) -> None:
         if count:

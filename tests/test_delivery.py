@@ -190,6 +190,19 @@ class TestFailuresNeverReachTheHost:
         client.emit("calm")
         assert client.flush(10) is True
 
+    def test_a_hanging_request_does_not_stop_the_queue_draining(
+            self, make_client: MakeClient, black_hole_url: str) -> None:
+        """While a request hangs, the queue still moves into the outbox: bursts that together
+        exceed the in-memory queue are all kept, none dropped."""
+        client = make_client(endpoint=black_hole_url, max_queue=1000, timeout=20)
+        for burst in range(1, 4):
+            for i in range(900):
+                client.emit("burst", {"i": i})
+            _until(lambda kept=900 * burst: client.stats()["pending"] == 0
+                   and client.stats()["in_outbox"] == kept)
+            _until(lambda: client.stats()["in_flight"] > 0)  # the request is still hanging
+        assert client.stats()["dropped"] == {}
+
     def test_invalid_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A clear-text non-loopback endpoint from the environment sends nothing and raises nothing."""
         monkeypatch.setenv("KAIBAN_TELEMETRY_ENDPOINT", "http://example.invalid/v2/")
@@ -330,6 +343,15 @@ class TestConcurrency:
         client.emit("parent_again")
         assert client.flush(10)
         assert sorted(s["type"] for s in collector.wait_for(3)) == ["child", "parent", "parent_again"]
+
+
+def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait until ``condition()`` holds; fail the test when it does not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("the condition never held")
+        time.sleep(0.005)
 
 
 def _exit_code_of(pid: int, timeout: float = 30.0) -> int:

@@ -279,7 +279,9 @@ class TestFaultMatrix:
         if behaviour == "burst":
             collector.respond(503, times=5)
         elif behaviour == "hang":
-            collector.respond(200, delay=1.0, times=3)
+            # Answers long after the client gave up; a late 200 would count as delivered
+            # (at-least-once allows that duplicate), so the late answer here is a 503.
+            collector.respond(503, delay=1.0, times=3)
         else:
             collector.respond(drop=True, times=3)
         broken = make_client(backoff=0.01, timeout=0.3)

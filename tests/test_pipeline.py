@@ -67,8 +67,11 @@ class TestJavaScriptText:
         assert js_text(naive) == expected
 
     def test_received_at_format(self) -> None:
-        """receivedAt looks like JavaScript's Date.toISOString()."""
+        """receivedAt looks like JavaScript's Date.toISOString(), second after second."""
         assert received_at(0.25) == "1970-01-01T00:00:00.250Z"
+        assert received_at(0.999) == "1970-01-01T00:00:00.999Z"
+        assert received_at(86_401.5) == "1970-01-02T00:00:01.500Z"
+        assert received_at(0.0) == "1970-01-01T00:00:00.000Z"
 
 
 class TestPayload:
@@ -101,6 +104,20 @@ class TestPayload:
     def test_oversized_payload_is_dropped_whole(self) -> None:
         """A payload over 4 KiB encoded is sent as no payload at all."""
         assert clean({f"k{i}": "v" * 100 for i in range(50)}) == {}
+
+    def test_payload_at_the_size_limit(self) -> None:
+        """The 4 KiB limit counts the compact JSON bytes exactly, multi-byte characters included."""
+        fits = {"k": "é" * 2043}  # {"k":"..."} is 8 + 2 x 2043 = 4094 bytes
+        assert clean(fits) == fits
+        assert clean({"k": "é" * 2045}) == {}
+
+    def test_text_that_is_not_valid_unicode_is_dropped(self, caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+        """A lone surrogate cannot be sent as UTF-8: that field is dropped, the rest kept."""
+        with caplog.at_level(logging.WARNING, logger="kaibantrace"):
+            assert clean({"bad": "a\ud800b", "ok": "ü"}) == {"ok": "ü"}
+            assert clean({"\udc00": "v", "ok": 1}) == {"ok": "1"}
+        assert "lone surrogate" in caplog.text
 
     def test_not_a_mapping(self) -> None:
         """A payload that is not a mapping is dropped (it comes from a callable at run time)."""
