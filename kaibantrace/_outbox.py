@@ -42,6 +42,7 @@ logger = logging.getLogger("kaibantrace")
 
 MAX_SIGNALS = 10_000
 MAX_AGE = 24 * 3600.0
+_ROWS_PER_INSERT = 400  # two parameters a row, under SQLite's oldest limit of 999
 
 
 class Row(NamedTuple):
@@ -206,13 +207,23 @@ class SqliteOutbox:
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
-                "INSERT INTO signals (app_id, url, created, body, origin) VALUES (?, ?, ?, ?, ?)",
-                [(app_id, url, created, body, self._origin) for created, body in signals])
+            for start in range(0, len(signals), _ROWS_PER_INSERT):
+                chunk = signals[start:start + _ROWS_PER_INSERT]
+                # One statement per chunk: the sqlite3 module lets go of the GIL
+                # at every step, and a busy host thread makes each hand-back cost
+                # up to a switch interval (5 ms), so a row per step would be slow.
+                db.execute(
+                    "WITH new (created, body) AS (VALUES " + ",".join(["(?,?)"] * len(chunk))
+                    + ") INSERT INTO signals (app_id, url, created, body, origin) "
+                    "SELECT ?, ?, created, body, ? FROM new",
+                    [value for pair in chunk for value in pair] + [app_id, url, self._origin])
             (last_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
             expired = db.execute("DELETE FROM signals WHERE created < ?", (now - MAX_AGE,)).rowcount
-            full = db.execute("DELETE FROM signals WHERE id IN (SELECT id FROM signals "
-                              "ORDER BY id DESC LIMIT -1 OFFSET ?)", (self._max,)).rowcount
+            (count,) = db.execute("SELECT COUNT(*) FROM signals").fetchone()
+            full = 0
+            if count > self._max:
+                full = db.execute("DELETE FROM signals WHERE id IN (SELECT id FROM signals "
+                                  "ORDER BY id LIMIT ?)", (count - self._max,)).rowcount
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -225,9 +236,14 @@ class SqliteOutbox:
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = [Row(i, body) for i, body in db.execute(
-                "SELECT id, body FROM signals WHERE app_id = ? AND url = ? AND lease_until < ? "
-                "ORDER BY id LIMIT ?", (app_id, url, now, limit))]
+            # The batch comes back as one row (see ``add``): the ids, and the
+            # bodies joined by a character that JSON text always escapes.
+            ids_text, bodies = db.execute(
+                "SELECT group_concat(id), group_concat(body, char(30)) FROM (SELECT id, body "
+                "FROM signals WHERE app_id = ? AND url = ? AND lease_until < ? "
+                "ORDER BY id LIMIT ?)", (app_id, url, now, limit)).fetchone()
+            rows = [] if ids_text is None else [
+                Row(int(i), body) for i, body in zip(ids_text.split(","), bodies.split("\x1e"))]
             if rows:
                 db.execute(f"UPDATE signals SET lease_until = ? WHERE id IN ({_marks(rows)})",
                            [now + lease, *(r.id for r in rows)])

@@ -47,6 +47,8 @@ _BACKOFF_MAX = 300.0
 _EXIT_SAVE_WAIT = 1.0  # at most this long for another writer's lock when saving at exit
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
 _SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process has run this long
+_OUTBOX_HIGH_WATER = 2_000  # rows the writer keeps ahead of a poster that is delivering
+_STALL_WAIT = 0.5  # seconds without progress after which the poster counts as stuck
 _FLUSH_POLL = 0.02  # how often a waiting flush checks signals another process is sending
 
 
@@ -142,6 +144,8 @@ class Sender:
         self._book_lock = threading.Lock()  # an outbox change and its count change together
         self._wake = threading.Event()  # the writer's: work was queued
         self._post_wake = threading.Event()  # the poster's: rows were written, or a flush waits
+        self._progress = threading.Event()  # the poster delivered (or refused) a batch
+        self._stalled = False  # the poster made no progress while the writer waited for it
         self._armed = False  # the writer was told there is work
         self._hurried = False  # the writer was told a batch is full
         self._flush_requested = False
@@ -153,6 +157,7 @@ class Sender:
         self._ready_to_send = False  # the transport is prepared: a request could start now
         self._markers: List[_FlushMarker] = []  # reached by the writer, answered by the poster
         self._marker_lock = threading.Lock()
+        self._markers_queued = 0  # flush markers in the queue, so ``pending`` needs no scan
         self._last_added = 0
         self._failures = 0
         self._backoff = backoff
@@ -210,7 +215,9 @@ class Sender:
             return not self._queue
         marker = _FlushMarker()
         self._flush_requested = True
-        self._queue.append(marker)
+        with self._marker_lock:
+            self._markers_queued += 1
+            self._queue.append(marker)
         self._armed = True
         self._wake.set()
         return marker.done.wait(timeout) and marker.ok
@@ -226,9 +233,15 @@ class Sender:
         self._stopping = True
         self._exiting = True
         with self._take_lock:
-            raws = [item for item in self._queue if not isinstance(item, _FlushMarker)]
+            items = list(self._queue)
             self._queue.clear()
+            raws = [item for item in items if not isinstance(item, _FlushMarker)]
             self._counters.taken += len(raws)
+        with self._marker_lock:
+            self._markers_queued = 0
+        for item in items:
+            if isinstance(item, _FlushMarker):  # a flush still waiting: the answer is "not sent"
+                item.done.set()
         if raws:
             target = self._target()
             if target is None or not target.wanted:
@@ -242,6 +255,7 @@ class Sender:
                 self._persist(outbox or self._open_outbox(), raws, exiting=True)
         self._wake.set()
         self._post_wake.set()
+        self._progress.set()
 
     def stop(self, deadline: float) -> bool:
         """Send what can be sent by ``deadline`` (monotonic), then end; ``True`` if it ended."""
@@ -249,6 +263,7 @@ class Sender:
         self._stopping = True
         self._wake.set()
         self._post_wake.set()
+        self._progress.set()
         return self.join(deadline)
 
     def join(self, deadline: float) -> bool:
@@ -268,9 +283,8 @@ class Sender:
 
     @property
     def pending(self) -> int:
-        """Events queued and not yet taken by the writer."""
-        items = list(self._queue)  # one C-level copy: safe while other threads append and pop
-        return sum(1 for item in items if not isinstance(item, _FlushMarker))
+        """Events queued and not yet taken by the writer (cheap: callers poll it)."""
+        return max(0, len(self._queue) - self._markers_queued)
 
     @property
     def in_flight(self) -> int:
@@ -313,6 +327,7 @@ class Sender:
         self._hurried = False
         self._flush_requested = False
         while True:
+            self._wait_for_poster()
             with self._take_lock:
                 raws, markers = self._take_batch()
             if not raws and not markers:
@@ -330,6 +345,24 @@ class Sender:
                         self._markers.append(marker)
             self._post_wake.set()
 
+    def _wait_for_poster(self) -> None:
+        """Keep the outbox short while the poster is delivering; fill it when it is stuck.
+
+        The outbox holds at most 10,000 signals and drops the oldest beyond
+        that, while the queue in memory may be sized for larger bursts. So
+        while the poster makes progress the writer stays about
+        ``_OUTBOX_HIGH_WATER`` rows ahead of it; once it made none for
+        ``_STALL_WAIT`` (endpoint down, a request hanging) the outbox is where
+        signals are safest, and the writer fills it until the poster moves again.
+        """
+        while (self._counters.in_outbox >= _OUTBOX_HIGH_WATER and not self._stalled
+               and not self._stopping):
+            self._progress.clear()
+            if self._counters.in_outbox < _OUTBOX_HIGH_WATER:
+                break
+            if not self._progress.wait(_STALL_WAIT):
+                self._stalled = True
+
     def _take_batch(self) -> Tuple[List[RawEvent], List[_FlushMarker]]:
         raws: List[RawEvent] = []
         markers: List[_FlushMarker] = []
@@ -337,6 +370,8 @@ class Sender:
         while queue and len(raws) < self._batch_size:
             item = queue.popleft()
             if isinstance(item, _FlushMarker):
+                with self._marker_lock:
+                    self._markers_queued -= 1
                 markers.append(item)
                 break
             raws.append(item)
@@ -480,6 +515,8 @@ class Sender:
         with self._book_lock:
             outbox.delete(ids)
             self._counters.in_outbox -= len(ids)
+        self._stalled = False
+        self._progress.set()  # the writer may be waiting for room
 
     def _fits(self, remaining: float) -> bool:
         """Whether a request can be answered within what is left of the exit budget.
