@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sqlite3
 from typing import Any, Callable, Iterator, List
 
 import pytest
 
 import kaibantrace
+from kaibantrace._outbox import outbox_path
 from kaibantrace.testing import Collector, reset
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,3 +96,12 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
            if k not in _OUR_VARIABLES or k == "KAIBAN_TELEMETRY_DIR"}
     env.update(overrides)
     return env
+
+
+def rows_in_outbox(directory: str, app_id: str = APP_ID) -> int:
+    """Signals in the app's outbox file under ``directory`` (0 when there is no file)."""
+    path = outbox_path(directory, app_id)
+    if not os.path.exists(path):
+        return 0
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM signals").fetchone()[0])

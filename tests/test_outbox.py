@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import kaibantrace
 from kaibantrace._outbox import MemoryOutbox, Outbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
-from .conftest import APP_ID, subprocess_env
+from .conftest import APP_ID, rows_in_outbox, subprocess_env
 
 MakeClient = Callable[..., kaibantrace.Telemetry]
 URL = "http://127.0.0.1:9/v2/"
@@ -121,14 +120,6 @@ class TestSqliteFile:
         assert purge(str(tmp_path), APP_ID) is True
         assert not Path(outbox_path(str(tmp_path), APP_ID)).exists()
         assert purge(str(tmp_path), APP_ID) is False
-
-
-def rows_in_outbox(directory: str) -> int:
-    path = outbox_path(directory, APP_ID)
-    if not os.path.exists(path):
-        return 0
-    with sqlite3.connect(path) as db:
-        return int(db.execute("SELECT COUNT(*) FROM signals").fetchone()[0])
 
 
 _CHILD = textwrap.dedent("""
