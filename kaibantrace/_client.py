@@ -46,6 +46,7 @@ from ._config import (
 )
 from ._errors import DropEvent, EventError
 from ._identity import Session, SessionNode, SessionScope
+from ._identity import after_fork_in_child as identity_after_fork
 from ._outbox import MemoryOutbox, Outbox, open_outbox
 from ._outbox import purge as purge_outbox
 from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body, encode_signal
@@ -303,7 +304,8 @@ class Telemetry:
 
     def _forked_from_c(self, raw: RawEvent) -> None:
         """A child forked without Python's at-fork hooks: start over here, keep this event."""
-        _fork.ensure_fresh_in_child()
+        if _fork.ensure_fresh_in_child():
+            identity_after_fork()
         self._after_fork()
         bump_generation()
         accept = self._route()
@@ -475,7 +477,9 @@ class Telemetry:
                 after_fork()
             except Exception:
                 logger.debug("kaibantrace: the transport failed to reset after fork", exc_info=True)
+        closed = self._closed  # a client shut down in the parent stays shut down
         self._reset_state()
+        self._closed = closed
 
     def __repr__(self) -> str:
         return f"<kaibantrace.Telemetry app_id={self._settings.app_id!r}>"
@@ -532,6 +536,7 @@ def _at_exit() -> None:
 def _after_fork_in_child() -> None:
     global _hooks_lock
     _fork.after_fork_in_child()
+    identity_after_fork()
     _hooks_lock = threading.Lock()
     for client in list(_live_clients):
         client._after_fork()

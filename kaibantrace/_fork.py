@@ -68,7 +68,9 @@ def after_fork_in_child() -> None:
     _pid = os.getpid()
 
 
-def ensure_fresh_in_child() -> None:
+def ensure_fresh_in_child() -> bool:
     """For a fork from C, which runs no hooks: fresh locks if this is a new process."""
-    if os.getpid() != _pid:
-        after_fork_in_child()
+    if os.getpid() == _pid:
+        return False
+    after_fork_in_child()
+    return True

@@ -25,6 +25,12 @@ from typing import Mapping, Optional, Tuple, Type
 _id_lock = threading.Lock()
 
 
+def after_fork_in_child() -> None:
+    """A fresh lock: the parent's may have been held by a thread the child does not have."""
+    global _id_lock
+    _id_lock = threading.Lock()
+
+
 class Session:
     """A group of events that share one anonymous, random ID."""
 

@@ -194,7 +194,7 @@ class TestFailuresNeverReachTheHost:
             self, make_client: MakeClient, black_hole_url: str) -> None:
         """While a request hangs, the queue still moves into the outbox: bursts that together
         exceed the in-memory queue are all kept, none dropped."""
-        client = make_client(endpoint=black_hole_url, max_queue=1000, timeout=20)
+        client = make_client(endpoint=black_hole_url, max_queue=1000, timeout=5)
         for burst in range(1, 4):
             for i in range(900):
                 client.emit("burst", {"i": i})
@@ -287,6 +287,8 @@ class TestConcurrency:
             try:
                 client.emit("child")
                 code = 0 if client.flush(10) else 2
+                if code:
+                    sys.stderr.write(f"child: flush failed; stats {client.stats()}\n")
             finally:
                 os._exit(code)
         assert _exit_code_of(pid) == 0
