@@ -33,14 +33,16 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
-from . import _fork
+from . import _fork, _prefs
 from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
     ENV_DO_NOT_TRACK,
+    ENV_PROFILE,
     Decision,
     Settings,
     decide,
+    in_ci,
     ingest_url,
     is_app_id,
 )
@@ -49,7 +51,15 @@ from ._identity import Session, SessionNode, SessionScope
 from ._identity import after_fork_in_child as identity_after_fork
 from ._outbox import MemoryOutbox, Outbox, open_outbox
 from ._outbox import purge as purge_outbox
-from ._pipeline import EncodeContext, RawEvent, Reporter, build_signal, encode_body, encode_signal
+from ._pipeline import (
+    EncodeContext,
+    RawEvent,
+    Reporter,
+    build_signal,
+    default_parameters,
+    encode_body,
+    encode_signal,
+)
 from ._sender import Counters, Encoded, Sender, Target
 from ._state import state_dir
 from ._transport import HttpTransport, Transport
@@ -86,7 +96,8 @@ def _encoded_key(name: str) -> Any:
     return encode(name) if encode is not None else name
 
 
-_ENV_KEYS = (_encoded_key(ENV_DO_NOT_TRACK), _encoded_key(ENV_DEBUG), _encoded_key(ENV_APP_ID))
+_ENV_KEYS = (_encoded_key(ENV_DO_NOT_TRACK), _encoded_key(ENV_DEBUG), _encoded_key(ENV_APP_ID),
+             _encoded_key(ENV_PROFILE))
 _client_ids = itertools.count(1)
 
 
@@ -105,13 +116,16 @@ class Telemetry:
                  strict: Optional[bool] = None, batch_size: Optional[int] = None,
                  flush_interval: Optional[float] = None, max_queue: Optional[int] = None,
                  timeout: Optional[float] = None, exit_timeout: Optional[float] = None,
-                 backoff: Optional[float] = None, transport: Optional[Transport] = None) -> None:
+                 backoff: Optional[float] = None, profile: Optional[str] = None,
+                 default_parameters: Optional[bool] = None, local_secret: Optional[bool] = None,
+                 transport: Optional[Transport] = None) -> None:
         self._settings = Settings().replace(
             app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
             test_mode=test_mode, opt_out=opt_out, opt_out_env=opt_out_env, debug=debug,
             strict=strict, batch_size=batch_size, flush_interval=flush_interval,
             max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout,
-            backoff=backoff)
+            backoff=backoff, profile=profile, default_parameters=default_parameters,
+            local_secret=local_secret)
         self._transport = transport
         self._number = next(_client_ids)
         self._session_var: contextvars.ContextVar[Optional[SessionNode]] = contextvars.ContextVar(
@@ -198,9 +212,9 @@ class Telemetry:
             if data.get(self._opt_key) is self._seen_opt_out:
                 if self._off_by_opt_out:
                     return None
-                keys = _ENV_KEYS
-                if (data.get(keys[0]) is self._seen_env[0] and data.get(keys[1]) is self._seen_env[1]
-                        and data.get(keys[2]) is self._seen_env[2]):
+                keys, seen = _ENV_KEYS, self._seen_env
+                if (data.get(keys[0]) is seen[0] and data.get(keys[1]) is seen[1]
+                        and data.get(keys[2]) is seen[2] and data.get(keys[3]) is seen[3]):
                     return self._accept
         return self._reroute()
 
@@ -238,7 +252,7 @@ class Telemetry:
         if self._settings.strict:
             def checked(raw: RawEvent) -> None:
                 try:
-                    self._encode_now(raw, decision.app_id or "", strict=True)
+                    self._encode_now(raw, decision, strict=True)
                 except DropEvent as drop:
                     self._lose(drop.cause)
                     return
@@ -334,19 +348,28 @@ class Telemetry:
     def _no_app_id(self, raw: RawEvent) -> None:
         self._lose("no_app_id")
         if self._settings.strict:
-            self._encode_now(raw, "", strict=True)
+            self._encode_now(raw, decide(self._settings, os.environ), strict=True)
         if not self._no_app_id_logged:
             self._no_app_id_logged = True
             logger.debug("kaibantrace: no app ID configured; events are not sent")
 
-    def _encode_now(self, raw: RawEvent, app_id: str, *, strict: bool) -> Dict[str, Any]:
+    def _context(self, decision: Decision, *, strict: bool) -> EncodeContext:
+        """How this client encodes now: its settings, the profile, the secret, the defaults."""
         s = self._settings
-        ctx = EncodeContext(app_id, s.salt, s.test_mode, strict, self._reporter)
-        return build_signal(raw, ctx)
+        kaibanjs = decision.profile == "kaibanjs"
+        keyed = s.local_secret if s.local_secret is not None else not kaibanjs
+        ci = in_ci(os.environ)
+        secret = (lambda: _prefs.local_secret(persist=not ci)) if keyed else None
+        defaults = default_parameters(ci) if s.default_parameters and not kaibanjs else None
+        return EncodeContext(decision.app_id or "", s.salt, s.test_mode, strict, self._reporter,
+                             secret, defaults)
+
+    def _encode_now(self, raw: RawEvent, decision: Decision, *, strict: bool) -> Dict[str, Any]:
+        return build_signal(raw, self._context(decision, strict=strict))
 
     def _print_debug(self, raw: RawEvent, decision: Decision) -> None:
         try:
-            signal = self._encode_now(raw, decision.app_id or "", strict=self._settings.strict)
+            signal = self._encode_now(raw, decision, strict=self._settings.strict)
         except DropEvent as drop:
             self._lose(drop.cause)
             return
@@ -357,8 +380,7 @@ class Telemetry:
 
     def _record(self, raw: RawEvent, capture: Capture, decision: Decision) -> None:
         try:
-            capture.signals.append(self._encode_now(raw, decision.app_id or "",
-                                                    strict=capture.strict))
+            capture.signals.append(self._encode_now(raw, decision, strict=capture.strict))
         except DropEvent as drop:
             self._lose(drop.cause)
 
@@ -373,8 +395,7 @@ class Telemetry:
         if url is None:
             counters.drop("bad_endpoint", len(batch))
             return None
-        s = self._settings
-        ctx = EncodeContext(decision.app_id, s.salt, s.test_mode, False, self._reporter)
+        ctx = self._context(decision, strict=False)
         encoded = []
         for raw in batch:
             try:

@@ -1,7 +1,8 @@
 """Settings, environment variables, and the one function that decides opt-out.
 
 Precedence, in one sentence: an opt-out from any source (code, the client's
-opt-out variable, ``DO_NOT_TRACK``) wins over everything; otherwise an argument
+opt-out variable, ``DO_NOT_TRACK``, the user's saved ``kaibantrace disable``, an
+endpoint that retired itself) wins over everything; otherwise an argument
 given in code beats an environment variable, which beats the default.
 
 Code-level values are validated here and raise ``ConfigurationError`` naming the
@@ -31,6 +32,8 @@ ENV_DEBUG = "KAIBAN_TELEMETRY_DEBUG"
 ENV_ENDPOINT = "KAIBAN_TELEMETRY_ENDPOINT"
 ENV_APP_ID = "KAIBAN_TELEMETRY_APP_ID"
 ENV_DIR = "KAIBAN_TELEMETRY_DIR"
+ENV_CONFIG_DIR = "KAIBAN_TELEMETRY_CONFIG_DIR"
+ENV_PROFILE = "KAIBAN_TELEMETRY_PROFILE"
 
 DEFAULT_ENDPOINT = "https://nom.telemetrydeck.com/v2/"
 
@@ -65,6 +68,9 @@ class Settings:
     timeout: float = 3.0
     exit_timeout: float = 0.1
     backoff: float = 1.0
+    profile: Optional[str] = None
+    default_parameters: bool = False
+    local_secret: Optional[bool] = None
 
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
@@ -88,7 +94,11 @@ def validate(settings: Settings) -> Settings:
                                     and _NAMESPACE.match(s.namespace) is not None),
             "namespace must be 1-128 characters of letters, digits, '_', '.' or '-'")
     _expect(isinstance(s.salt, str), "salt must be a string")
-    for name in ("test_mode", "opt_out", "strict"):
+    _expect(s.profile is None or s.profile in PROFILES,
+            f"profile must be one of {', '.join(repr(p) for p in PROFILES)}")
+    _expect(s.local_secret is None or isinstance(s.local_secret, bool),
+            "local_secret must be True, False or None")
+    for name in ("test_mode", "opt_out", "strict", "default_parameters"):
         _expect(isinstance(getattr(s, name), bool), f"{name} must be True or False")
     _expect(s.debug is None or isinstance(s.debug, bool), "debug must be True, False or None")
     _expect(isinstance(s.opt_out_env, str) and _ENV_NAME.match(s.opt_out_env) is not None,
@@ -157,27 +167,55 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+PROFILES = ("default", "kaibanjs")
+KAIBANJS_LIBRARY_APP_ID = "15E9347E-9EE5-4971-A8FB-61D91F3EBA12"  # as in kaibantrace.events
+
+SAVED_PREFERENCE = "saved preference"
+RETIRED_ENDPOINT = "retired endpoint"
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """Whether a client sends, and which source decided it."""
+    """Whether a client sends, which source decided it, and what it sends as."""
 
     enabled: bool
     decided_by: str
     debug: bool
     app_id: Optional[str]
+    profile: str = "default"
+
+
+def profile_of(settings: Settings, environ: Mapping[str, str]) -> str:
+    """The profile in force: code, then ``KAIBAN_TELEMETRY_PROFILE``, then ``"default"``."""
+    if settings.profile is not None:
+        return settings.profile
+    chosen = (environ.get(ENV_PROFILE) or "").strip().lower()
+    if chosen and chosen not in PROFILES:
+        _log_bad_env_once(ENV_PROFILE, f"is not one of {', '.join(PROFILES)}", sends=True)
+        return "default"
+    return chosen or "default"
 
 
 def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
-    """The one place that decides opt-out, debug mode and the app ID.
+    """The one place that decides opt-out, debug mode, the app ID and the profile.
 
     ``decided_by`` names the source: ``"code"``, the opt-out variable's name,
-    ``"DO_NOT_TRACK"`` or ``"default"``.
+    ``"DO_NOT_TRACK"``, ``"saved preference"`` (``kaibantrace disable``),
+    ``"retired endpoint"`` (it answered 410 Gone) or ``"default"``.
     """
+    from . import _prefs  # here, not at the top: _prefs needs this module's names
+
+    profile = profile_of(settings, environ)
     if settings.opt_out:
-        return Decision(False, "code", False, None)
+        return Decision(False, "code", False, None, profile)
     for name in (settings.opt_out_env, ENV_DO_NOT_TRACK):
-        if flag_is_set(environ.get(name)):
-            return Decision(False, name, False, None)
+        raw = environ.get(name)
+        # KaibanJS opts out on any non-empty value of its variable; its profile does too.
+        kaibanjs_style = profile == "kaibanjs" and name == settings.opt_out_env and bool(raw)
+        if kaibanjs_style or flag_is_set(raw):
+            return Decision(False, name, False, None, profile)
+    if _prefs.saved_choice() == _prefs.DISABLED:
+        return Decision(False, SAVED_PREFERENCE, False, None, profile)
     debug = settings.debug if settings.debug is not None else flag_is_set(environ.get(ENV_DEBUG))
     app_id = settings.app_id
     if app_id is None:
@@ -185,7 +223,25 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
         if app_id is not None and not is_app_id(app_id):
             _log_bad_env_once(ENV_APP_ID, "is not a UUID")
             app_id = None
-    return Decision(True, "default", debug, app_id)
+    if app_id is None and profile == "kaibanjs":
+        app_id = KAIBANJS_LIBRARY_APP_ID
+    if app_id is not None and not debug:
+        url = ingest_url(settings, environ)
+        if url is not None and _prefs.is_retired(app_id, url):
+            return Decision(False, RETIRED_ENDPOINT, False, None, profile)
+    return Decision(True, "default", debug, app_id, profile)
+
+
+_CI_FLAGS = ("TF_BUILD", "GITHUB_ACTIONS", "APPVEYOR", "CI", "TRAVIS", "CIRCLECI")
+_CI_PRESENT = (("CODEBUILD_BUILD_ID", "AWS_REGION"), ("BUILD_ID", "BUILD_URL"),
+               ("BUILD_ID", "PROJECT_ID"), ("TEAMCITY_VERSION",), ("JB_SPACE_API_URL",))
+
+
+def in_ci(environ: Mapping[str, str]) -> bool:
+    """Whether this looks like a CI run (the variables .NET's SDK checks)."""
+    if any(flag_is_set(environ.get(name)) for name in _CI_FLAGS):
+        return True
+    return any(all(environ.get(name) for name in names) for names in _CI_PRESENT)
 
 
 def ingest_url(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
@@ -211,7 +267,8 @@ def ingest_url(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
 _reported_env: set[str] = set()
 
 
-def _log_bad_env_once(name: str, problem: str) -> None:
+def _log_bad_env_once(name: str, problem: str, *, sends: bool = False) -> None:
     if name not in _reported_env:
         _reported_env.add(name)
-        logger.warning("kaibantrace: ignoring %s: it %s; nothing will be sent", name, problem)
+        outcome = "using the default" if sends else "nothing will be sent"
+        logger.warning("kaibantrace: ignoring %s: it %s; %s", name, problem, outcome)

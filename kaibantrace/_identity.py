@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
+import hmac
 import os
 import threading
 from types import TracebackType
@@ -131,3 +132,15 @@ def project_id(cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] =
 def hash_user(identifier: str, salt: str) -> str:
     """``clientUser`` as TelemetryDeck expects it: hex SHA-256 of identifier + salt."""
     return hashlib.sha256((identifier + salt).encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def keyed_identity(identifier: str, secret: bytes) -> str:
+    """``identifier`` keyed with this machine's secret (HMAC-SHA256, hex), before it is hashed.
+
+    The seed's project ID is an unsalted hash of a project name and a home
+    directory; a dictionary of common names reverses it. Keyed with a secret
+    that never leaves the machine, what is sent can no longer be matched to
+    any guess.
+    """
+    return hmac.new(secret, identifier.encode("utf-8"), hashlib.sha256).hexdigest()

@@ -22,12 +22,13 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from decimal import Decimal
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._errors import DropEvent, EventError, PrivacyError
-from ._identity import Session, hash_user
+from ._identity import Session, hash_user, keyed_identity
 from ._privacy import personal_data_kind
 from ._version import __version__
 
@@ -245,17 +246,40 @@ def _encoded_size(fields: Dict[str, str]) -> int:
 
 
 class EncodeContext:
-    """What encoding needs from the client's settings, fixed for one batch."""
+    """What encoding needs from the client's settings, fixed for one batch.
 
-    __slots__ = ("app_id", "reporter", "salt", "strict", "test_mode")
+    ``secret`` gives the local secret that CLI identities are keyed with
+    before hashing (``None``: the seed's plain identities); it is called only
+    when an event has such an identity, so library-only use never makes one.
+    ``defaults`` are the coarse default parameters, when the author asked.
+    """
+
+    __slots__ = ("app_id", "defaults", "reporter", "salt", "secret", "strict", "test_mode")
 
     def __init__(self, app_id: str, salt: str, test_mode: bool, strict: bool,
-                 reporter: Reporter) -> None:
+                 reporter: Reporter, secret: Optional[Callable[[], bytes]] = None,
+                 defaults: Optional[Dict[str, str]] = None) -> None:
         self.app_id = app_id
         self.salt = salt
         self.test_mode = test_mode
         self.strict = strict
         self.reporter = reporter
+        self.secret = secret
+        self.defaults = defaults
+
+
+def default_parameters(ci: bool) -> Dict[str, str]:
+    """The coarse, non-personal facts ``default_parameters=True`` adds to every payload."""
+    import platform  # deferred: only authors who ask for these pay for the import
+
+    system = platform.system()
+    family = {"Linux": "linux", "Darwin": "macos", "Windows": "windows"}.get(system, "other")
+    return {
+        "kaibantrace.version": __version__,
+        "kaibantrace.python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "kaibantrace.os": family,
+        "kaibantrace.ci": "true" if ci else "false",
+    }
 
 
 _known_good_names: set[str] = set()
@@ -301,15 +325,23 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     if not (isinstance(name, str) and name in _known_good_names):
         _check_runtime_name(name, ctx)
     session_id = session.id
+    if identifier is None:
+        identity = session_id
+    elif ctx.secret is not None:
+        identity = keyed_identity(identifier, ctx.secret())
+    else:
+        identity = identifier
     signal: Dict[str, Any] = {
         "appID": ctx.app_id,
-        "clientUser": hash_user(identifier if identifier is not None else session_id, ctx.salt),
+        "clientUser": hash_user(identity, ctx.salt),
         "sessionID": session_id,
         "type": name,
         "telemetryClientVersion": CLIENT_VERSION,
         "receivedAt": received_at(timestamp),
     }
     fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
+    if ctx.defaults:
+        fields = {**ctx.defaults, **fields}
     if fields:
         signal["payload"] = fields
     if float_value is not None:

@@ -1,11 +1,17 @@
 """Where kaibantrace may keep files, created privately and only when needed.
 
-The state directory is ``KAIBAN_TELEMETRY_DIR`` when set, otherwise the
-platform's per-user state directory for ``kaibantrace``:
+The *state* directory (outboxes, the log of what was sent) is
+``KAIBAN_TELEMETRY_DIR`` when set, otherwise the platform's per-user state
+directory for ``kaibantrace``:
 
 * Linux and other Unix: ``$XDG_STATE_HOME/kaibantrace`` (``~/.local/state/kaibantrace``);
 * macOS: ``~/Library/Application Support/kaibantrace``;
 * Windows: ``%LOCALAPPDATA%\\kaibantrace``.
+
+The *config* directory (the user's saved choice, the notice and install
+markers, the local secret) is ``KAIBAN_TELEMETRY_CONFIG_DIR`` when set,
+otherwise ``$XDG_CONFIG_HOME/kaibantrace`` (``~/.config/kaibantrace``) on Linux,
+the same folder as the state on macOS, and ``%APPDATA%\\kaibantrace`` on Windows.
 
 Nothing here runs at import. ``state_dir()`` only computes the path;
 ``ensure_private_dir()`` creates it (0700) when a file is about to be written.
@@ -19,7 +25,7 @@ import os
 import sys
 from typing import Mapping, Optional
 
-from ._config import ENV_DIR
+from ._config import ENV_CONFIG_DIR, ENV_DIR
 
 
 def state_dir(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -35,6 +41,22 @@ def state_dir(environ: Optional[Mapping[str, str]] = None) -> str:
         base = os.path.join(home, "Library", "Application Support")
     else:
         base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "kaibantrace")
+
+
+def config_dir(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The directory for the user's choices and local identity material (not created here)."""
+    env = os.environ if environ is None else environ
+    chosen = (env.get(ENV_CONFIG_DIR) or "").strip()
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    home = os.path.expanduser("~")
+    if sys.platform == "win32":
+        base = env.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
+    elif sys.platform == "darwin":
+        base = os.path.join(home, "Library", "Application Support")
+    else:
+        base = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
     return os.path.join(base, "kaibantrace")
 
 
@@ -63,3 +85,27 @@ def create_private_file(path: str) -> None:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def write_private_file(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` at once (readers see the old or the new file), 0600."""
+    directory = os.path.dirname(path)
+    ensure_private_dir(directory)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    flags = (os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.unlink(temporary)  # left by a process with our pid that died mid-write
+    except FileNotFoundError:
+        pass
+    fd = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

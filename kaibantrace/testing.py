@@ -57,10 +57,15 @@ def capture(*, strict: bool = True, respect_opt_out: bool = False) -> Iterator[L
 
 
 def reset() -> None:
-    """Stop the default client's sender and restore its import-time settings and state."""
-    from . import _default
+    """Stop the default client's sender and restore its import-time settings and state.
+
+    Files are read again afterwards (the saved choice, the local secret), so a
+    test that points ``KAIBAN_TELEMETRY_CONFIG_DIR`` elsewhere sees that directory.
+    """
+    from . import _default, _prefs
 
     _default._reset(Settings())
+    _prefs.forget_in_memory()
 
 
 @dataclasses.dataclass

@@ -24,7 +24,12 @@ _OUR_VARIABLES = [
     "KAIBAN_TELEMETRY_ENDPOINT",
     "KAIBAN_TELEMETRY_APP_ID",
     "KAIBAN_TELEMETRY_DIR",
+    "KAIBAN_TELEMETRY_CONFIG_DIR",
+    "KAIBAN_TELEMETRY_PROFILE",
 ]
+# The suite may itself run in CI; tests that want CI say so.
+CI_VARIABLES = ["TF_BUILD", "GITHUB_ACTIONS", "APPVEYOR", "CI", "TRAVIS", "CIRCLECI",
+                "CODEBUILD_BUILD_ID", "BUILD_ID", "TEAMCITY_VERSION", "JB_SPACE_API_URL"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +37,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.
                       ) -> Iterator[None]:
     """Each test starts with telemetry on (the plugin opts the run out), a fresh default client,
     and a state directory of its own, which child processes inherit."""
-    for name in _OUR_VARIABLES:
+    for name in _OUR_VARIABLES + CI_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KAIBAN_TELEMETRY_DIR", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.setenv("KAIBAN_TELEMETRY_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
     # Child processes import this working tree, whatever copy happens to be installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
     reset()
@@ -91,9 +97,9 @@ def black_hole_url() -> Iterator[str]:
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment for a child Python: ours without kaibantrace's variables (but the
-    test's state directory), plus overrides."""
+    test's state and config directories), plus overrides."""
     env = {k: v for k, v in os.environ.items()
-           if k not in _OUR_VARIABLES or k == "KAIBAN_TELEMETRY_DIR"}
+           if k not in _OUR_VARIABLES or k in ("KAIBAN_TELEMETRY_DIR", "KAIBAN_TELEMETRY_CONFIG_DIR")}
     env.update(overrides)
     return env
 

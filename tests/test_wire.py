@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -73,9 +76,11 @@ class TestSignalFields:
         (signal,) = collector.wait_for(1)
         assert "payload" not in signal and "isTestMode" not in signal and "floatValue" not in signal
 
-    def test_cli_events_use_the_project_id(self, make_client: MakeClient, collector: Collector,
-                                           tmp_path: Any, monkeypatch: Any) -> None:
-        """track_cli events hash the project ID (+ salt) into clientUser."""
+    def test_cli_events_key_the_project_id_with_the_local_secret(
+            self, make_client: MakeClient, collector: Collector, tmp_path: Any,
+            monkeypatch: Any) -> None:
+        """track_cli events send SHA-256(HMAC(local secret, project ID) + salt): no dictionary
+        of project and user names can match it."""
         monkeypatch.chdir(str(tmp_path))
         client = make_client(salt="s")
 
@@ -86,9 +91,31 @@ class TestSignalFields:
         assert main() == 0
         assert client.flush(5)
         (signal,) = collector.wait_for(1)
+        secret_file = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret"
+        secret = bytes.fromhex(secret_file.read_text().strip())
+        keyed = hmac.new(secret, kaibantrace.project_id().encode(), hashlib.sha256).hexdigest()
+        assert signal["clientUser"] == hashlib.sha256((keyed + "s").encode()).hexdigest()
+        assert kaibantrace.project_id() not in json.dumps(signal)
+        if os.name == "posix":
+            assert secret_file.stat().st_mode & 0o777 == 0o600
+
+    def test_kaibanjs_profile_sends_the_seed_identity(
+            self, make_client: MakeClient, collector: Collector, tmp_path: Any,
+            monkeypatch: Any) -> None:
+        """In the KaibanJS profile, clientUser is SHA-256(project ID + salt), as KaibanJS sends."""
+        monkeypatch.chdir(str(tmp_path))
+        client = make_client(salt="s", profile="kaibanjs")
+
+        @client.track_cli("run_board")
+        def main() -> int:
+            return 0
+
+        assert main() == 0
+        assert client.flush(5)
+        (signal,) = collector.wait_for(1)
         expected = hashlib.sha256((kaibantrace.project_id() + "s").encode()).hexdigest()
         assert signal["clientUser"] == expected
-        assert kaibantrace.project_id() not in json.dumps(signal)
+        assert not (Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret").exists()
 
 
 class TestSessionsOnTheWire:
