@@ -33,7 +33,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
-from . import _fork, _prefs
+from . import _fork, _prefs, _sentlog
 from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
@@ -278,6 +278,7 @@ class Telemetry:
         s = self._settings
         sender = Sender(encode=self._encode_batch, target=self._target,
                         open_outbox=self._open_outbox, on_fork=self._forked_from_c,
+                        on_sent=_record_sent, on_retired=_record_retired,
                         transport=self._transport or HttpTransport(),
                         counters=self._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
@@ -504,6 +505,17 @@ class Telemetry:
 
     def __repr__(self) -> str:
         return f"<kaibantrace.Telemetry app_id={self._settings.app_id!r}>"
+
+
+def _record_sent(target: Target, body: bytes, count: int) -> None:
+    """After a 2xx: the transparency log gets the request exactly as sent."""
+    _sentlog.append(target.app_id, target.url or "", body, count)
+
+
+def _record_retired(target: Target) -> None:
+    """After a 410 Gone: this machine never sends this app's signals there again."""
+    if target.url is not None:
+        _prefs.mark_retired(target.app_id, target.url)
 
 
 def _float_or_none(value: Any) -> Optional[float]:

@@ -125,12 +125,16 @@ class Sender:
     def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
                  target: Callable[[], Optional[Target]], open_outbox: Callable[[], Outbox],
                  on_fork: Callable[[RawEvent], None],
+                 on_sent: Callable[[Target, bytes, int], None],
+                 on_retired: Callable[[Target], None],
                  transport: Transport, counters: Counters, batch_size: int,
                  flush_interval: float, max_queue: int, timeout: float, backoff: float) -> None:
         self._encode = encode
         self._target = target
         self._open_outbox = open_outbox
         self._on_fork = on_fork
+        self._on_sent = on_sent
+        self._on_retired = on_retired
         self.transport = transport
         self._counters = counters
         self._batch_size = batch_size
@@ -164,6 +168,7 @@ class Sender:
         self._retry_at = 0.0  # monotonic; our own backoff, which a flush may cut short
         self._floor_at = 0.0  # monotonic; the server's Retry-After, which nothing cuts short
         self._circuit_open = False
+        self.holding = False  # send nothing in this process (the run that showed the notice)
         self._lost = False  # something was dropped since the last flush was answered
         self._in_flight = 0
         self._latency: Optional[float] = None  # of the last request the server answered
@@ -456,7 +461,7 @@ class Sender:
 
     def _next_wake(self) -> Optional[float]:
         """Seconds until the poster has something to do unasked, or ``None`` to wait for work."""
-        if self._circuit_open or not (self._counters.in_outbox or self._markers):
+        if self._circuit_open or self.holding or not (self._counters.in_outbox or self._markers):
             return None
         wait = max(self._retry_at, self._floor_at) - time.monotonic()
         if wait > 0:
@@ -483,7 +488,7 @@ class Sender:
     def _send_batch(self, outbox: Outbox, target: Target) -> bool:
         """Claim and post one batch; ``True`` if there may be more to send right now."""
         assert target.url is not None
-        if self._circuit_open or not self._may_try_now():
+        if self._circuit_open or self.holding or not self._may_try_now():
             return False
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
         if remaining is not None and (remaining < 0.01 or (self._exiting and not self._fits(remaining))):
@@ -499,6 +504,10 @@ class Sender:
             self._forget(outbox, ids)
             self._counters.sent += len(rows)
             self._failures, self._backoff = 0, self._backoff_start
+            self._on_sent(target, body, len(rows))
+        elif outcome.result is Result.RETIRED:
+            self._retire(outbox, target)
+            return False
         elif outcome.result is Result.REJECTED:
             self._forget(outbox, ids)
             self._failures = 0
@@ -510,6 +519,19 @@ class Sender:
             self._failed(outcome)
             return False
         return True
+
+    def _retire(self, outbox: Outbox, target: Target) -> None:
+        """410 Gone: record it for good, drop what waits for this endpoint, never send again."""
+        self._circuit_open = True
+        try:
+            self._on_retired(target)
+        except Exception:
+            logger.debug("kaibantrace: could not record the retired endpoint", exc_info=True)
+        with self._book_lock:
+            self._lose(outbox.drop_app(target.app_id), "retired")
+            self._counters.in_outbox = 0
+        self._log_once("retired", "kaibantrace: the ingest endpoint answered 410 Gone: it is "
+                       "retired; this machine will not send to it again")
 
     def _forget(self, outbox: Outbox, ids: List[int]) -> None:
         with self._book_lock:
@@ -578,7 +600,8 @@ class Sender:
         outbox = self._outbox
         if target is None:
             target = self._target()
-        give_up = force or self._circuit_open or target is None or not target.wanted
+        give_up = (force or self._circuit_open or self.holding or target is None
+                   or not target.wanted)
         answered = []
         for marker in markers:
             try:

@@ -9,7 +9,9 @@ following TelemetryDeck's own SDKs:
 * ``REJECTED``: 400, 401, 403, 404, 413, 422, 501, 505, and redirects: this
   batch will never be accepted, so it is dropped rather than retried;
 * ``RETRY``: anything else (429, 5xx, timeouts, refused connections, DNS
-  failures), with the server's ``Retry-After`` when it gave one.
+  failures), with the server's ``Retry-After`` when it gave one;
+* ``RETIRED``: 410 Gone, the endpoint's way of saying it will never accept
+  anything again: the kill switch an author uses to silence released clients.
 
 There is no retry here: the sender owns the single retry loop.
 """
@@ -36,6 +38,7 @@ class Result(enum.Enum):
     SENT = "sent"
     REJECTED = "rejected"
     RETRY = "retry"
+    RETIRED = "retired"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,8 @@ def outcome_for_status(status: int, retry_after: Optional[str] = None) -> Outcom
     """The outcome TelemetryDeck's answer ``status`` means."""
     if 200 <= status < 300:
         return Outcome(Result.SENT, f"HTTP {status}")
+    if status == 410:
+        return Outcome(Result.RETIRED, "HTTP 410")
     if status in _REJECTED or 300 <= status < 400:
         return Outcome(Result.REJECTED, f"HTTP {status}")
     return Outcome(Result.RETRY, f"HTTP {status}", parse_retry_after(retry_after))

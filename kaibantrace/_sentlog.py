@@ -1,0 +1,98 @@
+"""The transparency log: what this machine actually sent, exactly as it was sent.
+
+After every request the ingest service accepted (a 2xx), the poster appends
+one JSON line to ``sent.log`` in the state directory: when, for which app, to
+which URL, how many signals, and the request body itself as text. A signal
+appears here only once it has left the machine, never before, so the log is a
+record of fact, not of intent; ``kaibantrace log`` shows it.
+
+The log is bounded: once ``sent.log`` passes 256 KiB it replaces ``sent.log.1``
+and a new one starts, so the two never hold more than about 512 KiB. The files
+are 0600 and written without following symlinks. A write that fails is given
+up quietly: the log must never cost the host anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from ._state import ensure_private_dir, state_dir
+
+logger = logging.getLogger("kaibantrace")
+
+MAX_BYTES = 256 * 1024
+NAME = "sent.log"
+
+
+def log_path(directory: Optional[str] = None) -> str:
+    return os.path.join(directory or state_dir(), NAME)
+
+
+def append(app_id: str, url: str, body: bytes, count: int) -> None:
+    """Record one accepted request; never raises."""
+    try:
+        directory = ensure_private_dir(state_dir())
+        path = log_path(directory)
+        now = time.time()
+        line = json.dumps({
+            "sent_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+            "app_id": app_id,
+            "url": url,
+            "signals": count,
+            "body": body.decode("utf-8"),
+        }, ensure_ascii=False) + "\n"
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8"))  # one write, so lines of processes never interleave
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size > MAX_BYTES:
+            os.replace(path, path + ".1")
+    except Exception:
+        logger.debug("kaibantrace: could not add to the transparency log", exc_info=True)
+
+
+def read(directory: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Every recorded request, oldest first (lines that cannot be read are skipped)."""
+    path = log_path(directory)
+    records: List[Dict[str, Any]] = []
+    for name in (path + ".1", path):
+        try:
+            with open(name, encoding="utf-8") as handle:
+                lines = handle.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("body"), str):
+                records.append(record)
+    return records
+
+
+def last_sent(directory: Optional[str] = None) -> Optional[str]:
+    """When the last accepted request left this machine (ISO-8601 UTC), or ``None``."""
+    records = read(directory)
+    return str(records[-1].get("sent_at")) if records else None
+
+
+def forget(directory: Optional[str] = None) -> bool:
+    """Remove the log; whether there was one."""
+    removed = False
+    path = log_path(directory)
+    for name in (path, path + ".1"):
+        try:
+            os.unlink(name)
+            removed = True
+        except FileNotFoundError:
+            pass
+    return removed
