@@ -69,7 +69,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # --help and usage errors exit here
 
     demo = _demo.Demo(local_app_id=events.CLI_APP_ID)
-    kaibantrace.configure(**demo.settings)
+    # The KaibanJS profile: its CLI's wire format, seed identities, and its install event
+    # ("install_kaibanjs") the first time the tool runs in a project on this machine.
+    kaibantrace.configure(**demo.settings, profile="kaibanjs")
     try:
         return int(args.handler(args))
     finally:

@@ -28,7 +28,7 @@ from ._identity import Session, SessionScope, project_id
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from typing import Any, Callable, Mapping, Optional
+    from typing import Any, Callable, Mapping, Optional, Sequence
 
     from ._client import F
 
@@ -46,7 +46,8 @@ def configure(**settings: Any) -> None:
     Settings: ``app_id``, ``endpoint``, ``namespace``, ``salt``, ``test_mode``,
     ``opt_out``, ``opt_out_env``, ``debug``, ``strict``, ``batch_size``,
     ``flush_interval``, ``max_queue``, ``timeout``, ``exit_timeout``, ``backoff``,
-    ``transport``. Raises ``ConfigurationError`` naming a bad value.
+    ``profile``, ``default_parameters``, ``local_secret``, ``transport``. Raises
+    ``ConfigurationError`` naming a bad value.
     """
     _default.configure(**settings)
 
@@ -60,9 +61,10 @@ def track(name: str, *, payload: Any = None) -> Callable[[F], F]:
     return _default.track(name, payload=payload)
 
 
-def track_cli(name: str, *, payload: Any = None) -> Callable[[F], F]:
-    """Decorator for CLI entry points: events are identified by the project ID."""
-    return _default.track_cli(name, payload=payload)
+def track_cli(name: str, *, payload: Any = None, parser: Any = None) -> Callable[[F], F]:
+    """Decorator for CLI entry points: events are identified by the project ID, and carry
+    the sub-command that ran (see ``Telemetry.track_cli``)."""
+    return _default.track_cli(name, payload=payload, parser=parser)
 
 
 def session() -> SessionScope:
@@ -81,6 +83,19 @@ def flush(timeout: float = 5.0) -> bool:
     return _default.flush(timeout)
 
 
+def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telemetry] = None,
+                 prog: str = "kaibantrace") -> int:
+    """Run a ``kaibantrace`` command (status, enable, disable, reset, log, project-id, flush)
+    for ``client`` (default: the default client); the exit status.
+
+    A CLI can mount these under its own name: ``mytool telemetry status`` is
+    ``command_line(["status"], client=my_client, prog="mytool telemetry")``.
+    """
+    from ._cli import command_line as run
+
+    return run(argv, client=client, prog=prog)
+
+
 def shutdown(timeout: float = 1.0) -> None:
     """Send what the default client has queued within ``timeout``, then stop it."""
     _default.shutdown(timeout)
@@ -97,6 +112,7 @@ __all__ = [
     "Settings",
     "Telemetry",
     "__version__",
+    "command_line",
     "configure",
     "default_client",
     "emit",

@@ -33,7 +33,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
-from . import _fork, _prefs, _sentlog
+from . import _fork, _prefs, _sentlog, events
 from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
@@ -47,7 +47,7 @@ from ._config import (
     is_app_id,
 )
 from ._errors import DropEvent, EventError
-from ._identity import Session, SessionNode, SessionScope
+from ._identity import Session, SessionNode, SessionScope, project_id
 from ._identity import after_fork_in_child as identity_after_fork
 from ._outbox import MemoryOutbox, Outbox, open_outbox
 from ._outbox import purge as purge_outbox
@@ -150,6 +150,8 @@ class Telemetry:
         self._purged = False
         self._direct_outbox: Optional[Outbox] = None
         self._lost_before_flush = False  # dropped without a sender since the last flush
+        self._cli_seen = False  # the first track_cli call of this process was handled
+        self._holding = False  # this run showed the first-run notice: send nothing
         self._opt_key = _encoded_key(self._settings.opt_out_env)
 
     # -- configuration -----------------------------------------------------
@@ -283,6 +285,7 @@ class Telemetry:
                         counters=self._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
                         backoff=s.backoff)
+        sender.holding = self._holding
         if not sender.start():
             return None
         self._sender = sender
@@ -316,6 +319,37 @@ class Telemetry:
         app_id = self._app_id_even_if_off()
         if app_id is not None and purge_outbox(state_dir(), app_id):
             logger.debug("kaibantrace: opted out; removed signals an earlier run left unsent")
+
+    def _cli_run_starts(self) -> None:
+        """At the first ``track_cli`` call: the first-run notice, then the install event.
+
+        Both only while telemetry is on and outside CI. The notice goes to a
+        terminal only; when it was shown, this run sends nothing (its events
+        wait in the outbox, so opting out before the next run means they are
+        never sent).
+        """
+        if self._cli_seen:
+            return
+        self._cli_seen = True
+        try:
+            decision = decide(self._settings, os.environ)
+            app_id = decision.app_id
+            if not decision.enabled or decision.debug or app_id is None or in_ci(os.environ):
+                return
+            if not _prefs.notice_shown(app_id) and _show_notice(self._settings.opt_out_env):
+                self._holding = True
+                if self._sender is not None:
+                    self._sender.holding = True
+                _prefs.mark_notice_shown(app_id)
+            project = project_id()
+            if not _prefs.install_recorded(app_id, project):
+                accept = self._route()
+                if accept is not None:
+                    name = events.INSTALL if decision.profile == "kaibanjs" else "install"
+                    accept(self._raw(name, None, project))
+                    _prefs.mark_install(app_id, project)
+        except Exception:
+            logger.debug("kaibantrace: first-run handling failed", exc_info=True)
 
     def _forked_from_c(self, raw: RawEvent) -> None:
         """A child forked without Python's at-fork hooks: start over here, keep this event."""
@@ -439,11 +473,20 @@ class Telemetry:
 
         return make_decorator(self, name, payload, cli=False)
 
-    def track_cli(self, name: str, *, payload: Any = None) -> Callable[[F], F]:
-        """Decorator for a CLI entry point: like ``track``, identified by the project ID."""
+    def track_cli(self, name: str, *, payload: Any = None, parser: Any = None
+                  ) -> Callable[[F], F]:
+        """Decorator for a CLI entry point: like ``track``, identified by the project ID.
+
+        Also records ``command``, the sub-command that ran, when it can be named
+        from the CLI's own definition: a decorated click command or group, a
+        decorated typer app, or an argparse ``parser`` given here (or a function
+        that builds it). The first run on a machine shows a notice on a
+        terminal and sends nothing; the first run in a project records an
+        ``install`` event.
+        """
         from ._decorators import make_decorator
 
-        return make_decorator(self, name, payload, cli=True)
+        return make_decorator(self, name, payload, cli=True, parser=parser)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait up to ``timeout`` seconds; ``True`` when every earlier event was delivered.
@@ -505,6 +548,28 @@ class Telemetry:
 
     def __repr__(self) -> str:
         return f"<kaibantrace.Telemetry app_id={self._settings.app_id!r}>"
+
+
+NOTICE = """\
+{prog} collects anonymous usage data: which commands run, never their arguments,
+file contents, paths or anything that identifies you. Nothing was sent this time.
+Turn it off with {opt_out}=1 (or DO_NOT_TRACK=1), or for every tool that uses
+kaibantrace with `kaibantrace disable`. `kaibantrace log` shows what was sent.
+"""
+
+
+def _show_notice(opt_out_env: str) -> bool:
+    """Print the first-run notice on stderr if it is a terminal; whether it was shown."""
+    try:
+        stream = sys.stderr
+        if stream is None or not stream.isatty():
+            return False
+        prog = os.path.basename(sys.argv[0] or "") or "This program"
+        stream.write(NOTICE.format(prog=prog, opt_out=opt_out_env))
+        stream.flush()
+        return True
+    except Exception:
+        return False
 
 
 def _record_sent(target: Target, body: bytes, count: int) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator
 
 import wrapt
 
+from ._commands import command_argv, command_of
 from ._errors import EventError
 from ._identity import project_id
 from ._pipeline import CleanPayload, PayloadFailed, Reporter, clean_payload, name_problem
@@ -49,7 +50,7 @@ def _underlying(func: Any) -> Any:
 
 
 def make_decorator(client: Telemetry, name: object, payload: Any, *,
-                   cli: bool) -> Callable[[Any], Any]:
+                   cli: bool, parser: Any = None) -> Callable[[Any], Any]:
     """The decorator ``track``/``track_cli`` return, after checking its arguments here."""
     event = check_name(name)
     static: Optional[Dict[str, str]] = None
@@ -85,10 +86,14 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
     def fire(wrapped: Any, args: Any, kwargs: Any) -> None:
         """Record the event; never lets an error reach the decorated call (strict aside)."""
         try:
+            if cli:
+                client._cli_run_starts()  # the first-run notice and the install event
             accept = client._route()
             if accept is None:
                 return
             data = static if dynamic is None else payload_for(wrapped, args, kwargs)
+            if cli:
+                data = _with_command(client, data, wrapped, parser, args, kwargs)
             accept(client._raw(event, data, project_id() if cli else None))
         except EventError:  # only raised in strict mode, which wants it at the call
             raise
@@ -112,6 +117,22 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
 
 
 Fire = Callable[[Any, Any, Any], None]
+
+
+def _with_command(client: Telemetry, data: Any, wrapped: Any, parser: Any, args: Any,
+                  kwargs: Any) -> Any:
+    """The payload plus ``command``, the sub-command that runs (not in the KaibanJS profile,
+    whose signals carry no payload); the author's own ``command`` field wins."""
+    if client.decision().profile == "kaibanjs":
+        return data
+    command = command_of(wrapped, parser, command_argv(args, kwargs))
+    if command is None or (isinstance(data, Mapping) and "command" in data):
+        return data
+    if data is None:
+        return {"command": command}
+    if isinstance(data, Mapping):
+        return {"command": command, **data}
+    return data  # a failed payload callable: reported as it is
 
 
 def _plain_wrapper(fire: Fire, client: Telemetry, event: str, static: Any,

@@ -32,6 +32,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
@@ -100,6 +101,34 @@ def purge(directory: str, app_id: str) -> bool:
         except OSError:
             logger.debug("kaibantrace: could not remove %s", path, exc_info=True)
     return removed
+
+
+def apps_with_outbox(directory: str) -> List[str]:
+    """The app IDs that have an outbox file in ``directory`` (none if it does not exist)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(name[len("outbox-"):-len(".sqlite3")] for name in names
+                  if name.startswith("outbox-") and name.endswith(".sqlite3"))
+
+
+def waiting(directory: str, app_id: str) -> Optional[int]:
+    """Signals waiting in the app's outbox, read without creating or changing anything;
+    ``None`` when the file cannot be read."""
+    path = outbox_path(directory, app_id)
+    if not os.path.exists(path):
+        return 0
+    try:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        connection = sqlite3.connect(uri, uri=True, timeout=2.0)
+        try:
+            (count,) = connection.execute("SELECT COUNT(*) FROM signals").fetchone()
+        finally:
+            connection.close()
+        return int(count)
+    except sqlite3.Error:
+        return None
 
 
 def open_outbox(directory: str, app_id: str, *, max_signals: int = MAX_SIGNALS) -> Outbox:

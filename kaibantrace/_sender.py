@@ -169,6 +169,8 @@ class Sender:
         self._floor_at = 0.0  # monotonic; the server's Retry-After, which nothing cuts short
         self._circuit_open = False
         self.holding = False  # send nothing in this process (the run that showed the notice)
+        self.passes = 0  # sending passes the poster finished (the command line waits for one)
+        self.last_problem = ""  # how the last failed request ended, for the command line
         self._lost = False  # something was dropped since the last flush was answered
         self._in_flight = 0
         self._latency: Optional[float] = None  # of the last request the server answered
@@ -484,6 +486,7 @@ class Sender:
             with self._book_lock:
                 self._counters.in_outbox = outbox.count(target.app_id, target.url)
         self._resolve_markers(force=False, target=target)
+        self.passes += 1
 
     def _send_batch(self, outbox: Outbox, target: Target) -> bool:
         """Claim and post one batch; ``True`` if there may be more to send right now."""
@@ -573,7 +576,13 @@ class Sender:
             self._latency = time.monotonic() - started
         return outcome
 
+    @property
+    def circuit_open(self) -> bool:
+        """Whether this process has stopped touching the network (failures or 410 Gone)."""
+        return self._circuit_open
+
     def _failed(self, outcome: Outcome) -> None:
+        self.last_problem = outcome.detail
         self._failures += 1
         if self._failures >= FAILURES_BEFORE_CIRCUIT_OPENS:
             self._circuit_open = True

@@ -120,15 +120,19 @@ class TestCli:
         done = run_example("cli.py", command)
         assert done.returncode == 0, done.stderr
         assert done.stderr == ""
-        assert printed_types(done.stdout) == [event]
+        # The first run in a project also records KaibanJS's install event.
+        assert printed_types(done.stdout) == ["install_kaibanjs", event]
         assert "appID 95BF7A3E-9D86-432D-9633-3526DD3A8977" in done.stdout
+        again = run_example("cli.py", command)
+        assert printed_types(again.stdout) == [event]
 
     def test_honours_the_endpoint_and_app_id_variables(self, collector: Collector) -> None:
         """With both variables set, the run_board signal goes there with that app ID."""
         done = run_against(collector, "cli.py", "run", "--watch")
         assert done.returncode == 0, done.stderr
-        assert f"Delivered 1 of 1 signal(s) to {collector.url}" in done.stdout
-        (signal,) = collector.wait_for(1, timeout=5)
+        assert f"Delivered 2 of 2 signal(s) to {collector.url}" in done.stdout
+        install, signal = collector.wait_for(2, timeout=5)
+        assert install["type"] == "install_kaibanjs" and "payload" not in install
         assert signal["type"] == "run_board"
         assert signal["appID"] == ENV_APP_ID
         assert signal["payload"] == {"watch": "true"}

@@ -90,7 +90,8 @@ class TestSignalFields:
 
         assert main() == 0
         assert client.flush(5)
-        (signal,) = collector.wait_for(1)
+        install, signal = collector.wait_for(2)  # the first run in a project records an install
+        assert install["clientUser"] == signal["clientUser"]
         secret_file = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret"
         secret = bytes.fromhex(secret_file.read_text().strip())
         keyed = hmac.new(secret, kaibantrace.project_id().encode(), hashlib.sha256).hexdigest()
@@ -112,7 +113,8 @@ class TestSignalFields:
 
         assert main() == 0
         assert client.flush(5)
-        (signal,) = collector.wait_for(1)
+        install, signal = collector.wait_for(2)  # the first run in a project records an install
+        assert install["clientUser"] == signal["clientUser"]
         expected = hashlib.sha256((kaibantrace.project_id() + "s").encode()).hexdigest()
         assert signal["clientUser"] == expected
         assert not (Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret").exists()

@@ -1,0 +1,294 @@
+"""The ``kaibantrace`` command: see, stop, audit and flush telemetry.
+
+``kaibantrace status|enable|disable|reset|log|project-id|flush`` (also
+``python -m kaibantrace``). Output is for people by default; ``--json`` prints
+one JSON value for scripts. Exit status: 0 success, 2 usage error (argparse's
+own), 1 failure with a one-line reason on stderr.
+
+``command_line(argv, client=..., prog=...)`` runs the same commands for any
+client, so a CLI author can offer ``mytool telemetry status`` that reports on
+their own app ID, opt-out variable and profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from . import _outbox, _prefs, _sentlog
+from ._config import Decision, in_ci, is_app_id
+from ._identity import hash_user, keyed_identity, project_id
+from ._state import config_dir, state_dir
+
+if TYPE_CHECKING:
+    from ._client import Telemetry
+
+SOURCES = {
+    "code": "the program's own code (opt_out=True)",
+    "DO_NOT_TRACK": "the DO_NOT_TRACK environment variable",
+    "saved preference": "your saved choice (`kaibantrace disable`)",
+    "retired endpoint": "the ingest endpoint, which answered 410 Gone and is retired",
+    "default": "the default (telemetry is on unless you opt out)",
+}
+
+
+class Failure(Exception):
+    """A command that could not do its job; the message is the one-line reason."""
+
+
+def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telemetry] = None,
+                 prog: str = "kaibantrace") -> int:
+    """Run one ``kaibantrace`` command; the exit status (0, 1, or 2 for a usage error)."""
+    from . import default_client
+
+    telemetry = client if client is not None else default_client()
+    parser = _parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) and usage errors (2)
+        return int(stop.code or 0)
+    try:
+        result: Dict[str, Any] = args.run(telemetry, args)
+    except Failure as failure:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(failure)}))
+        print(f"{prog}: {failure}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=None if args.command == "log" else 2))
+    return 0
+
+
+def main() -> None:
+    """The ``kaibantrace`` console script."""
+    sys.exit(command_line())
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="See, stop and audit the anonymous usage telemetry that programs "
+        "built with kaibantrace send.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON value, for scripts")
+    common.add_argument("--app", metavar="APP_ID",
+                        help="the TelemetryDeck app ID to look at (default: the program's own, "
+                        "or KAIBAN_TELEMETRY_APP_ID)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, run, text in [
+        ("status", _status, "whether telemetry is on, which source decided, what is waiting"),
+        ("enable", _enable, "allow telemetry again (an environment opt-out still wins)"),
+        ("disable", _disable, "turn telemetry off for every program that uses kaibantrace, and "
+         "delete what is waiting to be sent"),
+        ("reset", _reset, "forget the saved choice, the first-run notice and the local secret"),
+        ("log", _log, "show the last requests actually sent from this machine, exactly as sent"),
+        ("project-id", _project_id, "show this project's ID and the value that would be sent"),
+        ("flush", _flush, "send what is waiting now"),
+    ]:
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(run=run)
+        if name == "log":
+            sub.add_argument("--limit", type=int, default=10, metavar="N",
+                             help="how many requests to show (default 10)")
+        if name == "flush":
+            sub.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                             help="give up after this long (default 30)")
+    return parser
+
+
+def _app_of(telemetry: Telemetry, args: argparse.Namespace, decision: Decision) -> Optional[str]:
+    if args.app is not None:
+        if not is_app_id(args.app):
+            raise Failure(f"--app {args.app!r} is not a TelemetryDeck app ID (a UUID)")
+        return str(args.app)
+    return decision.app_id or telemetry._app_id_even_if_off()
+
+
+def _describe(decided_by: str) -> str:
+    return SOURCES.get(decided_by, f"the {decided_by} environment variable")
+
+
+# -- the commands ------------------------------------------------------------------
+
+def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    decision = telemetry.decision()
+    app_id = _app_of(telemetry, args, decision)
+    directory = state_dir()
+    apps = [app_id] if app_id else _outbox.apps_with_outbox(directory)
+    counts = {app: _outbox.waiting(directory, app) for app in apps}
+    pending = sum(n for n in counts.values() if n is not None)
+    last = _sentlog.last_sent()
+    result = {
+        "enabled": decision.enabled,
+        "decided_by": decision.decided_by,
+        "debug": decision.debug,
+        "app_id": app_id,
+        "profile": decision.profile,
+        "saved_preference": _prefs.saved_choice(),
+        "ci": in_ci(os.environ),
+        "state_dir": directory,
+        "config_dir": config_dir(),
+        "pending": pending,
+        "pending_by_app": counts,
+        "last_sent": last,
+    }
+    if not args.json:
+        state = "on" if decision.enabled else "off"
+        if decision.enabled and decision.debug:
+            state = "on, debug mode (printed, never sent)"
+        print(f"Telemetry is {state}.")
+        print(f"  decided by:  {_describe(decision.decided_by)}")
+        print(f"  app:         {app_id or '(none configured)'}")
+        print(f"  profile:     {decision.profile}")
+        print(f"  waiting:     {pending} signal(s) in the outbox")
+        print(f"  last sent:   {last or 'never (from this machine)'}")
+        print(f"  state dir:   {directory}")
+        print(f"  config dir:  {config_dir()}")
+        if in_ci(os.environ):
+            print("  CI:          yes (no notice, no files that identify this machine)")
+    return result
+
+
+def _enable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    _save(_prefs.ENABLED)
+    decision = telemetry.decision()
+    if not args.json:
+        if decision.enabled:
+            print("Telemetry is enabled. Turn it off again with `kaibantrace disable`.")
+        else:
+            print(f"Saved. Telemetry stays off, though: {_describe(decision.decided_by)} "
+                  "still says so, and an opt-out always wins.")
+    return {"ok": True, "saved": _prefs.ENABLED, "enabled": decision.enabled,
+            "decided_by": decision.decided_by}
+
+
+def _disable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    _save(_prefs.DISABLED)
+    directory = state_dir()
+    removed = 0
+    for app in _outbox.apps_with_outbox(directory):
+        removed += _outbox.waiting(directory, app) or 0
+        _outbox.purge(directory, app)
+    if not args.json:
+        print("Telemetry is disabled for every program that uses kaibantrace on this machine.")
+        print(f"Deleted {removed} signal(s) that were waiting to be sent. "
+              "`kaibantrace enable` turns it back on.")
+    return {"ok": True, "saved": _prefs.DISABLED, "enabled": False, "deleted": removed}
+
+
+def _save(choice: str) -> None:
+    try:
+        _prefs.save_choice(choice)
+    except OSError as exc:
+        raise Failure(f"could not save your choice in {config_dir()}: {exc.strerror or exc}") from None
+
+
+def _reset(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    removed = _prefs.reset()
+    if not args.json:
+        if removed:
+            print("Forgot the saved choice, the first-run notice and the local secret "
+                  f"({', '.join(removed)}). A new secret is made at the next send.")
+        else:
+            print("Nothing to forget: no saved choice, notice marker or local secret.")
+    return {"ok": True, "removed": removed}
+
+
+def _log(telemetry: Telemetry, args: argparse.Namespace) -> Any:
+    records = _sentlog.read()
+    if args.app:
+        records = [r for r in records if str(r.get("app_id", "")).lower() == args.app.lower()]
+    shown = records[-max(args.limit, 0):] if args.limit else []
+    if not args.json:
+        if not shown:
+            print("Nothing has been sent from this machine (or the log was cleared).")
+        for record in shown:
+            print(f"{record.get('sent_at')}  {record.get('signals')} signal(s) for app "
+                  f"{record.get('app_id')} to {record.get('url')}")
+            print(f"  {record['body']}")
+    return shown
+
+
+def _project_id(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    decision = telemetry.decision()
+    settings = telemetry.settings
+    identifier = project_id()
+    keyed = (settings.local_secret if settings.local_secret is not None
+             else decision.profile != "kaibanjs")
+    sent: Optional[str] = None
+    if keyed:
+        if decision.enabled:  # the secret a send would use (made now if there is none)
+            secret = _prefs.local_secret(persist=not in_ci(os.environ))
+            sent = hash_user(keyed_identity(identifier, secret), settings.salt)
+    else:
+        sent = hash_user(identifier, settings.salt)
+    if not args.json:
+        print(f"project ID:  {identifier}  (KaibanJS's formula; never sent)")
+        if sent is not None:
+            how = "keyed with this machine's secret, then hashed" if keyed else "hashed"
+            print(f"sent as:     {sent}  ({how})")
+        else:
+            print("sent as:     nothing: telemetry is off")
+    return {"project_id": identifier, "sent_as": sent, "keyed_with_local_secret": keyed,
+            "enabled": decision.enabled}
+
+
+def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    from ._client import Telemetry as Client
+
+    decision = telemetry.decision()
+    if not decision.enabled:
+        raise Failure(f"telemetry is off ({_describe(decision.decided_by)}); nothing is sent")
+    app_ids = ([_app_of(telemetry, args, decision)] if (args.app or decision.app_id)
+               else _outbox.apps_with_outbox(state_dir()))
+    totals = {"sent": 0, "left": 0}
+    problems: List[str] = []
+    for app in filter(None, app_ids):
+        assert app is not None
+        waiting = _outbox.waiting(state_dir(), app) or 0
+        if waiting == 0:
+            continue
+        s = telemetry.settings
+        client = Client(app_id=app, endpoint=s.endpoint, namespace=s.namespace, salt=s.salt,
+                        opt_out_env=s.opt_out_env, profile=s.profile)
+        sent, left, problem = _drain(client, waiting, args)
+        totals["sent"] += sent
+        totals["left"] += left
+        if problem:
+            problems.append(problem)
+    if not args.json:
+        print(f"Sent {totals['sent']} signal(s); {totals['left']} still waiting.")
+    if totals["left"]:
+        raise Failure(f"{totals['left']} signal(s) could not be sent"
+                      + (f" ({problems[0]})" if problems else "") + "; they wait for a later run")
+    return {"ok": True, **totals}
+
+
+def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[int, int, str]:
+    """Start the client's sender and wait until its outbox is empty or it gives up."""
+    client._route()  # starts the sender, which sends what waits in the outbox
+    sender = client._sender
+    if sender is None:
+        return 0, waiting, "no sender could start"
+    show = not args.json and sys.stdout.isatty()
+    deadline = time.monotonic() + args.timeout
+    try:
+        while time.monotonic() < deadline:
+            stats = client.stats()
+            left = int(stats["in_outbox"])  # type: ignore[call-overload]
+            if show:
+                print(f"\rSending for app {client.settings.app_id}: {stats['sent']} of {waiting}",
+                      end="", flush=True)
+            if sender.passes and (left == 0 or sender.circuit_open):
+                break
+            time.sleep(0.05)
+        sent = int(client.stats()["sent"])  # type: ignore[call-overload]
+    finally:
+        if show:
+            print()
+        client.shutdown(timeout=1.0)
+    left = max(0, waiting - sent)
+    return sent, left, sender.last_problem
