@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -196,6 +195,8 @@ def reset() -> List[str]:
             pass
     projects = os.path.join(directory, "projects")
     if os.path.isdir(projects):
+        import shutil  # deferred: only a reset needs it
+
         shutil.rmtree(projects, ignore_errors=True)
         removed.append("projects")
     forget_in_memory()

@@ -12,7 +12,7 @@ from .conftest import subprocess_env
 
 PUBLIC = {
     "ConfigurationError", "Decision", "EventError", "KaibanTraceError", "PrivacyError",
-    "Session", "SessionScope", "Settings", "Telemetry", "__version__", "configure",
+    "Session", "SessionScope", "Settings", "Telemetry", "__version__", "command_line", "configure",
     "default_client", "emit", "events", "flush", "project_id", "session", "shutdown",
     "track", "track_cli",
 }
