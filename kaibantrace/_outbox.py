@@ -232,6 +232,7 @@ class SqliteOutbox:
 
     @guarded
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         db = self._connection()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
@@ -261,6 +262,7 @@ class SqliteOutbox:
 
     @guarded
     def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         db = self._connection()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
@@ -295,6 +297,7 @@ class SqliteOutbox:
 
     @guarded
     def count(self, app_id: str, url: str) -> int:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         (n,) = self._connection().execute(
             "SELECT COUNT(*) FROM signals WHERE app_id = ? AND url = ?", (app_id, url)).fetchone()
         return int(n)
@@ -308,6 +311,7 @@ class SqliteOutbox:
 
     @guarded
     def drop_app(self, app_id: str) -> int:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         return self._write([("DELETE FROM signals WHERE app_id = ?", (app_id,))])[0]
 
 
@@ -327,6 +331,7 @@ class MemoryOutbox:
         self._lock = threading.Lock()
 
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         with self._lock:
             for created, body in signals:
                 self._rows[self._next] = (app_id, url, created, body, 0.0)
@@ -341,6 +346,7 @@ class MemoryOutbox:
             return Added(self._next - 1, over, len(old))
 
     def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         now = time.time()
         with self._lock:
             rows = list(itertools.islice((Row(i, row[3]) for i, row in self._rows.items()
@@ -362,6 +368,7 @@ class MemoryOutbox:
                     self._rows[i] = (*self._rows[i][:4], 0.0)
 
     def count(self, app_id: str, url: str) -> int:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         with self._lock:
             return sum(1 for row in self._rows.values() if row[0] == app_id and row[1] == url)
 
@@ -370,6 +377,7 @@ class MemoryOutbox:
             return sum(1 for i in self._rows if i <= upto)
 
     def drop_app(self, app_id: str) -> int:
+        app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         with self._lock:
             doomed = [i for i, row in self._rows.items() if row[0] == app_id]
             for i in doomed:

@@ -1,0 +1,196 @@
+"""The ``kaibantrace`` command, each sub-command in a real subprocess with its own directories."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+import kaibantrace
+from kaibantrace.testing import Collector
+
+from .conftest import APP_ID, rows_in_outbox, subprocess_env
+
+
+def kaibantrace_command(*args: str, cwd: Any = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kaibantrace", *args], env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def as_json(done: subprocess.CompletedProcess[str]) -> Any:
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+_LEAVE_SIGNALS = textwrap.dedent("""
+    import sys, kaibantrace
+    kaibantrace.configure(app_id=sys.argv[1], endpoint=sys.argv[2], backoff=0.01)
+    for i in range(int(sys.argv[3])):
+        kaibantrace.emit("left_behind", {"i": i})
+    kaibantrace.flush(5)  # the endpoint refuses: the signals stay in the outbox
+""")
+
+
+def leave_signals(url: str, count: int) -> None:
+    """A process that leaves ``count`` signals in the outbox (its endpoint refuses them)."""
+    subprocess.run([sys.executable, "-c", _LEAVE_SIGNALS, APP_ID, url, str(count)],
+                   env=subprocess_env(), check=True, timeout=60)
+    assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == count
+
+
+class TestStatus:
+    def test_on_by_default(self) -> None:
+        """status says on, decided by the default, in words and as JSON."""
+        done = kaibantrace_command("status", KAIBAN_TELEMETRY_APP_ID=APP_ID)
+        assert done.returncode == 0 and done.stderr == ""
+        assert "Telemetry is on." in done.stdout and APP_ID in done.stdout
+        report = as_json(kaibantrace_command("status", "--json", KAIBAN_TELEMETRY_APP_ID=APP_ID))
+        assert report["enabled"] is True and report["decided_by"] == "default"
+        assert report["app_id"] == APP_ID and report["pending"] == 0
+        assert report["state_dir"] == os.environ["KAIBAN_TELEMETRY_DIR"]
+        assert report["last_sent"] is None
+
+    @pytest.mark.parametrize("variable", ["KAIBAN_TELEMETRY_OPT_OUT", "DO_NOT_TRACK"])
+    def test_names_the_variable_that_decided(self, variable: str) -> None:
+        done = kaibantrace_command("status", **{variable: "1"})
+        assert "Telemetry is off." in done.stdout and variable in done.stdout
+        report = as_json(kaibantrace_command("status", "--json", **{variable: "1"}))
+        assert (report["enabled"], report["decided_by"]) == (False, variable)
+
+    def test_counts_what_waits_in_the_outbox(self, refused_url: str) -> None:
+        leave_signals(refused_url, 7)
+        report = as_json(kaibantrace_command("status", "--json"))
+        assert report["pending"] == 7 and report["pending_by_app"] == {APP_ID.lower(): 7}
+
+
+class TestEnableDisable:
+    def test_disable_is_saved_honoured_everywhere_and_purges(self, refused_url: str,
+                                                             collector: Collector) -> None:
+        """disable saves the choice (0600), deletes what waits, and every process honours it."""
+        leave_signals(refused_url, 5)
+        report = as_json(kaibantrace_command("disable", "--json"))
+        assert report == {"ok": True, "saved": "disabled", "enabled": False, "deleted": 5}
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 0
+        saved = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "preferences.json"
+        assert json.loads(saved.read_text())["telemetry"] == "disabled"
+        if os.name == "posix":
+            assert saved.stat().st_mode & 0o777 == 0o600
+        status = as_json(kaibantrace_command("status", "--json"))
+        assert (status["enabled"], status["decided_by"]) == (False, "saved preference")
+        # A program run afterwards sends nothing and creates no outbox.
+        subprocess.run([sys.executable, "-c", _LEAVE_SIGNALS, APP_ID, collector.url, "3"],
+                       env=subprocess_env(), check=True, timeout=60)
+        assert collector.requests == []
+        assert not list(Path(os.environ["KAIBAN_TELEMETRY_DIR"]).glob("outbox-*"))
+
+    def test_enable_never_overrides_an_environment_opt_out(self) -> None:
+        assert kaibantrace_command("disable").returncode == 0
+        done = kaibantrace_command("enable", DO_NOT_TRACK="1")
+        assert done.returncode == 0 and "stays off" in done.stdout and "DO_NOT_TRACK" in done.stdout
+        report = as_json(kaibantrace_command("enable", "--json", DO_NOT_TRACK="1"))
+        assert (report["enabled"], report["decided_by"]) == (False, "DO_NOT_TRACK")
+        assert as_json(kaibantrace_command("status", "--json"))["enabled"] is True
+
+    def test_unwritable_config_directory_is_a_one_line_failure(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        done = kaibantrace_command("disable", KAIBAN_TELEMETRY_CONFIG_DIR=str(blocker / "sub"))
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith("kaibantrace: could not save your choice")
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+class TestIdentityCommands:
+    def test_project_id_and_reset_rotating_the_secret(self, tmp_path: Path) -> None:
+        """project-id shows the seed's ID and what is sent; reset rotates the secret, so the
+        sent value changes while the project ID stays."""
+        first = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path))
+        assert first["project_id"] == kaibantrace.project_id(cwd=str(tmp_path))
+        secret_file = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret"
+        secret = bytes.fromhex(secret_file.read_text().strip())
+        keyed = hmac.new(secret, first["project_id"].encode(), hashlib.sha256).hexdigest()
+        assert first["sent_as"] == hashlib.sha256(keyed.encode()).hexdigest()
+        assert first["project_id"] not in first["sent_as"]
+
+        reset = as_json(kaibantrace_command("reset", "--json"))
+        assert "secret" in reset["removed"] and not secret_file.exists()
+        second = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path))
+        assert second["project_id"] == first["project_id"]
+        assert second["sent_as"] != first["sent_as"]
+
+    def test_kaibanjs_profile_sends_the_plain_hash(self, tmp_path: Path) -> None:
+        report = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path,
+                                             KAIBAN_TELEMETRY_PROFILE="kaibanjs"))
+        assert report["sent_as"] == hashlib.sha256(report["project_id"].encode()).hexdigest()
+
+
+class TestLogAndFlush:
+    def test_log_is_exactly_what_the_collector_received(self, collector: Collector) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url, flush_interval=0.01,
+                                       batch_size=3)
+        try:
+            for i in range(7):
+                client.emit("audited", {"i": i})
+            assert client.flush(10)
+        finally:
+            client.shutdown()
+        records = as_json(kaibantrace_command("log", "--json", "--limit", "100"))
+        assert [r["body"].encode("utf-8") for r in records] == [r.body for r in collector.requests]
+        assert sum(r["signals"] for r in records) == 7
+        assert {r["url"] for r in records} == {collector.url}
+        text = kaibantrace_command("log", "--limit", "1")
+        assert text.returncode == 0 and records[-1]["body"] in text.stdout
+        status = as_json(kaibantrace_command("status", "--json", KAIBAN_TELEMETRY_APP_ID=APP_ID))
+        assert status["last_sent"] == records[-1]["sent_at"]
+
+    def test_flush_sends_what_waits(self, free_port: int) -> None:
+        url = f"http://127.0.0.1:{free_port}/v2/"
+        leave_signals(url, 12)
+        with Collector(port=free_port) as collector:
+            report = as_json(kaibantrace_command("flush", "--json", KAIBAN_TELEMETRY_ENDPOINT=url))
+            assert report == {"ok": True, "sent": 12, "left": 0}
+            assert [s["type"] for s in collector.wait_for(12)] == ["left_behind"] * 12
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 0
+
+    def test_flush_that_cannot_send_fails_in_one_line(self, refused_url: str) -> None:
+        leave_signals(refused_url, 2)
+        done = kaibantrace_command("flush", "--timeout", "20", KAIBAN_TELEMETRY_ENDPOINT=refused_url)
+        assert done.returncode == 1
+        assert done.stderr.startswith("kaibantrace: 2 signal(s) could not be sent")
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 2
+
+
+class TestUsage:
+    @pytest.mark.parametrize("args", [["bogus"], [], ["log", "--limit", "many"],
+                                      ["status", "--app", "not-a-uuid"]])
+    def test_usage_errors(self, args: list[str]) -> None:
+        done = kaibantrace_command(*args)
+        expected = 1 if "--app" in args else 2
+        assert done.returncode == expected and done.stderr.strip() != ""
+
+    def test_help(self) -> None:
+        done = kaibantrace_command("--help")
+        assert done.returncode == 0
+        for name in ("status", "enable", "disable", "reset", "log", "project-id", "flush"):
+            assert name in done.stdout
+
+    def test_mounted_in_an_authors_cli(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """command_line() reports on the author's own client."""
+        client = kaibantrace.Telemetry(app_id=APP_ID, opt_out_env="MYTOOL_NO_TELEMETRY")
+        os.environ["MYTOOL_NO_TELEMETRY"] = "1"
+        try:
+            code = kaibantrace.command_line(["status", "--json"], client=client,
+                                            prog="mytool telemetry")
+        finally:
+            del os.environ["MYTOOL_NO_TELEMETRY"]
+        report: Dict[str, Any] = json.loads(capsys.readouterr().out)
+        assert code == 0 and report["decided_by"] == "MYTOOL_NO_TELEMETRY"
