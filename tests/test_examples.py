@@ -145,3 +145,24 @@ class TestCli:
         assert "Telemetry is off (KAIBAN_TELEMETRY_OPT_OUT is set), so nothing was sent." \
             in done.stdout
         assert_nothing_arrives(collector)
+
+
+class TestFrameworkExamples:
+    @pytest.mark.parametrize("script", ["click_cli.py", "typer_cli.py"])
+    def test_reports_the_sub_command_and_no_argument(self, script: str, collector: Collector
+                                                     ) -> None:
+        """The click and typer examples record install, then the sub-command, never 'v2'."""
+        pytest.importorskip(script.split("_")[0])
+        done = run_against(collector, script, "db", "migrate", "v2")
+        assert done.returncode == 0, done.stderr
+        assert "Migrated to v2" in done.stdout
+        install, used = collector.wait_for(2, timeout=5)
+        assert (install["type"], used["type"]) == ("install", "cli_used")
+        assert used["payload"] == {"command": "db migrate"}
+        assert b"v2" not in b"".join(r.body for r in collector.requests)
+
+    def test_click_example_mounts_the_telemetry_commands(self) -> None:
+        pytest.importorskip("click")
+        done = run_example("click_cli.py", "telemetry", "status", "--json")
+        assert done.returncode == 0, done.stderr
+        assert '"decided_by": "default"' in done.stdout
