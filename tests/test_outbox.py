@@ -371,6 +371,8 @@ class TestConcurrencyAtScale:
         assert len(delivered) == len(unique(delivered)) == 10_000
         assert len({s["sessionID"] for s in delivered}) == 10_000
 
+    # Forking while kaibantrace's threads run is exactly the case under test.
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     @pytest.mark.parametrize("method", ["fork", "spawn"])
     def test_multiprocessing_pools(self, collector: Collector, method: str,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -389,6 +391,8 @@ class TestConcurrencyAtScale:
         delivered = collector.wait_for(21)
         assert len(delivered) == len(unique(delivered)) == 21
 
+    # Forking while kaibantrace's threads run is exactly the case under test.
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_process_pool_executor(self, collector: Collector,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
         """concurrent.futures workers deliver their events once."""
