@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _outbox, _prefs, _sentlog
-from ._config import Decision, in_ci, is_app_id
+from ._config import Decision, decide, in_ci, is_app_id, keyed_with_local_secret
 from ._identity import hash_user, keyed_identity, project_id
 from ._state import config_dir, state_dir
 
@@ -53,10 +53,11 @@ def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telem
         return int(stop.code or 0)
     try:
         result: Dict[str, Any] = args.run(telemetry, args)
-    except Failure as failure:
+    except Exception as exc:  # a one-line reason, never a traceback
+        reason = str(exc) if isinstance(exc, Failure) else f"unexpected error: {exc!r}"
         if args.json:
-            print(json.dumps({"ok": False, "error": str(failure)}))
-        print(f"{prog}: {failure}", file=sys.stderr)
+            print(json.dumps({"ok": False, "error": reason}))
+        print(f"{prog}: {reason}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=None if args.command == "log" else 2))
@@ -72,11 +73,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="See, stop and audit the anonymous usage telemetry that programs "
         "built with kaibantrace send.")
+    parser.set_defaults(prog=prog)
+    # --json and --app work before or after the command: the command's copies
+    # default to SUPPRESS so they never overwrite a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON value, for scripts")
-    common.add_argument("--app", metavar="APP_ID",
-                        help="the TelemetryDeck app ID to look at (default: the program's own, "
-                        "or KAIBAN_TELEMETRY_APP_ID)")
+    for target, top in ((parser, True), (common, False)):
+        target.add_argument("--json", action="store_true",
+                            default=False if top else argparse.SUPPRESS,
+                            help="print one JSON value, for scripts")
+        target.add_argument("--app", metavar="APP_ID", type=_app_id_argument,
+                            default=None if top else argparse.SUPPRESS,
+                            help="the TelemetryDeck app ID to look at (default: the program's "
+                            "own, or KAIBAN_TELEMETRY_APP_ID)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, run, text in [
         ("status", _status, "whether telemetry is on, which source decided, what is waiting"),
@@ -91,7 +99,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[common], help=text, description=text)
         sub.set_defaults(run=run)
         if name == "log":
-            sub.add_argument("--limit", type=int, default=10, metavar="N",
+            sub.add_argument("--limit", type=_count_argument, default=10, metavar="N",
                              help="how many requests to show (default 10)")
         if name == "flush":
             sub.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
@@ -99,10 +107,31 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _app_id_argument(text: str) -> str:
+    if not is_app_id(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TelemetryDeck app ID (a UUID)")
+    return text
+
+
+def _count_argument(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return number
+
+
+def _decision(telemetry: Telemetry, args: argparse.Namespace) -> Decision:
+    """The decision for the app asked about (``--app``), else for the program's own."""
+    if args.app is not None:
+        return decide(telemetry.settings.replace(app_id=args.app), os.environ)
+    return telemetry.decision()
+
+
 def _app_of(telemetry: Telemetry, args: argparse.Namespace, decision: Decision) -> Optional[str]:
     if args.app is not None:
-        if not is_app_id(args.app):
-            raise Failure(f"--app {args.app!r} is not a TelemetryDeck app ID (a UUID)")
         return str(args.app)
     return decision.app_id or telemetry._app_id_even_if_off()
 
@@ -114,7 +143,7 @@ def _describe(decided_by: str) -> str:
 # -- the commands ------------------------------------------------------------------
 
 def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
-    decision = telemetry.decision()
+    decision = _decision(telemetry, args)
     app_id = _app_of(telemetry, args, decision)
     directory = state_dir()
     apps = [app_id] if app_id else _outbox.apps_with_outbox(directory)
@@ -157,7 +186,7 @@ def _enable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     decision = telemetry.decision()
     if not args.json:
         if decision.enabled:
-            print("Telemetry is enabled. Turn it off again with `kaibantrace disable`.")
+            print(f"Telemetry is enabled. Turn it off again with `{args.prog} disable`.")
         else:
             print(f"Saved. Telemetry stays off, though: {_describe(decision.decided_by)} "
                   "still says so, and an opt-out always wins.")
@@ -175,7 +204,7 @@ def _disable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     if not args.json:
         print("Telemetry is disabled for every program that uses kaibantrace on this machine.")
         print(f"Deleted {removed} signal(s) that were waiting to be sent. "
-              "`kaibantrace enable` turns it back on.")
+              f"`{args.prog} enable` turns it back on.")
     return {"ok": True, "saved": _prefs.DISABLED, "enabled": False, "deleted": removed}
 
 
@@ -187,21 +216,29 @@ def _save(choice: str) -> None:
 
 
 def _reset(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
-    removed = _prefs.reset()
+    try:
+        removed = _prefs.reset()
+    except OSError as exc:
+        raise Failure(str(exc)) from None
+    decision = telemetry.decision()
     if not args.json:
         if removed:
-            print("Forgot the saved choice, the first-run notice and the local secret "
-                  f"({', '.join(removed)}). A new secret is made at the next send.")
+            print(f"Forgot {', '.join(removed)}: the saved choice, the first-run notices, the "
+                  "install markers and the local secret, whichever existed.")
+            print("A new secret is made at the next send; the notice shows again on a terminal.")
         else:
-            print("Nothing to forget: no saved choice, notice marker or local secret.")
-    return {"ok": True, "removed": removed}
+            print("Nothing to forget: no saved choice, notice or install marker, or local secret.")
+        state = "on" if decision.enabled else "off"
+        print(f"Telemetry is now {state} ({_describe(decision.decided_by)}).")
+    return {"ok": True, "removed": removed, "enabled": decision.enabled,
+            "decided_by": decision.decided_by}
 
 
 def _log(telemetry: Telemetry, args: argparse.Namespace) -> Any:
     records = _sentlog.read()
     if args.app:
         records = [r for r in records if str(r.get("app_id", "")).lower() == args.app.lower()]
-    shown = records[-max(args.limit, 0):] if args.limit else []
+    shown = records[-args.limit:] if args.limit else []
     if not args.json:
         if not shown:
             print("Nothing has been sent from this machine (or the log was cleared).")
@@ -213,25 +250,31 @@ def _log(telemetry: Telemetry, args: argparse.Namespace) -> Any:
 
 
 def _project_id(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
-    decision = telemetry.decision()
+    decision = _decision(telemetry, args)
     settings = telemetry.settings
     identifier = project_id()
-    keyed = (settings.local_secret if settings.local_secret is not None
-             else decision.profile != "kaibanjs")
+    keyed = keyed_with_local_secret(settings)
     sent: Optional[str] = None
-    if keyed:
-        if decision.enabled:  # the secret a send would use (made now if there is none)
-            secret = _prefs.local_secret(persist=not in_ci(os.environ))
-            sent = hash_user(keyed_identity(identifier, secret), settings.salt)
-    else:
+    why_none = "nothing: telemetry is off"
+    if not decision.enabled:
+        pass
+    elif not keyed:
         sent = hash_user(identifier, settings.salt)
+    elif in_ci(os.environ):  # a fresh secret in memory for each run: nothing to show
+        why_none = "a different value on every run (in CI the secret is never saved)"
+    else:  # the saved secret, read, never made here
+        secret = _prefs.existing_secret()
+        if secret is not None:
+            sent = hash_user(keyed_identity(identifier, secret), settings.salt)
+        else:
+            why_none = "not known yet: this machine's secret is made at the first send"
     if not args.json:
         print(f"project ID:  {identifier}  (KaibanJS's formula; never sent)")
         if sent is not None:
             how = "keyed with this machine's secret, then hashed" if keyed else "hashed"
             print(f"sent as:     {sent}  ({how})")
         else:
-            print("sent as:     nothing: telemetry is off")
+            print(f"sent as:     {why_none}")
     return {"project_id": identifier, "sent_as": sent, "keyed_with_local_secret": keyed,
             "enabled": decision.enabled}
 
@@ -239,9 +282,12 @@ def _project_id(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any
 def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     from ._client import Telemetry as Client
 
-    decision = telemetry.decision()
+    decision = _decision(telemetry, args)
     if not decision.enabled:
         raise Failure(f"telemetry is off ({_describe(decision.decided_by)}); nothing is sent")
+    if decision.debug:
+        raise Failure("debug mode is on (KAIBAN_TELEMETRY_DEBUG): signals are printed, "
+                      "never sent")
     app_ids = ([_app_of(telemetry, args, decision)] if (args.app or decision.app_id)
                else _outbox.apps_with_outbox(state_dir()))
     totals = {"sent": 0, "left": 0}
@@ -252,8 +298,10 @@ def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         if waiting == 0:
             continue
         s = telemetry.settings
+        # The author's own transport and timeout: the same way out as every send.
         client = Client(app_id=app, endpoint=s.endpoint, namespace=s.namespace, salt=s.salt,
-                        opt_out_env=s.opt_out_env, profile=s.profile)
+                        opt_out_env=s.opt_out_env, profile=s.profile, timeout=s.timeout,
+                        backoff=s.backoff, transport=telemetry._transport)
         sent, left, problem = _drain(client, waiting, args)
         totals["sent"] += sent
         totals["left"] += left
@@ -285,10 +333,10 @@ def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[i
             if sender.passes and (left == 0 or sender.circuit_open):
                 break
             time.sleep(0.05)
-        sent = int(client.stats()["sent"])  # type: ignore[call-overload]
     finally:
         if show:
             print()
         client.shutdown(timeout=1.0)
+    sent = int(client.stats()["sent"])  # type: ignore[call-overload]  # after the last send
     left = max(0, waiting - sent)
     return sent, left, sender.last_problem

@@ -45,6 +45,7 @@ from ._config import (
     in_ci,
     ingest_url,
     is_app_id,
+    keyed_with_local_secret,
 )
 from ._errors import DropEvent, EventError
 from ._identity import Session, SessionNode, SessionScope, project_id
@@ -336,20 +337,31 @@ class Telemetry:
             app_id = decision.app_id
             if not decision.enabled or decision.debug or app_id is None or in_ci(os.environ):
                 return
-            if not _prefs.notice_shown(app_id) and _show_notice(self._settings.opt_out_env):
-                self._holding = True
-                if self._sender is not None:
-                    self._sender.holding = True
-                _prefs.mark_notice_shown(app_id)
+            if not _prefs.notice_shown(app_id) and _stderr_is_terminal():
+                # Hold first: whatever happens below, this run sends nothing. The
+                # marker is written before the notice is printed and removed if
+                # printing fails, so the notice is marked seen only when shown,
+                # and a config directory that cannot be written means no notice
+                # and a run that holds, never a run that sends unannounced.
+                self._hold()
+                if _prefs.mark_notice_shown(app_id) and not _show_notice(
+                        self._settings.opt_out_env):
+                    _prefs.forget_notice(app_id)
             project = project_id()
             if not _prefs.install_recorded(app_id, project):
                 accept = self._route()
-                if accept is not None:
+                # The marker first: a run that cannot record it sends no install
+                # event, so an unwritable directory never makes every run an install.
+                if accept is not None and _prefs.mark_install(app_id, project):
                     name = events.INSTALL if decision.profile == "kaibanjs" else "install"
                     accept(self._raw(name, None, project))
-                    _prefs.mark_install(app_id, project)
         except Exception:
             logger.debug("kaibantrace: first-run handling failed", exc_info=True)
+
+    def _hold(self) -> None:
+        self._holding = True
+        if self._sender is not None:
+            self._sender.holding = True
 
     def _forked_from_c(self, raw: RawEvent) -> None:
         """A child forked without Python's at-fork hooks: start over here, keep this event."""
@@ -392,7 +404,7 @@ class Telemetry:
         """How this client encodes now: its settings, the profile, the secret, the defaults."""
         s = self._settings
         kaibanjs = decision.profile == "kaibanjs"
-        keyed = s.local_secret if s.local_secret is not None else not kaibanjs
+        keyed = keyed_with_local_secret(s)
         ci = in_ci(os.environ)
         secret = (lambda: _prefs.local_secret(persist=not ci)) if keyed else None
         defaults = default_parameters(ci) if s.default_parameters and not kaibanjs else None
@@ -542,9 +554,11 @@ class Telemetry:
                 after_fork()
             except Exception:
                 logger.debug("kaibantrace: the transport failed to reset after fork", exc_info=True)
-        closed = self._closed  # a client shut down in the parent stays shut down
+        # A client shut down in the parent stays shut down; a run that showed the
+        # notice keeps holding in its children; the first-run work is not redone.
+        kept = (self._closed, self._holding, self._cli_seen)
         self._reset_state()
-        self._closed = closed
+        self._closed, self._holding, self._cli_seen = kept
 
     def __repr__(self) -> str:
         return f"<kaibantrace.Telemetry app_id={self._settings.app_id!r}>"
@@ -558,15 +572,29 @@ kaibantrace with `kaibantrace disable`. `kaibantrace log` shows what was sent.
 """
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except Exception:  # a replaced or closed stream
+        return False
+
+
+def _program_name() -> str:
+    """What the user typed: the script's name, or the package's for ``python -m package``."""
+    path = sys.argv[0] if sys.argv and isinstance(sys.argv[0], str) else ""
+    name = os.path.basename(path)
+    if name == "__main__.py":
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return name or "This program"
+
+
 def _show_notice(opt_out_env: str) -> bool:
     """Print the first-run notice on stderr if it is a terminal; whether it was shown."""
     try:
-        stream = sys.stderr
-        if stream is None or not stream.isatty():
+        if not _stderr_is_terminal():
             return False
-        prog = os.path.basename(sys.argv[0] or "") or "This program"
-        stream.write(NOTICE.format(prog=prog, opt_out=opt_out_env))
-        stream.flush()
+        sys.stderr.write(NOTICE.format(prog=_program_name(), opt_out=opt_out_env))
+        sys.stderr.flush()
         return True
     except Exception:
         return False

@@ -196,6 +196,18 @@ def profile_of(settings: Settings, environ: Mapping[str, str]) -> str:
     return chosen or "default"
 
 
+def keyed_with_local_secret(settings: Settings) -> bool:
+    """Whether CLI identities are keyed with the machine's secret before hashing.
+
+    On unless the author turned it off or chose the KaibanJS profile in code
+    (the seed's identities). ``KAIBAN_TELEMETRY_PROFILE`` alone never lowers
+    this protection.
+    """
+    if settings.local_secret is not None:
+        return settings.local_secret
+    return settings.profile != "kaibanjs"
+
+
 def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     """The one place that decides opt-out, debug mode, the app ID and the profile.
 
@@ -223,7 +235,9 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
         if app_id is not None and not is_app_id(app_id):
             _log_bad_env_once(ENV_APP_ID, "is not a UUID")
             app_id = None
-    if app_id is None and profile == "kaibanjs":
+    if app_id is None and settings.profile == "kaibanjs":
+        # Only a profile chosen in code lends KaibanJS's app ID: an environment
+        # variable must not route another program's signals to KaibanJS.
         app_id = KAIBANJS_LIBRARY_APP_ID
     if app_id is not None and not debug:
         url = ingest_url(settings, environ)

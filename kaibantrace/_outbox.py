@@ -36,6 +36,7 @@ import urllib.parse
 import uuid
 from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
+from ._config import is_app_id
 from ._fork import guarded
 from ._state import create_private_file, ensure_private_dir
 
@@ -109,8 +110,9 @@ def apps_with_outbox(directory: str) -> List[str]:
         names = os.listdir(directory)
     except OSError:
         return []
-    return sorted(name[len("outbox-"):-len(".sqlite3")] for name in names
-                  if name.startswith("outbox-") and name.endswith(".sqlite3"))
+    apps = (name[len("outbox-"):-len(".sqlite3")] for name in names
+            if name.startswith("outbox-") and name.endswith(".sqlite3"))
+    return sorted(app for app in apps if is_app_id(app))  # other files are not ours
 
 
 def waiting(directory: str, app_id: str) -> Optional[int]:

@@ -95,8 +95,14 @@ def notice_shown(app_id: str) -> bool:
     return os.path.exists(notice_path(app_id))
 
 
-def mark_notice_shown(app_id: str) -> None:
-    write_private_file(notice_path(app_id), _now() + "\n")
+def mark_notice_shown(app_id: str) -> bool:
+    """Record the notice as seen; False if the marker cannot be written (then it is not shown)."""
+    return _write_marker(notice_path(app_id))
+
+
+def forget_notice(app_id: str) -> None:
+    """Undo ``mark_notice_shown`` when the notice could not be printed after all."""
+    _remove_quietly(notice_path(app_id))
 
 
 def install_path(app_id: str, project: str) -> str:
@@ -108,8 +114,19 @@ def install_recorded(app_id: str, project: str) -> bool:
     return os.path.exists(install_path(app_id, project))
 
 
-def mark_install(app_id: str, project: str) -> None:
-    write_private_file(install_path(app_id, project), _now() + "\n")
+def mark_install(app_id: str, project: str) -> bool:
+    """Record the install event; False if the marker cannot be written (then none is sent,
+    so an unwritable config directory never turns every run into an install)."""
+    return _write_marker(install_path(app_id, project))
+
+
+def _write_marker(path: str) -> bool:
+    try:
+        write_private_file(path, _now() + "\n")
+        return True
+    except OSError:
+        logger.debug("kaibantrace: could not write %s", os.path.basename(path), exc_info=True)
+        return False
 
 
 # -- the local secret ----------------------------------------------------------------
@@ -118,33 +135,62 @@ def secret_path() -> str:
     return os.path.join(config_dir(), "secret")
 
 
+def existing_secret() -> Optional[bytes]:
+    """The secret saved on this machine, without making one; ``None`` if there is none."""
+    if _secret is not None:
+        return _secret
+    try:
+        with open(secret_path(), encoding="ascii") as handle:
+            return bytes.fromhex(handle.read().strip()) or None
+    except (OSError, ValueError):
+        return None
+
+
 def local_secret(*, persist: bool) -> bytes:
     """This machine's secret, made on first use; only in memory when ``persist`` is False (CI).
 
     If the file cannot be written, the secret lives for this process only:
     identities then change from run to run, which costs the author accuracy,
-    never the user privacy.
+    never the user privacy. Two processes making it at once agree on one: the
+    file is created exclusively, and the one that loses the race reads the
+    winner's.
     """
     global _secret
     with _secret_lock:
         if _secret is not None:
             return _secret
-        secret: Optional[bytes] = None
-        path = secret_path()
-        if persist:
-            try:
-                with open(path, encoding="ascii") as handle:
-                    secret = bytes.fromhex(handle.read().strip()) or None
-            except (OSError, ValueError):
-                secret = None
-            if secret is None:
-                secret = os.urandom(32)
-                try:
-                    write_private_file(path, secret.hex() + "\n")
-                except OSError:
-                    logger.debug("kaibantrace: could not save the local secret", exc_info=True)
+        secret = existing_secret() if persist else None
+        if secret is None and persist:
+            secret = _create_secret()
         _secret = secret or os.urandom(32)
         return _secret
+
+
+def _create_secret() -> Optional[bytes]:
+    """Write a new secret in full beside its place, then link it there only if nothing is
+    there yet: a reader never sees a half-written secret, and a race has one winner."""
+    path = secret_path()
+    fresh = os.urandom(32)
+    temporary = f"{path}.{os.getpid()}.new"
+    try:
+        write_private_file(temporary, fresh.hex() + "\n")
+        try:
+            os.link(temporary, path)
+        except FileExistsError:  # another process made it first: use theirs
+            return existing_secret()
+        finally:
+            _remove_quietly(temporary)
+    except OSError:
+        logger.debug("kaibantrace: could not save the local secret", exc_info=True)
+        return None
+    return fresh
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def forget_in_memory() -> None:
@@ -193,6 +239,8 @@ def reset() -> List[str]:
             removed.append(os.path.basename(path))
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise OSError(f"could not remove {path}: {exc.strerror or exc}") from None
     projects = os.path.join(directory, "projects")
     if os.path.isdir(projects):
         import shutil  # deferred: only a reset needs it

@@ -526,6 +526,7 @@ class Sender:
     def _retire(self, outbox: Outbox, target: Target) -> None:
         """410 Gone: record it for good, drop what waits for this endpoint, never send again."""
         self._circuit_open = True
+        self.last_problem = "the endpoint answered 410 Gone: it is retired, and what waited was dropped"
         try:
             self._on_retired(target)
         except Exception:

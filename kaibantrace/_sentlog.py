@@ -65,7 +65,7 @@ def read(directory: Optional[str] = None) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     for name in (path + ".1", path):
         try:
-            with open(name, encoding="utf-8") as handle:
+            with open(name, encoding="utf-8", errors="replace") as handle:
                 lines = handle.readlines()
         except OSError:
             continue

@@ -15,6 +15,7 @@ from typing import Any, Dict
 import pytest
 
 import kaibantrace
+from kaibantrace import _prefs
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env
@@ -71,6 +72,26 @@ class TestStatus:
         assert report["pending"] == 7 and report["pending_by_app"] == {APP_ID.lower(): 7}
 
 
+    def test_app_option_decides_for_that_app(self) -> None:
+        """An endpoint retired for one app is reported for that app, not for another."""
+        other = "0F5A5C1E-0000-4000-8000-000000000001"
+        url = "http://127.0.0.1:9/v2/"
+        _prefs.mark_retired(other, url)
+        asked = as_json(kaibantrace_command("status", "--json", "--app", other,
+                                            KAIBAN_TELEMETRY_APP_ID=APP_ID,
+                                            KAIBAN_TELEMETRY_ENDPOINT=url))
+        own = as_json(kaibantrace_command("status", "--json", KAIBAN_TELEMETRY_APP_ID=APP_ID,
+                                          KAIBAN_TELEMETRY_ENDPOINT=url))
+        assert (asked["enabled"], asked["decided_by"]) == (False, "retired endpoint")
+        assert (own["enabled"], own["decided_by"]) == (True, "default")
+
+    def test_files_that_are_not_outboxes_are_ignored(self) -> None:
+        state = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "outbox-not-an-app.sqlite3").write_text("junk")
+        assert as_json(kaibantrace_command("status", "--json"))["pending_by_app"] == {}
+
+
 class TestEnableDisable:
     def test_disable_is_saved_honoured_everywhere_and_purges(self, refused_url: str,
                                                              collector: Collector) -> None:
@@ -108,28 +129,72 @@ class TestEnableDisable:
         assert len(done.stderr.strip().splitlines()) == 1
 
 
+def make_secret() -> bytes:
+    """What the first keyed send does: make this machine's secret (in the test's directory)."""
+    secret = _prefs.local_secret(persist=True)
+    _prefs.forget_in_memory()
+    return secret
+
+
 class TestIdentityCommands:
     def test_project_id_and_reset_rotating_the_secret(self, tmp_path: Path) -> None:
         """project-id shows the seed's ID and what is sent; reset rotates the secret, so the
         sent value changes while the project ID stays."""
-        first = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path))
-        assert first["project_id"] == kaibantrace.project_id(cwd=str(tmp_path))
         secret_file = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret"
-        secret = bytes.fromhex(secret_file.read_text().strip())
+        before = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path))
+        assert before["project_id"] == kaibantrace.project_id(cwd=str(tmp_path))
+        assert before["sent_as"] is None and before["keyed_with_local_secret"] is True
+        assert not secret_file.exists()  # looking never makes the secret
+
+        secret = make_secret()
+        first = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path))
+        assert bytes.fromhex(secret_file.read_text().strip()) == secret
         keyed = hmac.new(secret, first["project_id"].encode(), hashlib.sha256).hexdigest()
         assert first["sent_as"] == hashlib.sha256(keyed.encode()).hexdigest()
         assert first["project_id"] not in first["sent_as"]
 
         reset = as_json(kaibantrace_command("reset", "--json"))
         assert "secret" in reset["removed"] and not secret_file.exists()
+        make_secret()
         second = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path))
         assert second["project_id"] == first["project_id"]
-        assert second["sent_as"] != first["sent_as"]
+        assert second["sent_as"] not in (None, first["sent_as"])
 
-    def test_kaibanjs_profile_sends_the_plain_hash(self, tmp_path: Path) -> None:
+    def test_kaibanjs_profile_in_code_sends_the_plain_hash(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch.chdir(tmp_path)
+        client = kaibantrace.Telemetry(profile="kaibanjs")
+        assert kaibantrace.command_line(["project-id", "--json"], client=client) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["sent_as"] == hashlib.sha256(report["project_id"].encode()).hexdigest()
+
+    def test_the_profile_variable_alone_keeps_the_secret_and_lends_no_app_id(
+            self, tmp_path: Path) -> None:
+        """Only code may choose the seed's reversible identities or KaibanJS's app ID."""
+        make_secret()
         report = as_json(kaibantrace_command("project-id", "--json", cwd=tmp_path,
                                              KAIBAN_TELEMETRY_PROFILE="kaibanjs"))
-        assert report["sent_as"] == hashlib.sha256(report["project_id"].encode()).hexdigest()
+        assert report["keyed_with_local_secret"] is True
+        assert report["sent_as"] != hashlib.sha256(report["project_id"].encode()).hexdigest()
+        status = as_json(kaibantrace_command("status", "--json",
+                                             KAIBAN_TELEMETRY_PROFILE="kaibanjs"))
+        assert status["profile"] == "kaibanjs" and status["app_id"] is None
+
+    def test_processes_making_the_secret_at_once_agree_on_one(self) -> None:
+        code = "from kaibantrace import _prefs; print(_prefs.local_secret(persist=True).hex())"
+        children = [subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(),
+                                     stdout=subprocess.PIPE, text=True) for _ in range(6)]
+        secrets = {child.communicate(timeout=60)[0].strip() for child in children}
+        saved = (Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "secret").read_text().strip()
+        assert secrets == {saved}
+
+    def test_reset_that_cannot_remove_a_file_fails_in_one_line(self) -> None:
+        (Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / "preferences.json").mkdir()
+        done = kaibantrace_command("reset")
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.startswith("kaibantrace: could not remove")
+        assert len(done.stderr.strip().splitlines()) == 1
 
 
 class TestLogAndFlush:
@@ -169,13 +234,58 @@ class TestLogAndFlush:
         assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 2
 
 
+    def test_flush_after_410_says_the_endpoint_is_retired(self, free_port: int) -> None:
+        url = f"http://127.0.0.1:{free_port}/v2/"
+        leave_signals(url, 3)
+        with Collector(port=free_port) as collector:
+            collector.respond(410)
+            done = kaibantrace_command("flush", KAIBAN_TELEMETRY_ENDPOINT=url)
+        assert done.returncode == 1 and "410 Gone" in done.stderr and "retired" in done.stderr
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 0  # dropped, as promised
+
+    def test_flush_in_debug_mode_says_nothing_is_sent(self, refused_url: str) -> None:
+        leave_signals(refused_url, 1)
+        done = kaibantrace_command("flush", KAIBAN_TELEMETRY_ENDPOINT=refused_url,
+                                   KAIBAN_TELEMETRY_DEBUG="1")
+        assert done.returncode == 1 and "debug mode" in done.stderr
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 1
+
+    def test_log_survives_a_damaged_file(self, collector: Collector) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url, flush_interval=0.01)
+        try:
+            client.emit("kept")
+            assert client.flush(10)
+        finally:
+            client.shutdown()
+        from kaibantrace import _sentlog
+
+        with open(_sentlog.log_path(), "ab") as handle:
+            handle.write(b"\xff\xfe not json \x80\n")
+        records = as_json(kaibantrace_command("log", "--json"))
+        assert [json.loads(r["body"])[0]["type"] for r in records] == ["kept"]
+
+
 class TestUsage:
     @pytest.mark.parametrize("args", [["bogus"], [], ["log", "--limit", "many"],
-                                      ["status", "--app", "not-a-uuid"]])
+                                      ["log", "--limit", "-1"], ["status", "--app", "not-a-uuid"],
+                                      ["log", "--app", "nope"]])
     def test_usage_errors(self, args: list[str]) -> None:
         done = kaibantrace_command(*args)
-        expected = 1 if "--app" in args else 2
-        assert done.returncode == expected and done.stderr.strip() != ""
+        assert done.returncode == 2 and "usage:" in done.stderr and "Traceback" not in done.stderr
+
+    def test_options_before_the_command(self) -> None:
+        report = as_json(kaibantrace_command("--json", "--app", APP_ID, "status"))
+        assert report["app_id"] == APP_ID and report["enabled"] is True
+
+    def test_an_unexpected_error_is_one_line(self, capsys: pytest.CaptureFixture[str]) -> None:
+        class Broken(kaibantrace.Telemetry):
+            def decision(self) -> kaibantrace.Decision:
+                raise RuntimeError("disk on fire")
+
+        assert kaibantrace.command_line(["status"], client=Broken(app_id=APP_ID)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("kaibantrace: unexpected error") and "disk on fire" in err
+        assert len(err.strip().splitlines()) == 1
 
     def test_help(self) -> None:
         done = kaibantrace_command("--help")

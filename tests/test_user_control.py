@@ -99,6 +99,13 @@ _CLI = textwrap.dedent("""
 
     kaibantrace.configure(app_id=os.environ["APP"], endpoint=os.environ["URL"])
     main(sys.argv[1:])
+    if os.environ.get("FORK"):  # a child of this run emits and flushes too
+        pid = os.fork()
+        if pid == 0:
+            kaibantrace.emit("from_child")
+            kaibantrace.flush(10)
+            os._exit(0)
+        os.waitpid(pid, 0)
     if os.environ.get("FLUSH"):
         print("flushed", kaibantrace.flush(10), flush=True)
 """)
@@ -158,6 +165,36 @@ class TestFirstRunNotice:
         assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 0
         assert collector.requests == []
 
+    def test_a_child_forked_on_the_notice_run_sends_nothing_either(
+            self, collector: Collector, tmp_path: Path) -> None:
+        said = run_cli(collector.url, "run", terminal=True, cwd=tmp_path, FLUSH="1", FORK="1")
+        assert "collects anonymous usage data" in said
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 3  # the child's event too
+        assert collector.requests == []
+
+    def test_unwritable_config_directory_means_no_notice_and_nothing_sent(
+            self, collector: Collector, tmp_path: Path) -> None:
+        """The notice cannot be marked seen, so it is not shown (it would show on every run),
+        and the run holds: nothing leaves unannounced. No install event either."""
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        said = run_cli(collector.url, "run", terminal=True, cwd=tmp_path, FLUSH="1",
+                       KAIBAN_TELEMETRY_CONFIG_DIR=str(blocker / "config"))
+        assert "collects anonymous usage data" not in said and "Traceback" not in said
+        assert collector.requests == []
+        assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 1  # cli_used, no install
+
+    @pytest.mark.parametrize(("argv0", "expected"), [
+        ("/usr/local/bin/boardtool", "boardtool"),
+        ("/site-packages/boardtool/__main__.py", "boardtool"),  # python -m boardtool
+        ("", "This program")])
+    def test_names_the_program_the_user_ran(self, monkeypatch: pytest.MonkeyPatch,
+                                            argv0: str, expected: str) -> None:
+        from kaibantrace._client import _program_name
+
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert _program_name() == expected
+
     def test_never_when_piped(self, collector: Collector, tmp_path: Path) -> None:
         said = run_cli(collector.url, "run", cwd=tmp_path, FLUSH="1")
         assert said == ""
@@ -173,6 +210,16 @@ class TestFirstRunNotice:
 
 
 class TestInstallEvent:
+    def test_none_when_the_marker_cannot_be_written(self, collector: Collector,
+                                                    tmp_path: Path) -> None:
+        """Otherwise every run of a machine with a read-only config directory is an install."""
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        for _ in range(2):
+            run_cli(collector.url, "run", cwd=tmp_path, FLUSH="1",
+                    KAIBAN_TELEMETRY_CONFIG_DIR=str(blocker / "config"))
+        assert [s["type"] for s in collector.wait_for(2)] == ["cli_used", "cli_used"]
+
     def test_once_per_project(self, collector: Collector, tmp_path: Path) -> None:
         one, two = tmp_path / "one", tmp_path / "two"
         one.mkdir()
