@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 SOURCES = {
     "code": "the program's own code (opt_out=True)",
     "DO_NOT_TRACK": "the DO_NOT_TRACK environment variable",
-    "saved preference": "your saved choice (`kaibantrace disable`)",
+    "saved preference": "your saved choice (`{prog} disable`)",
     "retired endpoint": "the ingest endpoint, which answered 410 Gone and is retired",
     "default": "the default (telemetry is on unless you opt out)",
 }
@@ -136,8 +136,9 @@ def _app_of(telemetry: Telemetry, args: argparse.Namespace, decision: Decision) 
     return decision.app_id or telemetry._app_id_even_if_off()
 
 
-def _describe(decided_by: str) -> str:
-    return SOURCES.get(decided_by, f"the {decided_by} environment variable")
+def _describe(decided_by: str, args: argparse.Namespace) -> str:
+    known = SOURCES.get(decided_by)
+    return known.format(prog=args.prog) if known else f"the {decided_by} environment variable"
 
 
 # -- the commands ------------------------------------------------------------------
@@ -169,7 +170,7 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         if decision.enabled and decision.debug:
             state = "on, debug mode (printed, never sent)"
         print(f"Telemetry is {state}.")
-        print(f"  decided by:  {_describe(decision.decided_by)}")
+        print(f"  decided by:  {_describe(decision.decided_by, args)}")
         print(f"  app:         {app_id or '(none configured)'}")
         print(f"  profile:     {decision.profile}")
         print(f"  waiting:     {pending} signal(s) in the outbox")
@@ -188,7 +189,7 @@ def _enable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         if decision.enabled:
             print(f"Telemetry is enabled. Turn it off again with `{args.prog} disable`.")
         else:
-            print(f"Saved. Telemetry stays off, though: {_describe(decision.decided_by)} "
+            print(f"Saved. Telemetry stays off, though: {_describe(decision.decided_by, args)} "
                   "still says so, and an opt-out always wins.")
     return {"ok": True, "saved": _prefs.ENABLED, "enabled": decision.enabled,
             "decided_by": decision.decided_by}
@@ -229,7 +230,7 @@ def _reset(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         else:
             print("Nothing to forget: no saved choice, notice or install marker, or local secret.")
         state = "on" if decision.enabled else "off"
-        print(f"Telemetry is now {state} ({_describe(decision.decided_by)}).")
+        print(f"Telemetry is now {state} ({_describe(decision.decided_by, args)}).")
     return {"ok": True, "removed": removed, "enabled": decision.enabled,
             "decided_by": decision.decided_by}
 
@@ -284,7 +285,7 @@ def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
 
     decision = _decision(telemetry, args)
     if not decision.enabled:
-        raise Failure(f"telemetry is off ({_describe(decision.decided_by)}); nothing is sent")
+        raise Failure(f"telemetry is off ({_describe(decision.decided_by, args)}); nothing is sent")
     if decision.debug:
         raise Failure("debug mode is on (KAIBAN_TELEMETRY_DEBUG): signals are printed, "
                       "never sent")

@@ -304,3 +304,11 @@ class TestUsage:
             del os.environ["MYTOOL_NO_TELEMETRY"]
         report: Dict[str, Any] = json.loads(capsys.readouterr().out)
         assert code == 0 and report["decided_by"] == "MYTOOL_NO_TELEMETRY"
+
+    def test_mounted_messages_name_the_authors_command(
+            self, capsys: pytest.CaptureFixture[str]) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        assert kaibantrace.command_line(["disable"], client=client, prog="mytool telemetry") == 0
+        assert "`mytool telemetry enable`" in capsys.readouterr().out
+        assert kaibantrace.command_line(["status"], client=client, prog="mytool telemetry") == 0
+        assert "`mytool telemetry disable`" in capsys.readouterr().out
