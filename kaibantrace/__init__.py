@@ -18,26 +18,66 @@ telemetry of its own should hold its own ``Telemetry``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import _thread
 
 from . import events
-from ._client import Telemetry
-from ._config import Decision, Settings
 from ._errors import ConfigurationError, EventError, KaibanTraceError, PrivacyError
-from ._identity import Session, SessionScope, project_id
 from ._version import __version__
 
+# ``typing.TYPE_CHECKING`` without importing ``typing``: type checkers treat any
+# name ``TYPE_CHECKING`` as true, and importing this package stays nearly free.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Mapping, Optional, Sequence
 
-    from ._client import F
+    from ._client import F, Telemetry
+    from ._config import Decision, Settings
+    from ._identity import Session, SessionScope, project_id
 
-_default = Telemetry()
+# The rest of the public face is loaded at its first use (PEP 562), so that
+# ``import kaibantrace`` costs next to nothing: the client, its configuration
+# and its identities come in with the first ``configure``, ``track`` or event.
+_LAZY = {
+    "Telemetry": "_client",
+    "Decision": "_config",
+    "Settings": "_config",
+    "Session": "_identity",
+    "SessionScope": "_identity",
+    "project_id": "_identity",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kaibantrace' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"kaibantrace.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+_default: Optional[Telemetry] = None
+_default_lock = _thread.allocate_lock()
 
 
 def default_client() -> Telemetry:
-    """The client the module-level functions use."""
-    return _default
+    """The client the module-level functions use (made at its first use)."""
+    global _default
+    client = _default
+    if client is None:
+        from ._client import Telemetry
+
+        with _default_lock:
+            if _default is None:
+                _default = Telemetry()
+            client = _default
+    return client
 
 
 def configure(**settings: Any) -> None:
@@ -49,7 +89,7 @@ def configure(**settings: Any) -> None:
     ``profile``, ``default_parameters``, ``local_secret``, ``transport``. Raises
     ``ConfigurationError`` naming a bad value.
     """
-    _default.configure(**settings)
+    default_client().configure(**settings)
 
 
 def track(name: str, *, payload: Any = None) -> Callable[[F], F]:
@@ -58,29 +98,29 @@ def track(name: str, *, payload: Any = None) -> Callable[[F], F]:
     ``payload`` is a mapping sent with every event, or a callable that receives
     the call's bound arguments as a dict and returns the mapping.
     """
-    return _default.track(name, payload=payload)
+    return default_client().track(name, payload=payload)
 
 
 def track_cli(name: str, *, payload: Any = None, parser: Any = None) -> Callable[[F], F]:
     """Decorator for CLI entry points: events are identified by the project ID, and carry
     the sub-command that ran (see ``Telemetry.track_cli``)."""
-    return _default.track_cli(name, payload=payload, parser=parser)
+    return default_client().track_cli(name, payload=payload, parser=parser)
 
 
 def session() -> SessionScope:
     """``with kaibantrace.session() as s:`` groups events under one random session ID."""
-    return _default.session()
+    return default_client().session()
 
 
 def emit(name: str, payload: Optional[Mapping[str, Any]] = None, *,
          float_value: Optional[float] = None) -> None:
     """Record one event now, from the default client."""
-    _default.emit(name, payload, float_value=float_value)
+    (_default or default_client()).emit(name, payload, float_value=float_value)
 
 
 def flush(timeout: float = 5.0) -> bool:
     """Wait until the default client's earlier events are delivered; ``True`` if they all were."""
-    return _default.flush(timeout)
+    return default_client().flush(timeout)
 
 
 def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telemetry] = None,
@@ -98,7 +138,7 @@ def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telem
 
 def shutdown(timeout: float = 1.0) -> None:
     """Send what the default client has queued within ``timeout``, then stop it."""
-    _default.shutdown(timeout)
+    default_client().shutdown(timeout)
 
 
 __all__ = [

@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import contextvars
 import itertools
-import logging
 import os
 import sys
 import threading
@@ -50,6 +49,7 @@ from ._config import (
 from ._errors import DropEvent, EventError
 from ._identity import Session, SessionNode, SessionScope, project_id
 from ._identity import after_fork_in_child as identity_after_fork
+from ._log import logger
 from ._outbox import MemoryOutbox, Outbox, open_outbox
 from ._outbox import purge as purge_outbox
 from ._pipeline import (
@@ -64,9 +64,6 @@ from ._pipeline import (
 from ._sender import Counters, Encoded, Sender, Target
 from ._state import state_dir
 from ._transport import HttpTransport, Transport
-
-logger = logging.getLogger("kaibantrace")
-logger.addHandler(logging.NullHandler())  # a library's logs are the host's to show
 
 Accept = Callable[[RawEvent], None]
 F = TypeVar("F")

@@ -15,16 +15,11 @@ This module reads the environment only when asked; it starts nothing.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import logging
 import re
-from typing import Mapping, Optional
-from urllib.parse import quote, urlsplit
+from typing import Mapping, NamedTuple, Optional
 
 from ._errors import ConfigurationError
-
-logger = logging.getLogger("kaibantrace")
+from ._log import logger
 
 ENV_OPT_OUT = "KAIBAN_TELEMETRY_OPT_OUT"
 ENV_DO_NOT_TRACK = "DO_NOT_TRACK"
@@ -39,6 +34,7 @@ DEFAULT_ENDPOINT = "https://nom.telemetrydeck.com/v2/"
 
 # Values that leave a flag unset. Anything else sets it, so an unknown value
 # such as "yes please" or "2" fails closed (opted out) rather than open.
+_HEX = frozenset("0123456789abcdefABCDEF")
 _UNSET_WORDS = frozenset({"", "0", "false", "no", "off", "n", "f"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -49,9 +45,11 @@ def flag_is_set(raw: Optional[str]) -> bool:
     return raw is not None and raw.strip().lower() not in _UNSET_WORDS
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything a client is configured with in code; ``None`` means "not given"."""
+class Settings(NamedTuple):
+    """Everything a client is configured with in code; ``None`` means "not given".
+
+    A named tuple rather than a dataclass: as immutable, and cheaper to import.
+    """
 
     app_id: Optional[str] = None
     endpoint: Optional[str] = None
@@ -75,10 +73,10 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
         given = {key: value for key, value in changes.items() if value is not None}
-        unknown = set(given) - {f.name for f in dataclasses.fields(self)}
+        unknown = set(given) - set(self._fields)
         if unknown:
             raise TypeError(f"unknown kaibantrace setting(s): {', '.join(sorted(unknown))}")
-        return validate(dataclasses.replace(self, **given))  # type: ignore[arg-type]
+        return validate(self._replace(**given))  # type: ignore[arg-type]
 
 
 def validate(settings: Settings) -> Settings:
@@ -117,13 +115,10 @@ def is_app_id(value: object) -> bool:
     """Whether ``value`` has the form of a TelemetryDeck app ID (a UUID)."""
     if not isinstance(value, str):
         return False
-    import uuid  # deferred: needed only when an app ID is configured
-
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+    # The forms ``uuid.UUID`` reads (braces, ``urn:uuid:``, hyphens anywhere), checked
+    # by hand: importing ``uuid`` costs more than a whole decision.
+    digits = value.replace("urn:", "").replace("uuid:", "").strip("{}").replace("-", "")
+    return len(digits) == 32 and all(c in _HEX for c in digits)
 
 
 def _is_int(value: object) -> bool:
@@ -143,6 +138,8 @@ def endpoint_problem(url: str) -> Optional[str]:
     """
     if not isinstance(url, str):
         return "must be a string"
+    from urllib.parse import urlsplit  # deferred, as below: only a configured URL needs it
+
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -161,6 +158,8 @@ def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine's loopback interface."""
     if host == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -174,8 +173,7 @@ SAVED_PREFERENCE = "saved preference"
 RETIRED_ENDPOINT = "retired endpoint"
 
 
-@dataclasses.dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """Whether a client sends, which source decided it, and what it sends as."""
 
     enabled: bool
@@ -274,6 +272,8 @@ def ingest_url(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
     if not base.endswith("/"):
         base += "/"
     if settings.namespace:
+        from urllib.parse import quote
+
         base += f"namespace/{quote(settings.namespace, safe='')}/"
     return base
 

@@ -17,7 +17,6 @@ and runs on the calling thread, because the arguments may change afterwards.
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator, Mapping, Optional, Tuple
 
 import wrapt
@@ -25,12 +24,12 @@ import wrapt
 from ._commands import command_argv, command_of
 from ._errors import EventError
 from ._identity import project_id
+from ._log import logger
 from ._pipeline import CleanPayload, PayloadFailed, Reporter, clean_payload, name_problem
 
 if TYPE_CHECKING:
     from ._client import Telemetry
 
-logger = logging.getLogger("kaibantrace")
 
 
 def check_name(name: object) -> str:

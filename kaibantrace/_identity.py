@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import hashlib
-import hmac
 import os
 import threading
 from types import TracebackType
@@ -46,9 +44,7 @@ class Session:
         if self._id is None:
             with _id_lock:
                 if self._id is None:
-                    import uuid  # deferred: only a process that records an event needs it
-
-                    self._id = str(uuid.uuid4())
+                    self._id = random_uuid()
         return self._id
 
     def __repr__(self) -> str:
@@ -102,9 +98,21 @@ class SessionScope:
         self.__exit__(exc_type, exc, tb)
 
 
+def random_uuid() -> str:
+    """A random (version 4) UUID as text, like ``str(uuid.uuid4())``, without importing
+    ``uuid`` (which costs more than everything else a first event needs)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
 def _md5_hex(text: str) -> str:
     # The seed's formula uses MD5 as a fingerprint, not for security; saying so
     # keeps it working where OpenSSL runs in FIPS mode.
+    import hashlib  # deferred, as in every hashing function here: a cost only when hashing
+
     return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
@@ -131,6 +139,8 @@ def project_id(cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] =
 @functools.lru_cache(maxsize=256)  # a process has few sessions; hashing each event again is waste
 def hash_user(identifier: str, salt: str) -> str:
     """``clientUser`` as TelemetryDeck expects it: hex SHA-256 of identifier + salt."""
+    import hashlib
+
     return hashlib.sha256((identifier + salt).encode("utf-8")).hexdigest()
 
 
@@ -143,4 +153,7 @@ def keyed_identity(identifier: str, secret: bytes) -> str:
     that never leaves the machine, what is sent can no longer be matched to
     any guess.
     """
+    import hashlib
+    import hmac
+
     return hmac.new(secret, identifier.encode("utf-8"), hashlib.sha256).hexdigest()

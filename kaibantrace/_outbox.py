@@ -27,20 +27,18 @@ identities and privacy-checked payloads, never raw input.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
-import sqlite3
 import threading
 import time
-import urllib.parse
-import uuid
-from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 from ._config import is_app_id
 from ._fork import guarded
+from ._log import logger
 from ._state import create_private_file, ensure_private_dir
 
-logger = logging.getLogger("kaibantrace")
+if TYPE_CHECKING:
+    import sqlite3
 
 MAX_SIGNALS = 10_000
 MAX_AGE = 24 * 3600.0
@@ -121,8 +119,11 @@ def waiting(directory: str, app_id: str) -> Optional[int]:
     path = outbox_path(directory, app_id)
     if not os.path.exists(path):
         return 0
+    import sqlite3
+    from urllib.parse import quote
+
     try:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
         connection = sqlite3.connect(uri, uri=True, timeout=2.0)
         try:
             (count,) = connection.execute("SELECT COUNT(*) FROM signals").fetchone()
@@ -135,6 +136,8 @@ def waiting(directory: str, app_id: str) -> Optional[int]:
 
 def open_outbox(directory: str, app_id: str, *, max_signals: int = MAX_SIGNALS) -> Outbox:
     """The app's SQLite outbox, or a memory one when the directory is unusable (logged at DEBUG)."""
+    import sqlite3  # here, not at the top: a process that never sends never loads SQLite
+
     try:
         ensure_private_dir(directory)
         return SqliteOutbox(outbox_path(directory, app_id), max_signals=max_signals)
@@ -145,7 +148,7 @@ def open_outbox(directory: str, app_id: str, *, max_signals: int = MAX_SIGNALS) 
 
 
 def _origin() -> str:
-    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return f"{os.getpid()}-{os.urandom(6).hex()}"
 
 
 _SCHEMA = """
@@ -181,6 +184,8 @@ class SqliteOutbox:
     def _connection(self) -> sqlite3.Connection:
         connection: Optional[sqlite3.Connection] = getattr(self._local, "connection", None)
         if connection is None:
+            import sqlite3
+
             connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                          check_same_thread=True)
             try:
@@ -199,6 +204,8 @@ class SqliteOutbox:
         busy timeout, so processes opening a new outbox together may see
         "database is locked" for a moment.
         """
+        import sqlite3
+
         deadline = time.monotonic() + 2.0
         while True:
             try:

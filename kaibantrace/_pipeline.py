@@ -17,22 +17,20 @@ logged once per cause at WARNING, or raised in strict mode.
 
 from __future__ import annotations
 
-import datetime
-import json
-import logging
 import math
 import re
 import sys
 import time
-from decimal import Decimal
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._errors import DropEvent, EventError, PrivacyError
 from ._identity import Session, hash_user, keyed_identity
+from ._log import logger
 from ._privacy import personal_data_kind
 from ._version import __version__
 
-logger = logging.getLogger("kaibantrace")
+if TYPE_CHECKING:
+    import datetime
 
 CLIENT_VERSION = f"kaibantrace {__version__}"
 MAX_NAME_LENGTH = 128
@@ -99,9 +97,16 @@ def js_text(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return _js_number(value)
-    if isinstance(value, (datetime.datetime, datetime.date)):
+    if _is_date(value):
         return _iso(value)
     return str(value)
+
+
+def _is_date(value: Any) -> bool:
+    # A date or datetime exists only once ``datetime`` is imported: asking
+    # ``sys.modules`` keeps this module from importing it for every program.
+    module = sys.modules.get("datetime")
+    return module is not None and isinstance(value, module.date)
 
 
 def _js_number(value: float) -> str:
@@ -112,11 +117,17 @@ def _js_number(value: float) -> str:
         return "Infinity" if value > 0 else "-Infinity"
     if value == 0:
         return "0"
-    sign, digits_tuple, exponent = Decimal(repr(value)).normalize().as_tuple()
-    digits = "".join(map(str, digits_tuple))
-    assert isinstance(exponent, int)
+    # repr() gives the shortest digits that round-trip, as JavaScript does:
+    # "1.5e-07", "123.25", "1e+16". Read them as digits x 10^exponent.
+    mantissa, _, power = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    exponent = int(power or 0) - len(fraction)
+    significant = digits.rstrip("0")
+    exponent += len(digits) - len(significant)
+    digits = significant
     k, n = len(digits), len(digits) + exponent  # value = 0.digits * 10^n
-    prefix = "-" if sign else ""
+    prefix = "-" if value < 0 else ""
     if k <= n <= 21:
         return prefix + digits + "0" * (n - k)
     if 0 < n <= 21:
@@ -128,6 +139,8 @@ def _js_number(value: float) -> str:
 
 
 def _iso(value: datetime.date) -> str:
+    import datetime
+
     if isinstance(value, datetime.datetime):
         # A naive datetime is local time, as Python treats it everywhere else.
         value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
@@ -150,7 +163,7 @@ def received_at(timestamp: float) -> str:
     return f"{prefix}.{millis:03d}Z"
 
 
-_SCALARS = (str, int, float, datetime.date)
+_SCALARS = (str, int, float)
 
 
 def _field_text(value: Any) -> Optional[str]:
@@ -162,15 +175,15 @@ def _field_text(value: Any) -> Optional[str]:
 
 
 def _convert(value: Any) -> Optional[str]:
-    if isinstance(value, _SCALARS):
+    if isinstance(value, _SCALARS) or _is_date(value):
         return js_text(value)
     if isinstance(value, (list, tuple)) and all(
             v is None or isinstance(v, (str, int, float, bool)) for v in value):
-        return _COMPACT.encode(list(value))
+        return _compact_json(list(value))
     if isinstance(value, Mapping) and all(
             isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
             for k, v in value.items()):
-        return _COMPACT.encode(dict(value))
+        return _compact_json(dict(value))
     return None
 
 
@@ -242,7 +255,7 @@ def _encoded_size(fields: Dict[str, str]) -> int:
     bound = 2 + sum(6 * (len(key) + len(value)) + 6 for key, value in fields.items())
     if bound <= MAX_PAYLOAD_BYTES:
         return bound
-    return len(_COMPACT.encode(fields).encode("utf-8"))
+    return len(_compact_json(fields).encode("utf-8"))
 
 
 class EncodeContext:
@@ -351,14 +364,26 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     return signal
 
 
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: it is reused
+_encoder: Optional[Callable[[Any], str]] = None
+
+
+def _compact_json(value: Any) -> str:
+    """Compact JSON text, by one encoder made at the first use and reused (importing
+    ``json`` is left to the first payload or batch that needs it)."""
+    global _encoder
+    encode = _encoder
+    if encode is None:
+        import json
+
+        encode = _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    return encode(value)
 
 
 def encode_signal(signal: Dict[str, Any]) -> str:
     """One signal as compact JSON text, as stored in the outbox and sent in a body."""
-    return _COMPACT.encode(signal)
+    return _compact_json(signal)
 
 
 def encode_body(signals: list[Dict[str, Any]]) -> bytes:
     """The request body: always a JSON array, UTF-8."""
-    return _COMPACT.encode(signals).encode("utf-8")
+    return _compact_json(signals).encode("utf-8")

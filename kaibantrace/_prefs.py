@@ -19,17 +19,13 @@ that is sending; an opted-out process only ever reads.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from ._log import logger
 from ._state import config_dir, ensure_private_dir, state_dir, write_private_file
-
-logger = logging.getLogger("kaibantrace")
 
 DISABLED = "disabled"
 ENABLED = "enabled"
@@ -50,6 +46,8 @@ def _read_json(path: str) -> Any:
     cached = _cache.get(path)
     if cached is not None and cached[0] == key:
         return cached[1]
+    import json  # deferred, as below: most machines have no such file to read
+
     try:
         with open(path, encoding="utf-8") as handle:
             value = json.load(handle)
@@ -78,12 +76,16 @@ def saved_choice() -> Optional[str]:
 
 def save_choice(choice: str) -> None:
     assert choice in (DISABLED, ENABLED)
+    import json
+
     write_private_file(preferences_path(), json.dumps({"telemetry": choice, "changed": _now()}))
 
 
 # -- markers -----------------------------------------------------------------------
 
 def _marker(*parts: str) -> str:
+    import hashlib  # deferred: only markers need it
+
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:32]
 
 
@@ -218,6 +220,8 @@ def mark_retired(app_id: str, url: str) -> None:
     entries = dict(data) if isinstance(data, dict) else {}
     entries[_marker(app_id.lower(), url)] = _now()
     ensure_private_dir(state_dir())
+    import json
+
     write_private_file(retired_path(), json.dumps(entries))
 
 

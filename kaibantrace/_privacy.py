@@ -17,13 +17,9 @@ author is likely to make; it is not a substitute for sending coarse values.
 
 from __future__ import annotations
 
-import getpass
-import ipaddress
 import os
 import re
-import socket
 from typing import Dict, Optional, Tuple
-from urllib.parse import unquote
 
 _EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\d])")
@@ -72,6 +68,9 @@ _UNKNOWN = object()
 def _user_name() -> Optional[str]:
     global _user, _user_known, _host, _words
     if not _user_known:
+        import getpass  # deferred, like the other lookups: a cost only if a payload is checked
+        import socket
+
         try:
             name = getpass.getuser().strip().lower()
         except Exception:  # no passwd entry, no variables: nothing to compare
@@ -99,7 +98,12 @@ def forget_local_markers() -> None:
 def _variants(text: str) -> Tuple[str, ...]:
     """The text lower-cased, URL-decoded (twice), and with ``/`` for ``\\``, each once."""
     lowered = text.lower()
-    decoded = unquote(unquote(lowered)) if "%" in lowered else lowered
+    if "%" in lowered:
+        from urllib.parse import unquote
+
+        decoded = unquote(unquote(lowered))
+    else:
+        decoded = lowered
     slashed = decoded.replace("\\", "/")
     if decoded == lowered:
         return (lowered,) if slashed == lowered else (lowered, slashed)
@@ -148,6 +152,8 @@ def _kind(text: str) -> Optional[str]:
             if all(int(part) <= 255 for part in match.groups()):
                 return "an IP address"
     if text.count(":") >= 2:
+        import ipaddress
+
         for match in _IPV6_CANDIDATE.finditer(text):
             try:
                 ipaddress.IPv6Address(match.group(0).split("%")[0])

@@ -28,19 +28,16 @@ poster what is left of the exit budget to send; it never waits longer.
 from __future__ import annotations
 
 import collections
-import logging
 import os
-import random
 import threading
 import time
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ._fork import guard as fork_guard
+from ._log import logger
 from ._outbox import Added, MemoryOutbox, Outbox
 from ._pipeline import RawEvent
 from ._transport import Outcome, Result, Transport
-
-logger = logging.getLogger("kaibantrace")
 
 FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
@@ -50,6 +47,24 @@ _SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process h
 _OUTBOX_HIGH_WATER = 2_000  # rows the writer keeps ahead of a poster that is delivering
 _STALL_WAIT = 0.5  # seconds without progress after which the poster counts as stuck
 _FLUSH_POLL = 0.02  # how often a waiting flush checks signals another process is sending
+
+
+# The standard modules the worker threads use, which their users import only when
+# first needed so that ``import kaibantrace`` and opted-out processes stay light.
+# The writer imports them all as it starts, under the fork guard: an import that
+# a fork split would leave the child's next import of that module hanging.
+_WORKER_MODULES = ("json", "sqlite3", "hashlib", "hmac", "random", "getpass", "socket",
+                   "ipaddress", "urllib.parse")
+
+
+def _load_worker_modules() -> None:
+    import importlib
+
+    for name in _WORKER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # e.g. a Python built without sqlite3: its user copes
+            pass
 
 
 class Encoded(NamedTuple):
@@ -302,6 +317,8 @@ class Sender:
 
     def _write_loop(self) -> None:
         try:
+            with fork_guard("setup"):  # a fork mid-import would leave the child a held import lock
+                _load_worker_modules()
             try:
                 self._outbox = self._open_outbox()
             except Exception:
@@ -594,6 +611,8 @@ class Sender:
         now = time.monotonic()
         floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
         self._floor_at = now + floor
+        import random  # deferred: only a failed request needs jitter
+
         self._retry_at = now + min(max(self._backoff, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 

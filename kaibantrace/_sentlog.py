@@ -14,15 +14,12 @@ up quietly: the log must never cost the host anything.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import time
 from typing import Any, Dict, List, Optional
 
+from ._log import logger
 from ._state import ensure_private_dir, state_dir
-
-logger = logging.getLogger("kaibantrace")
 
 MAX_BYTES = 256 * 1024
 NAME = "sent.log"
@@ -34,6 +31,8 @@ def log_path(directory: Optional[str] = None) -> str:
 
 def append(app_id: str, url: str, body: bytes, count: int) -> None:
     """Record one accepted request; never raises."""
+    import json  # deferred: loaded already by then (requests needs it), or never
+
     try:
         directory = ensure_private_dir(state_dir())
         path = log_path(directory)
@@ -61,6 +60,8 @@ def append(app_id: str, url: str, body: bytes, count: int) -> None:
 
 def read(directory: Optional[str] = None) -> List[Dict[str, Any]]:
     """Every recorded request, oldest first (lines that cannot be read are skipped)."""
+    import json
+
     path = log_path(directory)
     records: List[Dict[str, Any]] = []
     for name in (path + ".1", path):

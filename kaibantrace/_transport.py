@@ -18,11 +18,10 @@ There is no retry here: the sender owns the single retry loop.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import threading
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Protocol
+from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional, Protocol
 
 from ._version import __version__
 
@@ -41,8 +40,7 @@ class Result(enum.Enum):
     RETIRED = "retired"
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How one request ended; ``detail`` is for logs and never holds payload data."""
 
     result: Result

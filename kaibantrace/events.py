@@ -6,7 +6,9 @@ working: ``@kaibantrace.track(kaibantrace.events.WORKFLOW_STARTED)``.
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 INSTALL: Final = "install_kaibanjs"
 """CLI: KaibanJS was not yet installed in the project."""

@@ -62,9 +62,9 @@ def reset() -> None:
     Files are read again afterwards (the saved choice, the local secret), so a
     test that points ``KAIBAN_TELEMETRY_CONFIG_DIR`` elsewhere sees that directory.
     """
-    from . import _default, _prefs
+    from . import _prefs, default_client
 
-    _default._reset(Settings())
+    default_client()._reset(Settings())
     _prefs.forget_in_memory()
 
 

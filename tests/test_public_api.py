@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -49,3 +50,14 @@ class TestImport:
         out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
                              capture_output=True, text=True, timeout=60, check=True).stdout
         assert json.loads(out) == [False, False, 1]
+
+    def test_import_loads_only_its_own_small_modules(self) -> None:
+        """No standard module either: the client, SQLite, logging and hashing come later."""
+        code = ("import sys; before = set(sys.modules); import kaibantrace; "
+                "print(sorted(set(sys.modules) - before))")
+        out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        new = ast.literal_eval(out)  # the list of module names the child printed
+        assert new and all(name.startswith("kaibantrace.") or name == "kaibantrace"
+                           for name in new), new
+        assert "kaibantrace._client" not in new
