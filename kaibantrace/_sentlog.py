@@ -15,6 +15,7 @@ up quietly: the log must never cost the host anything.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -29,13 +30,61 @@ def log_path(directory: Optional[str] = None) -> str:
     return os.path.join(directory or state_dir(), NAME)
 
 
+class _Appender:
+    """Keeps the log open between requests: a request costs one write and two stats.
+
+    The file is opened again when it was rotated (by this process or another:
+    the path then names a different file) or when a fork made this a new
+    process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._path = ""
+        self._pid = 0
+
+    def write(self, path: str, line: bytes) -> None:
+        with self._lock:
+            if self._fd < 0 or self._path != path or self._pid != os.getpid():
+                self._open(path)
+            os.write(self._fd, line)  # one write, so lines of processes never interleave
+            mine = os.fstat(self._fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is None or (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
+                self._close()  # rotated meanwhile: write to the new file next time
+            elif mine.st_size > MAX_BYTES:
+                os.replace(path, path + ".1")
+                self._close()
+
+    def _open(self, path: str) -> None:
+        self._close()
+        ensure_private_dir(os.path.dirname(path))
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+        self._fd = os.open(path, flags, 0o600)
+        self._path, self._pid = path, os.getpid()
+
+    def _close(self) -> None:
+        if self._fd >= 0 and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = -1
+
+
+_appender = _Appender()
+
+
 def append(app_id: str, url: str, body: bytes, count: int) -> None:
     """Record one accepted request; never raises."""
-    import json  # deferred: loaded already by then (requests needs it), or never
+    import json  # deferred: loaded already by then (the worker loads it), or never
 
     try:
-        directory = ensure_private_dir(state_dir())
-        path = log_path(directory)
         now = time.time()
         line = json.dumps({
             "sent_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
@@ -44,16 +93,7 @@ def append(app_id: str, url: str, body: bytes, count: int) -> None:
             "signals": count,
             "body": body.decode("utf-8"),
         }, ensure_ascii=False) + "\n"
-        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                 | getattr(os, "O_CLOEXEC", 0))
-        fd = os.open(path, flags, 0o600)
-        try:
-            os.write(fd, line.encode("utf-8"))  # one write, so lines of processes never interleave
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size > MAX_BYTES:
-            os.replace(path, path + ".1")
+        _appender.write(log_path(), line.encode("utf-8"))
     except Exception:
         logger.debug("kaibantrace: could not add to the transparency log", exc_info=True)
 

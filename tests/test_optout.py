@@ -167,7 +167,7 @@ _OPTED_OUT_CHILD = textwrap.dedent("""
     assert kaibantrace.flush(1)
     import json, threading
     print(json.dumps({"touched": touched, "threads": threading.active_count(),
-                      "requests": "requests" in sys.modules,
+                      "http": "kaibantrace._http" in sys.modules or "requests" in sys.modules,
                       "sqlite3": "sqlite3" in sys.modules}))
 """)
 
@@ -185,7 +185,7 @@ class TestOptedOutProcess:
         assert done.returncode == 0, done.stderr
         assert done.stderr == ""
         report = json.loads(done.stdout)
-        assert report == {"touched": [], "threads": 1, "requests": False, "sqlite3": False}
+        assert report == {"touched": [], "threads": 1, "http": False, "sqlite3": False}
         assert list(tmp_path.iterdir()) == []
         assert collector.requests == []
 
@@ -198,7 +198,7 @@ class TestOptedOutProcess:
                               timeout=60)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
-        assert report["threads"] > 1 and report["requests"] is True and report["sqlite3"] is True
+        assert report["threads"] > 1 and report["http"] is True and report["sqlite3"] is True
         assert "socket.__new__" in report["touched"]
         # 100 x 2 tracked calls, the emit, and the project's install event from the first track_cli
         assert len(collector.wait_for(202)) == 202

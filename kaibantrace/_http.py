@@ -1,0 +1,320 @@
+"""A small HTTP/1.1 client for the one request kaibantrace makes: POST a JSON body.
+
+Why not ``requests`` for every send: at the rates a busy service emits, the
+worker's time under the GIL is time taken from the host's own threads, and
+``requests`` spends over a millisecond of it per request (preparing, merging
+environment settings, parsing headers through ``email``). This client writes
+the request in one ``sendall`` and reads the answer with plain byte
+operations: a fraction of that cost. ``requests`` remains for the case it does
+better, a proxy (see ``_transport``).
+
+What it does, and all it does:
+
+* one keep-alive connection per origin, made again after 4 seconds idle (servers
+  close idle connections; a request on a dead one would fail);
+* TLS with certificate and host name verification: the system's certificates,
+  plus ``certifi``'s bundle and ``REQUESTS_CA_BUNDLE`` when present;
+* a deadline for the whole request, checked at every socket operation;
+* bounded reading: at most 64 KiB of headers; a body is read (to keep the
+  connection) only when short, otherwise the connection is closed; a redirect is
+  an answer like any other, never followed;
+* a request that finds its reused connection closed by the server before any
+  answer is sent once more on a new connection; nothing else is ever repeated
+  (the sender owns the only retry loop).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+if TYPE_CHECKING:
+    import ssl
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_READ = 64 * 1024
+IDLE_REUSE = 4.0  # seconds an idle connection is trusted to still be open
+
+Origin = Tuple[str, str, int]  # scheme, host, port
+
+
+class ProtocolError(OSError):
+    """The server's answer is not HTTP/1.x as this client reads it."""
+
+
+class Answer:
+    """The part of a response the sender needs."""
+
+    __slots__ = ("retry_after", "status")
+
+    def __init__(self, status: int, retry_after: Optional[str]) -> None:
+        self.status = status
+        self.retry_after = retry_after
+
+
+class _Connection:
+    __slots__ = ("buffer", "last_used", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.last_used = time.monotonic()
+        self.buffer = b""  # bytes read past the end of the last answer (none, normally)
+
+
+def split_url(url: str) -> Tuple[Origin, str, str]:
+    """``(origin, host header, path)`` of an ``http`` or ``https`` URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    default = 443 if scheme == "https" else 80
+    port = parts.port or default
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    header = shown if port == default else f"{shown}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (scheme, host, port), header, path
+
+
+class Client:
+    """Posts bodies over kept-alive connections; safe to share between threads."""
+
+    def __init__(self, user_agent: str) -> None:
+        self._user_agent = user_agent
+        self._connections: Dict[Origin, _Connection] = {}
+        self._urls: Dict[str, Tuple[Origin, bytes]] = {}
+        self._tls: Optional[ssl.SSLContext] = None
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Load TLS and the URL parser ahead of the first send."""
+        import urllib.parse  # noqa: F401  (imported here so that a send never imports)
+
+        self._tls_context()
+
+    def post(self, url: str, body: bytes, content_type: str, timeout: float) -> Answer:
+        """Send ``body``; the answer, or ``OSError`` (``TimeoutError`` past the deadline)."""
+        deadline = time.monotonic() + timeout
+        origin, head = self._target(url)
+        request = head + b"Content-Type: " + content_type.encode("ascii") + \
+            b"\r\nContent-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n" + body
+        with self._lock:
+            connection = self._connections.pop(origin, None)
+            if connection is not None and time.monotonic() - connection.last_used > IDLE_REUSE:
+                _close(connection)
+                connection = None
+            reused = connection is not None
+            if connection is None:
+                connection = self._connect(origin, deadline)
+            try:
+                answer, keep = self._exchange(connection, request, deadline)
+            except _StaleConnection:
+                _close(connection)
+                if not reused:
+                    raise ProtocolError("the server closed the connection without answering") from None
+                connection = self._connect(origin, deadline)
+                try:
+                    answer, keep = self._exchange(connection, request, deadline)
+                except BaseException:
+                    _close(connection)
+                    raise
+            except BaseException:
+                _close(connection)
+                raise
+            if keep:
+                connection.last_used = time.monotonic()
+                self._connections[origin] = connection
+            else:
+                _close(connection)
+            return answer
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            _close(connection)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's connections without touching them."""
+        self._connections = {}
+        self._lock = threading.Lock()
+
+    # -- the parts -------------------------------------------------------------
+
+    def _target(self, url: str) -> Tuple[Origin, bytes]:
+        known = self._urls.get(url)
+        if known is None:
+            origin, host, path = split_url(url)
+            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {self._user_agent}\r\n"
+                    "Accept: */*\r\nConnection: keep-alive\r\n").encode("ascii")
+            known = self._urls[url] = (origin, head)
+        return known
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            import ssl
+
+            context = ssl.create_default_context()
+            for bundle in (_certifi_bundle(), os.environ.get("REQUESTS_CA_BUNDLE")):
+                if bundle:
+                    try:
+                        context.load_verify_locations(bundle)
+                    except (OSError, ssl.SSLError):
+                        pass
+            self._tls = context
+        return self._tls
+
+    def _connect(self, origin: Origin, deadline: float) -> _Connection:
+        scheme, host, port = origin
+        sock = socket.create_connection((host, port), timeout=_left(deadline))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock.settimeout(_left(deadline))
+                sock = self._tls_context().wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock)
+
+    def _exchange(self, connection: _Connection, request: bytes,
+                  deadline: float) -> Tuple[Answer, bool]:
+        sock = connection.sock
+        try:
+            sock.settimeout(_left(deadline))
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise _StaleConnection() from exc
+        data = connection.buffer
+        connection.buffer = b""
+        while True:  # the head of the answer; 1xx answers are skipped
+            end = data.find(b"\r\n\r\n")
+            while end < 0:
+                if len(data) > MAX_HEADER_BYTES:
+                    raise ProtocolError("the answer's headers are too long")
+                chunk = _recv(sock, deadline)
+                if not chunk:
+                    if not data:
+                        raise _StaleConnection()
+                    raise ProtocolError("the answer ended inside its headers")
+                data += chunk
+                end = data.find(b"\r\n\r\n")
+            status, version, headers = _parse_head(data[:end])
+            data = data[end + 4:]
+            if status >= 200 or status == 101:
+                break
+        keep = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+        encoding = headers.get(b"transfer-encoding", b"").lower()
+        length = headers.get(b"content-length")
+        if encoding == b"chunked":
+            data, done = _read_chunked(sock, data, deadline)
+            keep = keep and done
+        elif length is not None and length.isdigit():
+            size = int(length)
+            if size > MAX_BODY_READ:
+                keep = False  # not worth reading: close instead
+            else:
+                while len(data) < size:
+                    chunk = _recv(sock, deadline)
+                    if not chunk:
+                        raise ProtocolError("the answer ended early")
+                    data += chunk
+                connection.buffer = data[size:]
+        else:
+            keep = False  # the body runs until the server closes: never read it
+        retry_after = headers.get(b"retry-after")
+        return Answer(status, retry_after.decode("latin-1") if retry_after else None), keep
+
+
+class _StaleConnection(OSError):
+    """The connection was closed before any answer: safe to send once more."""
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request ran out of time")
+    return left
+
+
+def _recv(sock: socket.socket, deadline: float) -> bytes:
+    sock.settimeout(_left(deadline))
+    return sock.recv(65536)
+
+
+def _parse_head(head: bytes) -> Tuple[int, bytes, Dict[bytes, bytes]]:
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError("the answer is not HTTP/1.x")
+    headers: Dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), parts[0], headers
+
+
+def _read_chunked(sock: socket.socket, data: bytes, deadline: float) -> Tuple[bytes, bool]:
+    """Read a chunked body, discarding it; ``(bytes after it, True)``, or ``False`` as the
+    second item when it was too long to be worth reading (the connection is then closed)."""
+    total = 0
+    while True:
+        end = data.find(b"\r\n")
+        while end < 0:
+            if len(data) > 1024:
+                raise ProtocolError("a chunk size line is too long")
+            chunk = _recv(sock, deadline)
+            if not chunk:
+                raise ProtocolError("the answer ended early")
+            data += chunk
+            end = data.find(b"\r\n")
+        try:
+            size = int(data[:end].split(b";")[0], 16)
+        except ValueError:
+            raise ProtocolError("a chunk size is not a number") from None
+        data = data[end + 2:]
+        total += size
+        if total > MAX_BODY_READ:
+            return b"", False
+        if size == 0:  # the last chunk; then trailers, if any, and an empty line
+            while True:
+                end = data.find(b"\r\n")
+                while end < 0:
+                    chunk = _recv(sock, deadline)
+                    if not chunk:
+                        raise ProtocolError("the answer ended early")
+                    data += chunk
+                    end = data.find(b"\r\n")
+                line, data = data[:end], data[end + 2:]
+                if not line:
+                    return data, True
+        while len(data) < size + 2:
+            chunk = _recv(sock, deadline)
+            if not chunk:
+                raise ProtocolError("the answer ended early")
+            data += chunk
+        data = data[size + 2:]
+
+
+def _close(connection: _Connection) -> None:
+    try:
+        connection.sock.close()
+    except OSError:
+        pass
+
+
+def _certifi_bundle() -> Optional[str]:
+    try:
+        import certifi  # installed with requests; its bundle helps where the system has none
+    except ImportError:
+        return None
+    try:
+        return str(certifi.where())
+    except Exception:
+        return None

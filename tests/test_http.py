@@ -1,0 +1,206 @@
+"""kaibantrace's own HTTP client, against real loopback servers that answer in awkward ways."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable, Iterator, List, Optional
+
+import pytest
+
+from kaibantrace._http import IDLE_REUSE, Client, ProtocolError
+from kaibantrace._transport import HttpTransport, Result
+from kaibantrace.testing import Collector
+
+Answer = Callable[[int], Optional[bytes]]  # request number -> raw answer (None: hang up)
+CLOSE = b"CLOSE:"  # an answer that starts with this: send the rest, then close the connection
+
+
+class ScriptedServer:
+    """A loopback HTTP server that answers each request with the bytes ``answer`` gives."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: List[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/v2/"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        data = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(data) < length:
+                    data += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + data[:length])
+                data = data[length:]
+                answer = self.answer(len(self.requests))
+                if answer is None:
+                    return
+                conn.sendall(answer.removeprefix(CLOSE))
+                if answer.startswith(CLOSE):
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Answer], ScriptedServer]]:
+    servers: List[ScriptedServer] = []
+
+    def start(answer: Answer) -> ScriptedServer:
+        servers.append(ScriptedServer(answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_keeps_the_connection_alive(serve: Callable[[Answer], ScriptedServer]) -> None:
+    server = serve(lambda n: OK)
+    client = Client("test-agent")
+    for _ in range(5):
+        assert client.post(server.url, b"[]", "application/json", 5).status == 200
+    assert server.connections == 1
+    head = server.requests[0].split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("POST /v2/ HTTP/1.1\r\n")
+    assert "User-Agent: test-agent" in head and "Content-Length: 2" in head
+    client.close()
+
+
+def test_reads_a_chunked_answer_and_reuses_the_connection(
+        serve: Callable[[Answer], ScriptedServer]) -> None:
+    chunked = (b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    server = serve(lambda n: chunked)
+    client = Client("t")
+    assert [client.post(server.url, b"[]", "application/json", 5).status for _ in range(3)] == [
+        202, 202, 202]
+    assert server.connections == 1
+
+
+def test_a_large_or_unbounded_answer_is_not_read(serve: Callable[[Answer], ScriptedServer]) -> None:
+    """A body over 64 KiB, or one that runs until the server closes, is left unread and the
+    connection closed: the answer costs no time and no memory."""
+    huge = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1000
+    endless = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 1000
+    for answer in (huge, endless):
+        server = serve(lambda n, a=answer: a)  # type: ignore[misc]
+        client = Client("t")
+        started = time.monotonic()
+        assert client.post(server.url, b"[]", "application/json", 5).status == 200
+        assert client.post(server.url, b"[]", "application/json", 5).status == 200
+        assert time.monotonic() - started < 4
+        assert server.connections == 2
+
+
+def test_retry_after_and_connection_close(serve: Callable[[Answer], ScriptedServer]) -> None:
+    busy = b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    server = serve(lambda n: busy)
+    client = Client("t")
+    answer = client.post(server.url, b"[]", "application/json", 5)
+    assert (answer.status, answer.retry_after) == (429, "7")
+    client.post(server.url, b"[]", "application/json", 5)
+    assert server.connections == 2
+
+
+def test_a_connection_the_server_closed_is_replaced(
+        serve: Callable[[Answer], ScriptedServer]) -> None:
+    """The server closes each connection after its answer (as servers do with idle ones):
+    every request still succeeds, each reaching the server exactly once."""
+    server = serve(lambda n: CLOSE + OK)
+    client = Client("t")
+    for body in (b"[1]", b"[2]", b"[3]"):
+        assert client.post(server.url, body, "application/json", 5).status == 200
+        time.sleep(0.05)  # let the server's hang-up arrive before the next request
+    assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in server.requests] == [b"[1]", b"[2]", b"[3]"]
+    assert server.connections == 3
+
+
+def test_a_new_connection_closed_without_answer_is_an_error_not_a_resend(
+        serve: Callable[[Answer], ScriptedServer]) -> None:
+    server = serve(lambda n: None)
+    with pytest.raises(ProtocolError):
+        Client("t").post(server.url, b"[]", "application/json", 5)
+    assert len(server.requests) == 1
+
+
+def test_an_idle_connection_is_not_trusted(serve: Callable[[Answer], ScriptedServer],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(lambda n: OK)
+    client = Client("t")
+    client.post(server.url, b"[]", "application/json", 5)
+    monkeypatch.setattr("kaibantrace._http.IDLE_REUSE", 0.0)
+    client.post(server.url, b"[]", "application/json", 5)
+    assert server.connections == 2 and IDLE_REUSE > 0
+
+
+def test_garbage_and_slow_drip_are_bounded(serve: Callable[[Answer], ScriptedServer]) -> None:
+    garbage = serve(lambda n: b"\xff\xfe not http at all\r\n\r\n")
+    with pytest.raises(ProtocolError):
+        Client("t").post(garbage.url, b"[]", "application/json", 5)
+
+    def drip(n: int) -> Optional[bytes]:
+        time.sleep(3)  # nothing for longer than the deadline
+        return OK
+
+    slow = serve(drip)
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        Client("t").post(slow.url, b"[]", "application/json", 0.5)
+    assert time.monotonic() - started < 2
+
+
+def test_redirects_are_answers_never_followed(serve: Callable[[Answer], ScriptedServer]) -> None:
+    elsewhere = serve(lambda n: OK)
+    moved = serve(lambda n: f"HTTP/1.1 307 Moved\r\nLocation: {elsewhere.url}\r\n"
+                  "Content-Length: 0\r\n\r\n".encode())
+    outcome = HttpTransport().send(moved.url, b"[]", 5)
+    assert outcome.result is Result.REJECTED and elsewhere.requests == []
+
+
+def test_a_proxy_is_used_through_requests(collector: Collector,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set, the request goes to the proxy (here the collector), in the
+    absolute form a proxy expects; without it, straight to the endpoint."""
+    monkeypatch.setenv("HTTP_PROXY", collector.url.rsplit("/v2/", 1)[0])
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    target = "http://127.0.0.1:9/v2/"  # nothing listens there: only the proxy can answer
+    transport = HttpTransport()
+    transport.send(target, b"[]", 5)
+    transport.close()
+    assert [r.path for r in collector.wait_for_requests(1)] == [target]
