@@ -59,7 +59,7 @@ from ._pipeline import (
     build_signal,
     default_parameters,
     encode_body,
-    encode_signal,
+    encode_event,
 )
 from ._sender import Counters, Encoded, Sender, Target
 from ._state import state_dir
@@ -443,7 +443,7 @@ class Telemetry:
         encoded = []
         for raw in batch:
             try:
-                encoded.append((raw[4], encode_signal(build_signal(raw, ctx))))
+                encoded.append((raw[4], encode_event(raw, ctx)))
             except DropEvent as drop:
                 counters.drop(drop.cause)
             except Exception:  # one event that cannot be encoded never costs the batch
@@ -597,9 +597,9 @@ def _show_notice(opt_out_env: str) -> bool:
         return False
 
 
-def _record_sent(target: Target, body: bytes, count: int) -> None:
-    """After a 2xx: the transparency log gets the request exactly as sent."""
-    _sentlog.append(target.app_id, target.url or "", body, count)
+def _record_sent(target: Target, requests: List[Tuple[bytes, int]]) -> None:
+    """After 2xx answers: the transparency log gets each request exactly as sent."""
+    _sentlog.append(target.app_id, target.url or "", requests)
 
 
 def _record_retired(target: Target) -> None:

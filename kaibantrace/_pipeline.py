@@ -364,6 +364,60 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     return signal
 
 
+# The JSON text every signal of one (app, user, session, name) starts with, up to
+# the value of ``receivedAt``: made once with the JSON encoder, then reused, so an
+# event costs a few string joins instead of an encoder run over the whole signal.
+_heads: Dict[Tuple[str, str, str, str], str] = {}
+_MAX_HEADS = 1024
+
+
+def encode_event(raw: RawEvent, ctx: EncodeContext) -> str:
+    """``encode_signal(build_signal(raw, ctx))``, the same text to the byte, faster.
+
+    Runs on the worker for every event, so it avoids the dictionary and the
+    encoder pass; ``tests/test_pipeline.py`` checks it against the plain way.
+    """
+    try:
+        name, payload, session, identifier, timestamp, float_value = raw
+        if not (isinstance(name, str) and name in _known_good_names):
+            _check_runtime_name(name, ctx)
+        session_id = session.id
+        if identifier is None:
+            identity = session_id
+        elif ctx.secret is not None:
+            identity = keyed_identity(identifier, ctx.secret())
+        else:
+            identity = identifier
+        user = hash_user(identity, ctx.salt)
+        key = (ctx.app_id, user, session_id, name)
+        head = _heads.get(key)
+        if head is None:
+            if len(_heads) >= _MAX_HEADS:
+                _heads.clear()
+            head = _heads[key] = _compact_json({
+                "appID": ctx.app_id, "clientUser": user, "sessionID": session_id, "type": name,
+                "telemetryClientVersion": CLIENT_VERSION})[:-1] + ',"receivedAt":"'
+        text = head + received_at(timestamp) + '"'
+        if payload is not None or ctx.defaults:
+            fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
+            if ctx.defaults:
+                fields = {**ctx.defaults, **fields}
+            if fields:
+                text += ',"payload":' + _compact_json(fields)
+        if float_value is not None:
+            text += ',"floatValue":' + _compact_json(float_value)
+        if ctx.test_mode:
+            text += ',"isTestMode":true'
+        return text + "}"
+    except (DropEvent, EventError):
+        raise
+    except Exception as exc:
+        cause = type(exc).__name__
+        ctx.reporter.problem("internal", cause, "", f"could not encode an event ({cause}); "
+                             "event dropped", strict=False)
+        raise DropEvent("encode_error", cause) from None
+
+
 _encoder: Optional[Callable[[Any], str]] = None
 
 

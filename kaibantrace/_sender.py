@@ -35,7 +35,7 @@ from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Uni
 
 from ._fork import guard as fork_guard
 from ._log import logger
-from ._outbox import Added, MemoryOutbox, Outbox, Row
+from ._outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row
 from ._pipeline import RawEvent
 from ._transport import Outcome, Result, Transport
 
@@ -141,7 +141,7 @@ class Sender:
     def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
                  target: Callable[[], Optional[Target]], open_outbox: Callable[[], Outbox],
                  on_fork: Callable[[RawEvent], None],
-                 on_sent: Callable[[Target, bytes, int], None],
+                 on_sent: Callable[[Target, List[Tuple[bytes, int]]], None],
                  on_retired: Callable[[Target], None],
                  transport: Transport, counters: Counters, batch_size: int,
                  flush_interval: float, max_queue: int, timeout: float, backoff: float) -> None:
@@ -379,20 +379,29 @@ class Sender:
         ``_OUTBOX_HIGH_WATER`` rows ahead of it; once it made none for
         ``_STALL_WAIT`` (endpoint down, a request hanging) the outbox is where
         signals are safest, and the writer fills it until the poster moves again.
+        The same while the queue is half full and the outbox has room: a poster
+        slowed down (by a host that keeps the GIL busy) must not make the queue
+        overflow and lose events the outbox could keep.
         """
         while (self._counters.in_outbox >= _OUTBOX_HIGH_WATER and not self._stalled
-               and not self._stopping):
+               and not self._stopping and not self._queue_at_risk()):
             self._progress.clear()
             if self._counters.in_outbox < _OUTBOX_HIGH_WATER:
                 break
             if not self._progress.wait(_STALL_WAIT):
                 self._stalled = True
 
+    def _queue_at_risk(self) -> bool:
+        room = MAX_SIGNALS - self._batch_size * _BATCHES_PER_CLAIM - self._counters.in_outbox
+        return len(self._queue) >= self._max_queue // 2 and room > 0
+
     def _take_batch(self) -> Tuple[List[RawEvent], List[_FlushMarker]]:
         raws: List[RawEvent] = []
         markers: List[_FlushMarker] = []
         queue = self._queue
-        while queue and len(raws) < self._batch_size:
+        # A backlog goes in large transactions: each one costs the host a few
+        # hand-backs of the GIL, whatever its size.
+        while queue and len(raws) < self._batch_size * _BATCHES_PER_CLAIM:
             item = queue.popleft()
             if isinstance(item, _FlushMarker):
                 with self._marker_lock:
@@ -528,10 +537,11 @@ class Sender:
         if not rows:
             return False
         sent: List[int] = []
+        bodies: List[Tuple[bytes, int]] = []  # for the transparency log, written once
         try:
             for start in range(0, len(rows), self._batch_size):
                 chunk = rows[start:start + self._batch_size]
-                if not self._post_chunk(outbox, target, chunk, timeout, sent):
+                if not self._post_chunk(outbox, target, chunk, timeout, sent, bodies):
                     outbox.release([row.id for row in rows[start + self._batch_size:]])
                     return False
                 if start + self._batch_size < len(rows) and (
@@ -541,10 +551,12 @@ class Sender:
         finally:
             if sent:
                 self._forget(outbox, sent)
+            if bodies:
+                self._on_sent(target, bodies)
         return len(rows) == self._batch_size * batches
 
     def _post_chunk(self, outbox: Outbox, target: Target, rows: List[Row], timeout: float,
-                    done: List[int]) -> bool:
+                    done: List[int], bodies: List[Tuple[bytes, int]]) -> bool:
         """Post one batch; its ids join ``done`` when it needs no more sending (sent or
         refused). ``False`` when the rest of the claim must wait."""
         assert target.url is not None
@@ -555,7 +567,7 @@ class Sender:
             done.extend(ids)
             self._counters.sent += len(rows)
             self._failures, self._backoff = 0, self._backoff_start
-            self._on_sent(target, body, len(rows))
+            bodies.append((body, len(rows)))
             return True
         if outcome.result is Result.REJECTED:
             done.extend(ids)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._log import logger
 from ._state import ensure_private_dir, state_dir
@@ -44,11 +44,11 @@ class _Appender:
         self._path = ""
         self._pid = 0
 
-    def write(self, path: str, line: bytes) -> None:
+    def write(self, path: str, data: bytes) -> None:
         with self._lock:
             if self._fd < 0 or self._path != path or self._pid != os.getpid():
                 self._open(path)
-            os.write(self._fd, line)  # one write, so lines of processes never interleave
+            os.write(self._fd, data)  # one write, so lines of processes never interleave
             mine = os.fstat(self._fd)
             try:
                 current = os.stat(path)
@@ -80,20 +80,21 @@ class _Appender:
 _appender = _Appender()
 
 
-def append(app_id: str, url: str, body: bytes, count: int) -> None:
-    """Record one accepted request; never raises."""
+def append(app_id: str, url: str, requests: List[Tuple[bytes, int]]) -> None:
+    """Record accepted requests (body, signal count), in one write; never raises."""
     import json  # deferred: loaded already by then (the worker loads it), or never
 
     try:
         now = time.time()
-        line = json.dumps({
-            "sent_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+        sent_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        lines = "".join(json.dumps({
+            "sent_at": sent_at,
             "app_id": app_id,
             "url": url,
             "signals": count,
             "body": body.decode("utf-8"),
-        }, ensure_ascii=False) + "\n"
-        _appender.write(log_path(), line.encode("utf-8"))
+        }, ensure_ascii=False) + "\n" for body, count in requests)
+        _appender.write(log_path(), lines.encode("utf-8"))
     except Exception:
         logger.debug("kaibantrace: could not add to the transparency log", exc_info=True)
 

@@ -211,3 +211,46 @@ class TestPrivacyGuard:
     def test_keys_are_checked_too(self) -> None:
         """Personal data hidden in a key is refused as well."""
         assert clean({"alice@example.com": "1"}) == {}
+
+
+class TestFastEncoding:
+    def test_encode_event_is_byte_for_byte_the_plain_encoding(self) -> None:
+        """The worker's fast path gives exactly ``encode_signal(build_signal(...))``, and
+        refuses exactly what it refuses, over many generated events."""
+        import random
+
+        from kaibantrace._pipeline import DropEvent, encode_event, encode_signal
+
+        rng = random.Random(20261202)
+        sessions = [Session() for _ in range(3)]
+        names = ["run", "workflow_started", 'quote"name', "ünïcode", "x" * 200, "", "a b",
+                 "bad\nname"]
+        values = [1, -2.5, 1e21, True, None, "plain", 'with "quotes" and \\ slash', "é\u2028",
+                  datetime.date(2026, 12, 2), [1, "a", None], {"k": 1}, {"deep": {"x": 1}},
+                  object(), float("nan"), "x" * 5000]
+        contexts = [
+            EncodeContext("APP-1", "", False, False, Reporter()),
+            EncodeContext("APP-2", "salt", True, False, Reporter(), secret=lambda: b"s" * 32),
+            EncodeContext("APP-3", "", False, False, Reporter(),
+                          defaults={"kaibantrace.python": "3.11"}),
+        ]
+        compared = refused = 0
+        for _ in range(3000):
+            payload = None if rng.random() < 0.3 else {
+                rng.choice(["a", "b", "type", "telemetryDeck.x", "count", ""]): rng.choice(values)
+                for _ in range(rng.randint(0, 4))}
+            raw = (rng.choice(names), payload, rng.choice(sessions),
+                   rng.choice([None, "project-id"]), 1_764_633_600 + rng.random() * 1e6,
+                   rng.choice([None, 0.5, -3.0, 1e300]))
+            ctx = rng.choice(contexts)
+            try:
+                expected = encode_signal(build_signal(raw, ctx))  # type: ignore[arg-type]
+            except DropEvent as plain:
+                with pytest.raises(DropEvent) as fast:
+                    encode_event(raw, ctx)  # type: ignore[arg-type]
+                assert fast.value.cause == plain.cause
+                refused += 1
+                continue
+            assert encode_event(raw, ctx) == expected  # type: ignore[arg-type]
+            compared += 1
+        assert compared > 500 and refused > 100  # both paths well exercised
