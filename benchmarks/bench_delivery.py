@@ -235,11 +235,14 @@ def print_exit_table(off: ExitState, states: List[ExitState], warm: ExitState,
           + " wall, interpreter start-up and imports included")
     print(f"  {'endpoint':<12} {'kaibantrace':>12} {'(atexit)':>9} {'PostHog':>9} {'(atexit)':>9} "
           f"{'PostHog/kaibantrace':>20}  kaibantrace outbox rows after each run")
+    exits = overhead.results.setdefault("exit", {})
     for state in states:
         ours = best_wall_ms(state.kaibantrace) - best_wall_ms(off.kaibantrace)
+        exits[state.name] = {"kaibantrace_ms": ours}
         row = f"  {state.name:<12} {ours:9.0f} ms {atexit_ms(state.kaibantrace):>9}"
         if with_posthog:
             theirs = best_wall_ms(state.posthog) - best_wall_ms(off.posthog)
+            exits[state.name]["posthog_ms"] = theirs
             row += (f" {theirs:6.0f} ms {atexit_ms(state.posthog):>9} "
                     f"{ratio_text(theirs, ours):>20}")
         else:
@@ -414,6 +417,10 @@ def bench_memory(plan: Plan) -> None:
     print(f"  outbox rows after the child exited: {rows}; child wall time {run.wall:.2f} s")
 
     extra = float(cold["extra_mb"])
+    at_100k = next((float(mb) for name, count, mb, *_ in report["samples"]
+                    if name == "cold" and count == 100_000), None)
+    overhead.results["memory"] = {"extra_mb": extra, "extra_mb_at_100k": at_100k,
+                                  "events": events, "second_burst_extra_mb": float(warm["extra_mb"])}
     target(extra < MEMORY_BUDGET_MB,
            f"extra peak RSS {extra:.1f} MB after {events:,} events (target: under "
            f"{MEMORY_BUDGET_MB:.0f} MB)")
@@ -496,6 +503,7 @@ def bench_delivery(plan: Plan) -> None:
     print(f"  {stats['requests']:,} requests, {1000 * total / requests:.1f} ms each on average "
           "(SQLite write, claim and delete included)")
     print(f"  stats(): {json.dumps(stats)}")
+    overhead.results["delivery"] = {"events_per_s": events / total, "events": events}
     check(bool(report["flushed"]), "flush() returned True")
     check(received == events, f"the collector accepted {received:,} of {events:,} signals")
     check(not stats["dropped"], f"nothing was dropped ({stats['dropped']})")
@@ -615,6 +623,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="run only this section (may be repeated)")
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a target is missed, too")
+    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     sections = args.only or list(SECTIONS)
@@ -644,6 +653,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "calls" in sections:
         bench_calls(plan, version is not None)
 
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({k: v for k, v in overhead.results.items() if v}, handle, indent=2)
     print()
     if missed:
         print(f"{len(missed)} target(s) missed:")

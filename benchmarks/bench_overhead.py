@@ -83,6 +83,7 @@ FULL = Config(repeats=7, calls=5_000, warmup=200, import_runs=7, exit_runs=7, ex
 QUICK = Config(repeats=3, calls=2_000, warmup=100, import_runs=3, exit_runs=3, exit_events=100)
 
 failures: List[str] = []
+results: Dict[str, Any] = {"calls": {}, "imports": {}}  # the figures --json writes
 
 
 def check(ok: bool, message: str) -> None:
@@ -200,6 +201,8 @@ class Case:
     queues: bool = False  # every call queues a kaibantrace event
     samples: List[float] = dataclasses.field(default_factory=list)
     error: Optional[str] = None
+    key: Optional[str] = None  # its name in --json output
+
 
     @property
     def best(self) -> float:
@@ -256,7 +259,32 @@ def opentelemetry_case(name: str, url: str) -> Case:
     from opentelemetry import trace  # type: ignore[import-not-found,unused-ignore]
 
     tracer = trace.get_tracer("kaibantrace-benchmark")
-    return Case(name, tracer.start_as_current_span("x")(noop))
+    return Case(name, tracer.start_as_current_span("x")(noop), key="otel_noop")
+
+
+def opentelemetry_sdk_case(name: str, url: str) -> Case:
+    """OpenTelemetry's SDK: a real tracer, a ``BatchSpanProcessor`` and the in-memory
+    exporter (its cheapest exporter: no network at all), flushed after each round."""
+    from opentelemetry.sdk.trace import TracerProvider  # type: ignore[import-not-found,unused-ignore]
+    from opentelemetry.sdk.trace.export import (  # type: ignore[import-not-found,unused-ignore]
+        BatchSpanProcessor,
+    )
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # type: ignore[import-not-found,unused-ignore]
+        InMemorySpanExporter,
+    )
+
+    exporter = InMemorySpanExporter()
+    processor = BatchSpanProcessor(exporter)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("kaibantrace-benchmark")
+
+    def after_round() -> None:
+        processor.force_flush()
+        exporter.clear()
+
+    return Case(name, tracer.start_as_current_span("x")(noop), after_round=after_round,
+                cleanup=provider.shutdown, key="otel_sdk")
 
 
 # A loopback server that answers PostHog's client as its ingest does: 200 to every batch.
@@ -307,14 +335,14 @@ POSTHOG_SERVER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def posthog_case(name: str, url: str) -> Case:
+def posthog_case(name: str, url: str, *, disabled: bool = False) -> Case:
     """PostHog's ``capture`` in a wrapt decorator, its worker posting to a loopback server
-    of its own that answers 200."""
+    of its own that answers 200 (or ``disabled=True``, its own off switch)."""
     from posthog import Posthog  # type: ignore[import-not-found,unused-ignore]
 
     servers = contextlib.ExitStack()
     host, _ = servers.enter_context(collector_process(POSTHOG_SERVER_SCRIPT))
-    client = Posthog("phc_kaibantrace_benchmark", host=host)
+    client = Posthog("phc_kaibantrace_benchmark", host=host, disabled=disabled)
 
     def cleanup() -> None:
         client.shutdown()
@@ -326,12 +354,16 @@ def posthog_case(name: str, url: str) -> Case:
         client.capture(event="workflow_started", distinct_id="benchmark")
         return wrapped(*args, **kwargs)
 
-    return Case(name, tracked(noop), after_round=client.flush, cleanup=cleanup)
+    return Case(name, tracked(noop), after_round=client.flush, cleanup=cleanup,
+                key="posthog_disabled" if disabled else "posthog")
 
 
 OPTIONAL_CASES: List[Tuple[str, str, Callable[[str, str], Case]]] = [
     ("OpenTelemetry no-op start_as_current_span", "opentelemetry-api", opentelemetry_case),
+    ("OpenTelemetry SDK span (BatchSpanProcessor)", "opentelemetry-sdk", opentelemetry_sdk_case),
     ("PostHog capture (worker sending)", "posthog", posthog_case),
+    ("PostHog capture, disabled=True", "posthog",
+     functools.partial(posthog_case, disabled=True)),
 ]
 
 
@@ -353,8 +385,8 @@ def optional_cases(url: str) -> Tuple[List[Case], List[str]]:
 
 def reference_cases() -> List[Case]:
     return [
-        Case("bare call", noop),
-        Case("wrapt pass-through", passthru(noop)),
+        Case("bare call", noop, key="bare"),
+        Case("wrapt pass-through", passthru(noop), key="wrapt"),
         Case("functools.wraps pass-through (for scale)", functools_passthru(noop)),
     ]
 
@@ -364,9 +396,9 @@ def kaibantrace_cases(client: kaibantrace.Telemetry, flush: Callable[[], None]) 
     tracked = client.track("workflow_started")(noop)
     batch = client.settings.batch_size
     return [
-        Case("kaibantrace, KAIBAN_TELEMETRY_OPT_OUT=1", tracked, env=OPTED_OUT),
+        Case("kaibantrace, KAIBAN_TELEMETRY_OPT_OUT=1", tracked, env=OPTED_OUT, key="opted_out"),
         Case("kaibantrace, enabled (queues, worker sends)", tracked, after_round=flush,
-             queues=True),
+             queues=True, key="enabled"),
         Case("kaibantrace, enabled, static payload",
              client.track("workflow_started", payload={"agents": 3})(noop), after_round=flush,
              queues=True),
@@ -401,6 +433,9 @@ def bench_calls(config: Config) -> None:
         received = stop_collector()
 
     print_table(cases)
+    for case in cases:
+        if case.key and case.samples and case.error is None:
+            results["calls"][case.key] = case.best
     print(f"  every row includes the loop itself: {loop_ns:.1f} ns per iteration")
     for note in not_installed:
         print(f"  {note}")
@@ -439,20 +474,36 @@ def print_table(cases: List[Case]) -> None:
 
 # -- section: imports -----------------------------------------------------------
 
-IMPORTED_SCRIPT = ("import json, sys, kaibantrace; "
-                   "print(json.dumps({m: m in sys.modules for m in sys.argv[1:]}))")
+# A program that uses kaibantrace: import, decorate, call, deliver to a closed port.
+USED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import kaibantrace
+    after_import = {m: m in sys.modules for m in sys.argv[2:]}
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint="http://127.0.0.1:9/v2/")
+
+    @client.track("workflow_started")
+    def work():
+        return None
+
+    work()
+    client.flush(2)
+    print(json.dumps({"after_import": after_import,
+                      "after_use": {m: m in sys.modules for m in sys.argv[2:]}}))
+""")
 
 
-def imported_modules(names: List[str]) -> Dict[str, bool]:
-    """Which of ``names`` a fresh interpreter has loaded after ``import kaibantrace``."""
-    out = subprocess.run([sys.executable, "-c", IMPORTED_SCRIPT, *names], env=CHILD_ENV,
+def modules_loaded(names: List[str]) -> Dict[str, Dict[str, bool]]:
+    """Which of ``names`` a fresh interpreter has loaded after ``import kaibantrace``, and
+    after using it (decorate, call, send)."""
+    out = subprocess.run([sys.executable, "-c", USED_SCRIPT, APP_ID, *names], env=CHILD_ENV,
                          check=True, capture_output=True, text=True).stdout
-    result: Dict[str, bool] = json.loads(out)
+    result: Dict[str, Dict[str, bool]] = json.loads(out)
     return result
 
 
-def import_time_us(code: str, package: str, runs: int) -> int:
-    """Best cumulative microseconds of the top-level ``package`` entries in ``-X importtime``."""
+def import_time_us(code: str, packages: List[str], runs: int) -> int:
+    """Best cumulative microseconds of the top-level entries of ``packages`` (and their
+    submodules) in ``python -X importtime -c code``."""
     best: Optional[int] = None
     for _ in range(runs):
         err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=CHILD_ENV,
@@ -467,31 +518,58 @@ def import_time_us(code: str, package: str, runs: int) -> int:
             name = parts[2].rstrip()
             top_level = name.startswith(" ") and not name.startswith("  ")
             module = name.strip()
-            if top_level and (module == package or module.startswith(package + ".")):
+            if top_level and any(module == p or module.startswith(p + ".") for p in packages):
                 total += int(parts[1])
         best = total if best is None else min(best, total)
     assert best is not None
     return best
 
 
+def compile_package() -> None:
+    """Write kaibantrace's bytecode, as an installed package has it: without it (say with
+    PYTHONDONTWRITEBYTECODE set) every import would compile the source again."""
+    import compileall
+
+    compileall.compile_dir(os.path.dirname(kaibantrace.__file__), quiet=1)
+
+
 def bench_imports(config: Config) -> None:
     print("\n== import ==")
-    loaded = imported_modules(["requests", "asyncio", "wrapt", "urllib3", "http.client"])
-    print("  modules loaded by a fresh `import kaibantrace`: "
-          + ", ".join(f"{name}={'yes' if seen else 'no'}" for name, seen in loaded.items()))
-    check(not loaded["requests"], "`import kaibantrace` does not import requests")
-    print(f"  asyncio imported: {'yes' if loaded['asyncio'] else 'no'}")
+    compile_package()
+    watched = ["requests", "asyncio", "wrapt", "sqlite3", "logging", "http.client"]
+    loaded = modules_loaded(watched)
+    for moment, seen in loaded.items():
+        print(f"  modules loaded {moment.replace('_', ' ')}: "
+              + ", ".join(f"{name}={'yes' if seen[name] else 'no'}" for name in watched))
+    check(not loaded["after_import"]["requests"] and not loaded["after_use"]["requests"],
+          "kaibantrace imports requests neither at import nor to send (only behind a proxy)")
+    check(not loaded["after_use"]["asyncio"], "kaibantrace never imports asyncio")
     print(f"  import time (python -X importtime, cumulative, best of {config.import_runs}):")
     rows = [
-        ("import kaibantrace", "import kaibantrace", "kaibantrace"),
-        ("import kaibantrace + first track() (loads wrapt)",
-         "import kaibantrace; kaibantrace.Telemetry().track('x')", "kaibantrace"),
-        ("import wrapt", "import wrapt", "wrapt"),
-        ("import requests", "import requests", "requests"),
+        ("kaibantrace", "import kaibantrace", ["kaibantrace"]),
+        ("kaibantrace_decorated", "import kaibantrace; kaibantrace.Telemetry().track('x')",
+         ["kaibantrace", "wrapt"]),
+        ("dependencies", "import wrapt, requests", ["wrapt", "requests"]),
+        ("wrapt", "import wrapt", ["wrapt"]),
+        ("posthog", "import posthog", ["posthog"]),
+        ("opentelemetry", "import opentelemetry.trace", ["opentelemetry"]),
     ]
-    for label, code, package in rows:
-        micros = import_time_us(code, package, config.import_runs)
-        print(f"    {label:<50} {micros / 1000:7.1f} ms")
+    labels = {
+        "kaibantrace": "import kaibantrace",
+        "kaibantrace_decorated": "import kaibantrace + first track() (loads wrapt)",
+        "dependencies": "its dependencies alone: import wrapt, requests",
+        "wrapt": "import wrapt",
+        "posthog": "import posthog",
+        "opentelemetry": "import opentelemetry.trace",
+    }
+    for key, code, packages in rows:
+        try:
+            micros = import_time_us(code, packages, config.import_runs)
+        except subprocess.CalledProcessError:
+            print(f"    {labels[key]:<50} not installed")
+            continue
+        results["imports"][key] = micros / 1000
+        print(f"    {labels[key]:<50} {micros / 1000:7.1f} ms")
 
 
 # -- section: exit delay ----------------------------------------------------------
@@ -577,6 +655,8 @@ def refused_url() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and runs")
+    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    parser.add_argument("--only", choices=["calls", "imports"], action="append")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
 
@@ -587,8 +667,14 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"Python {platform.python_version()} ({platform.python_implementation()}), "
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
           f"{', quick' if args.quick else ''}")
-    bench_calls(config)
-    bench_imports(config)
+    sections = args.only or ["calls", "imports"]
+    if "calls" in sections:
+        bench_calls(config)
+    if "imports" in sections:
+        bench_imports(config)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
     if failures:
         print(f"\n{len(failures)} check(s) failed")
         return 1

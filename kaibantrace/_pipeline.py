@@ -21,7 +21,7 @@ import math
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 
 from ._errors import DropEvent, EventError, PrivacyError
 from ._identity import Session, hash_user, keyed_identity
@@ -316,14 +316,31 @@ def _check_runtime_name(name: object, ctx: EncodeContext) -> None:
         _known_good_names.add(name)
 
 
+T = TypeVar("T")
+
+
 def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     """The TelemetryDeck signal for ``raw``; raises ``DropEvent`` to refuse it.
 
     Nothing else escapes, outside strict mode's ``EventError``: an unexpected
     failure on odd input refuses that one event, never its whole batch.
     """
+    return _refusing_failures(_build, raw, ctx)
+
+
+def encode_event(raw: RawEvent, ctx: EncodeContext) -> str:
+    """``encode_signal(build_signal(raw, ctx))``, the same text to the byte, faster.
+
+    Runs on the worker for every event, so it avoids the dictionary and the
+    encoder pass; ``tests/test_pipeline.py`` checks it against the plain way.
+    """
+    return _refusing_failures(_encode, raw, ctx)
+
+
+def _refusing_failures(step: Callable[[RawEvent, EncodeContext], T], raw: RawEvent,
+                       ctx: EncodeContext) -> T:
     try:
-        return _build(raw, ctx)
+        return step(raw, ctx)
     except (DropEvent, EventError):
         raise
     except Exception as exc:
@@ -333,8 +350,9 @@ def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
         raise DropEvent("encode_error", cause) from None
 
 
-def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
-    name, payload, session, identifier, timestamp, float_value = raw
+def _identify(raw: RawEvent, ctx: EncodeContext) -> Tuple[str, str]:
+    """Check the event's name; its session ID and the hashed user it is sent as."""
+    name, _, session, identifier, _, _ = raw
     if not (isinstance(name, str) and name in _known_good_names):
         _check_runtime_name(name, ctx)
     session_id = session.id
@@ -344,17 +362,28 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
         identity = keyed_identity(identifier, ctx.secret())
     else:
         identity = identifier
+    return session_id, hash_user(identity, ctx.salt)
+
+
+def _fields(name: str, payload: Any, ctx: EncodeContext) -> Dict[str, str]:
+    if payload is None and not ctx.defaults:
+        return {}
+    fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
+    return {**ctx.defaults, **fields} if ctx.defaults else fields
+
+
+def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
+    name, payload, _, _, timestamp, float_value = raw
+    session_id, user = _identify(raw, ctx)
     signal: Dict[str, Any] = {
         "appID": ctx.app_id,
-        "clientUser": hash_user(identity, ctx.salt),
+        "clientUser": user,
         "sessionID": session_id,
         "type": name,
         "telemetryClientVersion": CLIENT_VERSION,
         "receivedAt": received_at(timestamp),
     }
-    fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
-    if ctx.defaults:
-        fields = {**ctx.defaults, **fields}
+    fields = _fields(name, payload, ctx)
     if fields:
         signal["payload"] = fields
     if float_value is not None:
@@ -371,51 +400,26 @@ _heads: Dict[Tuple[str, str, str, str], str] = {}
 _MAX_HEADS = 1024
 
 
-def encode_event(raw: RawEvent, ctx: EncodeContext) -> str:
-    """``encode_signal(build_signal(raw, ctx))``, the same text to the byte, faster.
-
-    Runs on the worker for every event, so it avoids the dictionary and the
-    encoder pass; ``tests/test_pipeline.py`` checks it against the plain way.
-    """
-    try:
-        name, payload, session, identifier, timestamp, float_value = raw
-        if not (isinstance(name, str) and name in _known_good_names):
-            _check_runtime_name(name, ctx)
-        session_id = session.id
-        if identifier is None:
-            identity = session_id
-        elif ctx.secret is not None:
-            identity = keyed_identity(identifier, ctx.secret())
-        else:
-            identity = identifier
-        user = hash_user(identity, ctx.salt)
-        key = (ctx.app_id, user, session_id, name)
-        head = _heads.get(key)
-        if head is None:
-            if len(_heads) >= _MAX_HEADS:
-                _heads.clear()
-            head = _heads[key] = _compact_json({
-                "appID": ctx.app_id, "clientUser": user, "sessionID": session_id, "type": name,
-                "telemetryClientVersion": CLIENT_VERSION})[:-1] + ',"receivedAt":"'
-        text = head + received_at(timestamp) + '"'
-        if payload is not None or ctx.defaults:
-            fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
-            if ctx.defaults:
-                fields = {**ctx.defaults, **fields}
-            if fields:
-                text += ',"payload":' + _compact_json(fields)
-        if float_value is not None:
-            text += ',"floatValue":' + _compact_json(float_value)
-        if ctx.test_mode:
-            text += ',"isTestMode":true'
-        return text + "}"
-    except (DropEvent, EventError):
-        raise
-    except Exception as exc:
-        cause = type(exc).__name__
-        ctx.reporter.problem("internal", cause, "", f"could not encode an event ({cause}); "
-                             "event dropped", strict=False)
-        raise DropEvent("encode_error", cause) from None
+def _encode(raw: RawEvent, ctx: EncodeContext) -> str:
+    name, payload, _, _, timestamp, float_value = raw
+    session_id, user = _identify(raw, ctx)
+    key = (ctx.app_id, user, session_id, name)
+    head = _heads.get(key)
+    if head is None:
+        if len(_heads) >= _MAX_HEADS:
+            _heads.clear()
+        head = _heads[key] = _compact_json({
+            "appID": ctx.app_id, "clientUser": user, "sessionID": session_id, "type": name,
+            "telemetryClientVersion": CLIENT_VERSION})[:-1] + ',"receivedAt":"'
+    text = head + received_at(timestamp) + '"'
+    fields = _fields(name, payload, ctx)
+    if fields:
+        text += ',"payload":' + _compact_json(fields)
+    if float_value is not None:
+        text += ',"floatValue":' + _compact_json(float_value)
+    if ctx.test_mode:
+        text += ',"isTestMode":true'
+    return text + "}"
 
 
 _encoder: Optional[Callable[[Any], str]] = None

@@ -44,7 +44,7 @@ _BACKOFF_MAX = 300.0
 _EXIT_SAVE_WAIT = 1.0  # at most this long for another writer's lock when saving at exit
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
 _SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process has run this long
-_OUTBOX_HIGH_WATER = 2_000  # rows the writer keeps ahead of a poster that is delivering
+_WRITE_CHUNK = 5_000  # events the writer encodes and stores in one transaction, at most
 _STALL_WAIT = 0.5  # seconds without progress after which the poster counts as stuck
 _BATCHES_PER_CLAIM = 10  # requests one claim of the outbox may serve when there is a backlog
 _FLUSH_POLL = 0.02  # how often a waiting flush checks signals another process is sending
@@ -351,6 +351,8 @@ class Sender:
         self._armed = False
         self._hurried = False
         self._flush_requested = False
+        target: Optional[Target] = None
+        decided = False
         while True:
             self._wait_for_poster()
             with self._take_lock:
@@ -358,7 +360,8 @@ class Sender:
             if not raws and not markers:
                 break
             if raws:
-                target = self._target()
+                if not decided:  # once a pass: each decision costs a look at two files
+                    target, decided = self._target(), True
                 if target is None or not target.wanted:
                     self._lose(len(raws), "opted_out" if target else "no_app_id")
                 else:
@@ -371,37 +374,36 @@ class Sender:
             self._post_wake.set()
 
     def _wait_for_poster(self) -> None:
-        """Keep the outbox short while the poster is delivering; fill it when it is stuck.
+        """Move the queue into the outbox while it has room; past that, wait for the poster.
 
-        The outbox holds at most 10,000 signals and drops the oldest beyond
-        that, while the queue in memory may be sized for larger bursts. So
-        while the poster makes progress the writer stays about
-        ``_OUTBOX_HIGH_WATER`` rows ahead of it; once it made none for
-        ``_STALL_WAIT`` (endpoint down, a request hanging) the outbox is where
-        signals are safest, and the writer fills it until the poster moves again.
-        The same while the queue is half full and the outbox has room: a poster
-        slowed down (by a host that keeps the GIL busy) must not make the queue
-        overflow and lose events the outbox could keep.
+        The outbox is where signals are safe (and what exit need not save
+        again), so the writer moves events there as fast as it can. But it
+        holds at most 10,000 signals and drops the oldest beyond that, while
+        the queue in memory may be sized for larger bursts: so once the
+        outbox is full, the writer waits while the poster makes progress, and
+        the rest of a burst stays in memory. A poster that made none for
+        ``_STALL_WAIT`` (endpoint down, a request hanging) no longer holds the
+        writer back: the outbox then takes everything, dropping its oldest.
         """
-        while (self._counters.in_outbox >= _OUTBOX_HIGH_WATER and not self._stalled
-               and not self._stopping and not self._queue_at_risk()):
+        while (self._outbox_room() <= 0 and not self._stalled and not self._stopping):
             self._progress.clear()
-            if self._counters.in_outbox < _OUTBOX_HIGH_WATER:
+            if self._outbox_room() > 0:
                 break
             if not self._progress.wait(_STALL_WAIT):
                 self._stalled = True
 
-    def _queue_at_risk(self) -> bool:
-        room = MAX_SIGNALS - self._batch_size * _BATCHES_PER_CLAIM - self._counters.in_outbox
-        return len(self._queue) >= self._max_queue // 2 and room > 0
+    def _outbox_room(self) -> int:
+        return MAX_SIGNALS - self._counters.in_outbox
 
     def _take_batch(self) -> Tuple[List[RawEvent], List[_FlushMarker]]:
         raws: List[RawEvent] = []
         markers: List[_FlushMarker] = []
         queue = self._queue
         # A backlog goes in large transactions: each one costs the host a few
-        # hand-backs of the GIL, whatever its size.
-        while queue and len(raws) < self._batch_size * _BATCHES_PER_CLAIM:
+        # hand-backs of the GIL, whatever its size. No more than the outbox has
+        # room for, while the poster is delivering.
+        limit = _WRITE_CHUNK if self._stalled else min(_WRITE_CHUNK, max(self._outbox_room(), 1))
+        while queue and len(raws) < limit:
             item = queue.popleft()
             if isinstance(item, _FlushMarker):
                 with self._marker_lock:
