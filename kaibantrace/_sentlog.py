@@ -1,8 +1,9 @@
 """The transparency log: what this machine actually sent, exactly as it was sent.
 
 After every request the ingest service accepted (a 2xx), the poster appends
-one JSON line to ``sent.log`` in the state directory: when, for which app, to
-which URL, how many signals, and the request body itself as text. A signal
+to ``sent.log`` in the state directory a line of JSON (when, for which app, to
+which URL, how many signals, the body's length) and then the request body
+itself, byte for byte, on a line of its own. A signal
 appears here only once it has left the machine, never before, so the log is a
 record of fact, not of intent; ``kaibantrace log`` shows it.
 
@@ -81,42 +82,62 @@ _appender = _Appender()
 
 
 def append(app_id: str, url: str, requests: List[Tuple[bytes, int]]) -> None:
-    """Record accepted requests (body, signal count), in one write; never raises."""
+    """Record accepted requests (body, signal count), in one write; never raises.
+
+    Each request is two lines: a JSON object that says when, where and how many
+    (and the body's length), then the body itself, byte for byte. Storing the
+    body as it is, rather than as a JSON string, spares the worker escaping
+    every request again, and shows what was sent without a decoding step.
+    """
     import json  # deferred: loaded already by then (the worker loads it), or never
 
     try:
         now = time.time()
         sent_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-        lines = "".join(json.dumps({
-            "sent_at": sent_at,
-            "app_id": app_id,
-            "url": url,
-            "signals": count,
-            "body": body.decode("utf-8"),
-        }, ensure_ascii=False) + "\n" for body, count in requests)
-        _appender.write(log_path(), lines.encode("utf-8"))
+        parts: List[bytes] = []
+        for body, count in requests:
+            head = json.dumps({"sent_at": sent_at, "app_id": app_id, "url": url,
+                               "signals": count, "body_bytes": len(body)})
+            parts += [head.encode("utf-8"), b"\n", body, b"\n"]
+        _appender.write(log_path(), b"".join(parts))
     except Exception:
         logger.debug("kaibantrace: could not add to the transparency log", exc_info=True)
 
 
 def read(directory: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Every recorded request, oldest first (lines that cannot be read are skipped)."""
+    """Every recorded request, oldest first, each with its ``body`` as text; what cannot be
+    read (a damaged or cut-off record) is skipped. Reads the one-line records of earlier
+    versions too."""
     import json
 
     path = log_path(directory)
     records: List[Dict[str, Any]] = []
     for name in (path + ".1", path):
         try:
-            with open(name, encoding="utf-8", errors="replace") as handle:
-                lines = handle.readlines()
+            with open(name, "rb") as handle:
+                lines = handle.read().split(b"\n")
         except OSError:
             continue
-        for line in lines:
+        index = 0
+        while index < len(lines):
+            line = lines[index]
+            index += 1
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("body"), str):
+            if not isinstance(record, dict):
+                continue
+            size = record.get("body_bytes")
+            if isinstance(size, int) and index < len(lines) and len(lines[index]) == size:
+                try:
+                    record["body"] = lines[index].decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                index += 1
+                del record["body_bytes"]
+                records.append(record)
+            elif isinstance(record.get("body"), str):  # the one-line form
                 records.append(record)
     return records
 

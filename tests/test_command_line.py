@@ -312,3 +312,28 @@ class TestUsage:
         assert "`mytool telemetry enable`" in capsys.readouterr().out
         assert kaibantrace.command_line(["status"], client=client, prog="mytool telemetry") == 0
         assert "`mytool telemetry disable`" in capsys.readouterr().out
+
+
+class TestTransparencyLogFormat:
+    def test_each_request_is_a_line_of_facts_then_the_body_as_sent(
+            self, collector: Collector) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url, flush_interval=0.01)
+        try:
+            client.emit("seen", {"text": 'quotes " and \\\\ and ünïcode'})
+            assert client.flush(10)
+        finally:
+            client.shutdown()
+        from kaibantrace import _sentlog
+
+        facts, body, end = Path(_sentlog.log_path()).read_bytes().split(b"\n")
+        assert body == collector.requests[0].body and end == b""
+        assert json.loads(facts)["body_bytes"] == len(body)
+
+    def test_records_of_the_one_line_form_are_still_read(self) -> None:
+        from kaibantrace import _sentlog
+
+        path = Path(_sentlog.log_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"sent_at": "2026-01-01T00:00:00.000Z", "app_id": APP_ID,
+                                    "url": "u", "signals": 1, "body": "[{}]"}) + "\n")
+        assert [r["body"] for r in as_json(kaibantrace_command("log", "--json"))] == ["[{}]"]
