@@ -417,10 +417,13 @@ def bench_memory(plan: Plan) -> None:
     print(f"  outbox rows after the child exited: {rows}; child wall time {run.wall:.2f} s")
 
     extra = float(cold["extra_mb"])
-    at_100k = next((float(mb) for name, count, mb, *_ in report["samples"]
-                    if name == "cold" and count == 100_000), None)
-    overhead.results["memory"] = {"extra_mb": extra, "extra_mb_at_100k": at_100k,
-                                  "events": events, "second_burst_extra_mb": float(warm["extra_mb"])}
+    def at(burst: str, count: int) -> Optional[float]:
+        return next((float(mb) for name, n, mb, *_ in report["samples"]
+                     if name == burst and n == count), None)
+
+    overhead.results["memory"] = {
+        "extra_mb": extra, "events": events, "worker_started_mb": float(report["warm_mb"]),
+        "running_at_100k": at("warm", 100_000), "running_at_end": at("warm", events)}
     target(extra < MEMORY_BUDGET_MB,
            f"extra peak RSS {extra:.1f} MB after {events:,} events (target: under "
            f"{MEMORY_BUDGET_MB:.0f} MB)")

@@ -197,7 +197,12 @@ class Client:
             while end < 0:
                 if len(data) > MAX_HEADER_BYTES:
                     raise ProtocolError("the answer's headers are too long")
-                chunk = _recv(sock, deadline)
+                try:
+                    chunk = _recv(sock, deadline)
+                except ConnectionResetError as exc:
+                    if data:
+                        raise
+                    raise _StaleConnection() from exc
                 if not chunk:
                     if not data:
                         raise _StaleConnection()
@@ -211,7 +216,9 @@ class Client:
         keep = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
         encoding = headers.get(b"transfer-encoding", b"").lower()
         length = headers.get(b"content-length")
-        if encoding == b"chunked":
+        if status in (204, 304):  # never a body
+            connection.buffer = data
+        elif encoding == b"chunked":
             data, done = _read_chunked(sock, data, deadline)
             keep = keep and done
         elif length is not None and length.isdigit():

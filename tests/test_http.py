@@ -127,6 +127,15 @@ def test_a_large_or_unbounded_answer_is_not_read(serve: Callable[[Answer], Scrip
         assert server.connections == 2
 
 
+def test_an_answer_without_a_body_keeps_the_connection(
+        serve: Callable[[Answer], ScriptedServer]) -> None:
+    server = serve(lambda n: b"HTTP/1.1 204 No Content\r\n\r\n")
+    client = Client("t")
+    assert [client.post(server.url, b"[]", "application/json", 5).status for _ in range(3)] == [
+        204, 204, 204]
+    assert server.connections == 1
+
+
 def test_retry_after_and_connection_close(serve: Callable[[Answer], ScriptedServer]) -> None:
     busy = b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     server = serve(lambda n: busy)
