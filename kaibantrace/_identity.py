@@ -110,10 +110,17 @@ def random_uuid() -> str:
 
 def _md5_hex(text: str) -> str:
     # The seed's formula uses MD5 as a fingerprint, not for security; saying so
-    # keeps it working where OpenSSL runs in FIPS mode.
+    # keeps it working where OpenSSL runs in FIPS mode. A build that refuses MD5
+    # even so gets the pure-Python one: the ID must be the seed's everywhere.
     import hashlib  # deferred, as in every hashing function here: a cost only when hashing
 
-    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+    data = text.encode("utf-8")
+    try:
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+    except (ValueError, TypeError, AttributeError):  # refused, or an md5 without the flag
+        from ._md5 import md5_hex
+
+        return md5_hex(data)
 
 
 def _node_basename(path: str) -> str:

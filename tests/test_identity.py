@@ -21,6 +21,30 @@ class TestProjectId:
         """The seed's formula gives the check values computed by KaibanJS on Node.js."""
         assert kaibantrace.project_id(cwd=cwd, environ={"HOME": home}) == expected
 
+    @pytest.mark.parametrize(("cwd", "home", "expected"), [
+        ("/srv/work/my-board", "/home/alice", "e0eef4db4ec3062ca9a4479a72f22f6d"),
+        ("/", "/home/dave", "03d5a75bbc7364b74c30276118ee4ac3"),
+    ])
+    def test_check_values_where_md5_is_refused(self, cwd: str, home: str, expected: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+        """As on a FIPS-mode OpenSSL that refuses MD5 even as a fingerprint: the pure-Python
+        MD5 gives the same IDs."""
+        def refused(*args: object, **kwargs: object) -> object:
+            raise ValueError("[digital envelope routines] unsupported")
+
+        monkeypatch.setattr(hashlib, "md5", refused)
+        assert kaibantrace.project_id(cwd=cwd, environ={"HOME": home}) == expected
+
+    def test_pure_python_md5_matches_hashlib(self) -> None:
+        import random
+
+        from kaibantrace._md5 import md5_hex
+
+        rng = random.Random(7)
+        for size in [*range(130), 1000, 4097]:  # every padding case, and several blocks
+            data = bytes(rng.getrandbits(8) for _ in range(size))
+            assert md5_hex(data) == hashlib.md5(data).hexdigest()
+
     def test_empty_home_falls_back_to_userprofile(self) -> None:
         """JavaScript's || semantics: an empty HOME counts as missing."""
         with_profile = kaibantrace.project_id("/p/x", {"HOME": "", "USERPROFILE": "C:\\Users\\a"})
