@@ -170,7 +170,7 @@ def summary(figures: Dict[str, Any]) -> List[Tuple[str, List[Row]]]:
     scaling: Dict[str, Dict[str, float]] = figures.get("scaling", {})
     sections.append(("Scaling: threads emitting at once through one client", [
         (f"{threads} thread{'s' if threads != '1' else ''}",
-         f"{row['ns_per_call']:,.0f} ns per call, +{row['extra_rss_mb']:.1f} MB", "")
+         f"{row['ns_per_call']:,.0f} ns per call, +{row['extra_rss_mb']:.1f} MB RSS", "")
         for threads, row in scaling.items()]))
     return sections
 

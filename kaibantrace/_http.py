@@ -92,10 +92,13 @@ class Client:
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
-        """Load TLS and the URL parser ahead of the first send."""
-        import urllib.parse  # noqa: F401  (imported here so that a send never imports)
+        """Import what a send needs (the URL parser, TLS, certifi) ahead of the first send,
+        so that a send never imports. The TLS context itself, whose certificates take
+        milliseconds to load, is made at the first ``https`` request only."""
+        import ssl  # noqa: F401
+        import urllib.parse  # noqa: F401
 
-        self._tls_context()
+        _certifi_bundle()
 
     def post(self, url: str, body: bytes, content_type: str, timeout: float) -> Answer:
         """Send ``body``; the answer, or ``OSError`` (``TimeoutError`` past the deadline)."""
