@@ -155,12 +155,21 @@ def _kind(text: str) -> Optional[str]:
         import ipaddress
 
         for match in _IPV6_CANDIDATE.finditer(text):
-            try:
-                ipaddress.IPv6Address(match.group(0).split("%")[0])
-            except ValueError:
-                continue
-            return "an IP address"
+            for candidate in _trimmed(match.group(0).split("%")[0]):
+                try:
+                    ipaddress.IPv6Address(candidate)
+                except ValueError:
+                    continue
+                return "an IP address"
     return None
+
+
+def _trimmed(candidate: str) -> Tuple[str, ...]:
+    """The candidate, and without a colon of the text around it ("addr: 2001:db8::1:"):
+    a single colon cannot start or end an address, a double one can ("::1", "fe80::")."""
+    start = 1 if candidate.startswith(":") and not candidate.startswith("::") else 0
+    end = -1 if candidate.endswith(":") and not candidate.endswith("::") else None
+    return (candidate, candidate[start:end]) if start or end else (candidate,)
 
 
 def _secret_kind(text: str) -> Optional[str]:
