@@ -88,10 +88,16 @@ def outbox_path(directory: str, app_id: str) -> str:
 
 
 def purge(directory: str, app_id: str) -> bool:
-    """Delete an app's outbox files without opening them; ``True`` if one existed."""
+    """Delete an app's outbox files without opening them, damaged copies moved aside
+    included (they may hold unsent signals too); ``True`` if one existed."""
     removed = False
     base = outbox_path(directory, app_id)
-    for path in (base, base + "-wal", base + "-shm"):
+    try:
+        aside = [os.path.join(directory, name) for name in os.listdir(directory)
+                 if name.startswith(os.path.basename(base) + ".corrupt-")]
+    except OSError:
+        aside = []
+    for path in (base, base + "-wal", base + "-shm", *aside):
         try:
             os.unlink(path)
             removed = True
@@ -135,16 +141,46 @@ def waiting(directory: str, app_id: str) -> Optional[int]:
 
 
 def open_outbox(directory: str, app_id: str, *, max_signals: int = MAX_SIGNALS) -> Outbox:
-    """The app's SQLite outbox, or a memory one when the directory is unusable (logged at DEBUG)."""
+    """The app's SQLite outbox, or a memory one when the directory is unusable (logged at DEBUG).
+
+    A file that is not a sound SQLite database (corrupted, truncated, something
+    else under that name) is moved aside, never deleted, as
+    ``outbox-<app>.sqlite3.corrupt-<time>``, and a new outbox takes its place.
+    """
     import sqlite3  # here, not at the top: a process that never sends never loads SQLite
 
+    path = outbox_path(directory, app_id)
+    for attempt in (1, 2):
+        try:
+            ensure_private_dir(directory)
+            return SqliteOutbox(path, max_signals=max_signals)
+        except sqlite3.DatabaseError as exc:
+            corrupt = not isinstance(exc, sqlite3.OperationalError)  # not "locked", "no disk"
+            if attempt == 1 and corrupt and _move_aside(path):
+                logger.debug("kaibantrace: the outbox was damaged (%s); moved aside, starting anew",
+                             exc)
+                continue
+            problem = type(exc).__name__
+        except OSError as exc:
+            problem = type(exc).__name__
+        break
+    logger.debug("kaibantrace: no outbox file (%s); undelivered signals stay in memory", problem)
+    return MemoryOutbox(max_signals=max_signals)
+
+
+def _move_aside(path: str) -> bool:
+    """Rename a damaged outbox (and its journal files) out of the way; whether it moved."""
+    suffix = f".corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     try:
-        ensure_private_dir(directory)
-        return SqliteOutbox(outbox_path(directory, app_id), max_signals=max_signals)
-    except (OSError, sqlite3.Error) as exc:
-        logger.debug("kaibantrace: no outbox file (%s); undelivered signals stay in memory",
-                     type(exc).__name__)
-        return MemoryOutbox(max_signals=max_signals)
+        os.replace(path, path + suffix)
+    except OSError:
+        return False
+    for journal in ("-wal", "-shm"):
+        try:
+            os.replace(path + journal, path + suffix + journal)
+        except OSError:
+            pass
+    return True
 
 
 def _origin() -> str:
@@ -218,6 +254,9 @@ class SqliteOutbox:
                 if str(mode).lower() != "wal":
                     connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+                (verdict,) = connection.execute("PRAGMA quick_check(1)").fetchone()
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(f"the integrity check says {verdict!r}")
                 connection.executescript(_SCHEMA)
                 return
             except sqlite3.OperationalError as exc:

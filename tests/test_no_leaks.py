@@ -5,7 +5,6 @@ environment, the arguments, the paths, the host name and the user name."""
 from __future__ import annotations
 
 import getpass
-import os
 import socket
 import subprocess
 import sys

@@ -1,0 +1,139 @@
+"""A broken or hostile state directory: telemetry degrades quietly, loses nothing it can keep,
+and never writes where it should not."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import kaibantrace
+from kaibantrace._outbox import MemoryOutbox, SqliteOutbox, open_outbox, outbox_path, purge
+from kaibantrace.testing import Collector
+
+from .conftest import APP_ID, subprocess_env
+
+URL = "https://ingest.example.test/v2/"
+
+
+def aside(directory: Path) -> list[Path]:
+    """The damaged outboxes moved aside (their journal files move with them)."""
+    return sorted(p for p in directory.glob("outbox-*.sqlite3.corrupt-*")
+                  if not p.name.endswith(("-wal", "-shm")))
+
+
+class TestDamagedOutbox:
+    def test_junk_is_moved_aside_and_a_new_outbox_made(self, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+        path = Path(outbox_path(str(tmp_path), APP_ID))
+        path.write_bytes(b"not a database: junk left by something else" * 20)
+        with caplog.at_level(logging.DEBUG, logger="kaibantrace"):
+            box = open_outbox(str(tmp_path), APP_ID)
+        assert isinstance(box, SqliteOutbox)
+        box.add(APP_ID, URL, [(0.0 + 1e9 * 2, '{"n":1}')])
+        (moved,) = aside(tmp_path)
+        assert moved.read_bytes().startswith(b"not a database")  # kept, not deleted
+        assert len([r for r in caplog.records if "moved aside" in r.getMessage()]) == 1
+
+    def test_a_truncated_outbox_is_moved_aside(self, tmp_path: Path) -> None:
+        path = Path(outbox_path(str(tmp_path), APP_ID))
+        box = SqliteOutbox(str(path))
+        box.add(APP_ID, URL, [(2e9, f'{{"n":{i}}}') for i in range(2000)])
+        with sqlite3.connect(str(path)) as connection:  # everything into the main file
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+        fresh = open_outbox(str(tmp_path), APP_ID)
+        assert isinstance(fresh, SqliteOutbox) and fresh.count(APP_ID, URL) == 0
+        assert len(aside(tmp_path)) == 1
+
+    def test_a_client_delivers_through_a_damaged_outbox(self, collector: Collector) -> None:
+        directory = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
+        directory.mkdir(parents=True, exist_ok=True)
+        Path(outbox_path(str(directory), APP_ID)).write_bytes(b"\x00garbage" * 100)
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
+        try:
+            client.emit("after_damage")
+            assert client.flush(10)
+        finally:
+            client.shutdown()
+        assert [s["type"] for s in collector.signals] == ["after_damage"]
+        assert len(aside(directory)) == 1
+
+    def test_purge_removes_what_was_moved_aside_too(self, tmp_path: Path) -> None:
+        Path(outbox_path(str(tmp_path), APP_ID)).write_bytes(b"junk" * 50)
+        open_outbox(str(tmp_path), APP_ID)
+        assert aside(tmp_path)
+        assert purge(str(tmp_path), APP_ID) is True
+        assert aside(tmp_path) == [] and list(tmp_path.glob("outbox-*")) == []
+
+
+_SEND = textwrap.dedent("""
+    import sys, kaibantrace
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+    client.emit("despite_the_directory")
+    print(client.flush(10))
+""")
+
+
+class TestUnusableStateDirectory:
+    @pytest.mark.parametrize("kind", ["a file", "a symbolic link", "read-only",
+                                      "another user's", "outbox a link to /dev/full"])
+    def test_memory_only_and_the_host_unchanged(self, kind: str, tmp_path: Path,
+                                                collector: Collector) -> None:
+        """Whatever is wrong with the directory, the program runs as it would without
+        telemetry (status 0, nothing on stderr) and the signal is still delivered."""
+        state = tmp_path / "state"
+        elsewhere = tmp_path / "someone-elses"
+        elsewhere.mkdir()
+        if kind == "a file":
+            state.write_text("")
+        elif kind == "a symbolic link":
+            state.symlink_to(elsewhere, target_is_directory=True)
+        elif kind == "read-only":
+            state.mkdir(mode=0o500)
+            if os.geteuid() == 0:
+                pytest.skip("root writes to read-only directories")
+        elif kind == "another user's":
+            if os.geteuid() != 0:
+                pytest.skip("only root can give a directory to another user")
+            state.mkdir(mode=0o700)
+            os.chown(state, 65534, 65534)  # nobody
+        elif kind == "outbox a link to /dev/full":
+            if not Path("/dev/full").exists():
+                pytest.skip("no /dev/full here")
+            state.mkdir(mode=0o700)
+            os.symlink("/dev/full", outbox_path(str(state), APP_ID))
+        done = subprocess.run([sys.executable, "-c", _SEND, APP_ID, collector.url],
+                              env=subprocess_env(KAIBAN_TELEMETRY_DIR=str(state)),
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr, done.stdout.strip()) == (0, "", "True")
+        assert [s["type"] for s in collector.signals] == ["despite_the_directory"]
+        assert list(elsewhere.iterdir()) == []  # nothing written through the link
+        if kind == "another user's":
+            assert list(state.iterdir()) == []  # nothing written into it
+
+    def test_created_private(self, collector: Collector) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
+        try:
+            client.emit("private")
+            assert client.flush(10)
+        finally:
+            client.shutdown()
+        state = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        for path in state.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_memory_outbox_is_what_a_broken_directory_gets(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert isinstance(open_outbox(str(blocker), APP_ID), MemoryOutbox)
