@@ -29,6 +29,16 @@ def aside(directory: Path) -> list[Path]:
                   if not p.name.endswith(("-wal", "-shm")))
 
 
+def send_one(collector: Collector, name: str) -> None:
+    """One event through a client of this process, delivered before it shuts down."""
+    client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
+    try:
+        client.emit(name)
+        assert client.flush(10)
+    finally:
+        client.shutdown()
+
+
 class TestDamagedOutbox:
     def test_junk_is_moved_aside_and_a_new_outbox_made(self, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
@@ -58,12 +68,7 @@ class TestDamagedOutbox:
         directory = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
         directory.mkdir(parents=True, exist_ok=True)
         Path(outbox_path(str(directory), APP_ID)).write_bytes(b"\x00garbage" * 100)
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
-        try:
-            client.emit("after_damage")
-            assert client.flush(10)
-        finally:
-            client.shutdown()
+        send_one(collector, "after_damage")
         assert [s["type"] for s in collector.signals] == ["after_damage"]
         assert len(aside(directory)) == 1
 
@@ -121,12 +126,7 @@ class TestUnusableStateDirectory:
             assert list(state.iterdir()) == []  # nothing written into it
 
     def test_created_private(self, collector: Collector) -> None:
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
-        try:
-            client.emit("private")
-            assert client.flush(10)
-        finally:
-            client.shutdown()
+        send_one(collector, "private")
         state = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
         for path in state.iterdir():
