@@ -376,7 +376,11 @@ class Telemetry:
         self._lost_before_flush = True
 
     def _save_directly(self, raw: RawEvent) -> None:
-        """During interpreter shutdown, with no sender: write the event to the outbox here."""
+        """No sender (interpreter shutdown, or a process that cannot start threads): write
+        the event to the outbox here, for the next process that can send to deliver."""
+        counters = self._counters
+        counters.taken += 1
+        self._lost_before_flush = True  # saved, not delivered: a flush must not say otherwise
         try:
             encoded = self._encode_batch([raw])
             if encoded is None or not encoded.signals:
@@ -384,10 +388,11 @@ class Telemetry:
             if self._direct_outbox is None:
                 self._direct_outbox = self._open_outbox()
             added = self._direct_outbox.add(encoded.app_id, encoded.url, encoded.signals)
-            self._counters.drop("outbox_full", added.full)
+            counters.in_outbox += len(encoded.signals) - added.full - added.expired
+            counters.drop("outbox_full", added.full)
         except Exception:
-            logger.debug("kaibantrace: could not save an event at exit", exc_info=True)
-            self._lose("interpreter_exit")
+            logger.debug("kaibantrace: could not save an event without a sender", exc_info=True)
+            self._lose("no_sender")
 
     def _no_app_id(self, raw: RawEvent) -> None:
         self._lose("no_app_id")

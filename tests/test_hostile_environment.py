@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,71 @@ def test_memory_outbox_is_what_a_broken_directory_gets(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert isinstance(open_outbox(str(blocker), APP_ID), MemoryOutbox)
+
+
+_NO_THREADS = textwrap.dedent("""
+    import sys, threading, time, kaibantrace
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    threading.Thread.start = refuse  # as in a sandbox without threads
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+    for i in range(3):
+        client.emit("threadless", {"i": i})
+    started = time.monotonic()
+    print(client.flush(5), client.stats()["in_outbox"], round(time.monotonic() - started))
+""")
+
+
+class TestWithoutThreads:
+    def test_events_go_to_the_outbox_and_the_next_process_delivers_them(
+            self, collector: Collector) -> None:
+        done = subprocess.run([sys.executable, "-c", _NO_THREADS, APP_ID, collector.url],
+                              env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stderr == ""
+        assert done.stdout.split() == ["False", "3", "0"]  # not delivered, kept, no waiting
+        assert collector.requests == []
+        send_one(collector, "with_threads")
+        assert sorted(s["type"] for s in collector.wait_for(4)) == ["threadless"] * 3 + [
+            "with_threads"]
+
+
+_ENDINGS = textwrap.dedent("""
+    import os, signal, sys, threading, time, kaibantrace
+
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+    how = sys.argv[3]
+    for i in range(5):
+        client.emit("ending", {"i": i})
+    if how == "sigterm":  # a handler that exits, as servers install
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # never reached: the handler exits first
+    elif how == "thread_exit":  # sys.exit in a thread ends that thread only
+        worker = threading.Thread(target=lambda: (client.emit("from_thread"), sys.exit(3)))
+        worker.start()
+        worker.join()
+    elif how == "os_exit":  # skips every exit hook: only what reached the outbox survives
+        deadline = time.monotonic() + 20
+        while client.stats()["in_outbox"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(0)
+""")
+
+
+class TestEndings:
+    @pytest.mark.parametrize("how", ["sigterm", "thread_exit", "os_exit"])
+    def test_no_hang_no_traceback_and_nothing_lost_that_reached_the_outbox(
+            self, how: str, free_port: int) -> None:
+        """The endpoint is down while the process ends; a later process delivers to it."""
+        url = f"http://127.0.0.1:{free_port}/v2/"
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", _ENDINGS, APP_ID, url, how],
+                              env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - started < 20  # no hang (the os_exit case waits for the outbox)
+        assert (done.returncode, done.stderr) == (0, "")
+        with Collector(port=free_port) as collector:
+            send_one(collector, "next_run")
+            expected = 5 + (how == "thread_exit") + 1
+            assert len(collector.wait_for(expected)) == expected
