@@ -25,7 +25,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._log import logger
-from ._state import config_dir, ensure_private_dir, state_dir, write_private_file
+from ._state import check_private_dir, config_dir, ensure_private_dir, state_dir, write_private_file
 
 DISABLED = "disabled"
 ENABLED = "enabled"
@@ -142,6 +142,7 @@ def existing_secret() -> Optional[bytes]:
     if _secret is not None:
         return _secret
     try:
+        check_private_dir(config_dir())  # a secret someone else could have written is no secret
         with open(secret_path(), encoding="ascii") as handle:
             return bytes.fromhex(handle.read().strip()) or None
     except (OSError, ValueError):

@@ -22,6 +22,7 @@ to remove what an opted-out user left behind.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from typing import Mapping, Optional
 
@@ -64,16 +65,27 @@ def ensure_private_dir(path: str) -> str:
     """Create ``path`` (and parents) readable only by this user; raise ``OSError`` if impossible."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     if os.name == "posix":
-        info = os.lstat(path)
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise OSError(f"{path} is not a plain directory")
-        if info.st_uid != os.getuid():
-            raise OSError(f"{path} belongs to another user")
-        if info.st_mode & 0o077:
+        check_private_dir(path)
+        if os.lstat(path).st_mode & 0o077:  # readable by others: ours alone from now on
             os.chmod(path, 0o700)
     if not os.access(path, os.W_OK | os.X_OK):
         raise OSError(f"{path} is not writable")
     return path
+
+
+def check_private_dir(path: str) -> None:
+    """Raise ``OSError`` unless ``path`` is a plain directory of this user that no one else
+    can write to: files another user could have planted there (a known secret, a link)
+    must never be trusted."""
+    if os.name != "posix":
+        return
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{path} is not a plain directory")
+    if info.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to another user")
+    if info.st_mode & 0o022:
+        raise OSError(f"{path} can be written by other users")
 
 
 def create_private_file(path: str) -> None:

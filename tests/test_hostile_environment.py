@@ -90,8 +90,8 @@ _SEND = textwrap.dedent("""
 
 
 class TestUnusableStateDirectory:
-    @pytest.mark.parametrize("kind", ["a file", "a symbolic link", "read-only",
-                                      "another user's", "outbox a link to /dev/full"])
+    @pytest.mark.parametrize("kind", ["a file", "a symbolic link", "read-only", "another user's",
+                                      "writable by everyone", "outbox a link to /dev/full"])
     def test_memory_only_and_the_host_unchanged(self, kind: str, tmp_path: Path,
                                                 collector: Collector) -> None:
         """Whatever is wrong with the directory, the program runs as it would without
@@ -107,6 +107,9 @@ class TestUnusableStateDirectory:
             state.mkdir(mode=0o500)
             if os.geteuid() == 0:
                 pytest.skip("root writes to read-only directories")
+        elif kind == "writable by everyone":
+            state.mkdir()
+            state.chmod(0o777)
         elif kind == "another user's":
             if os.geteuid() != 0:
                 pytest.skip("only root can give a directory to another user")
@@ -123,7 +126,7 @@ class TestUnusableStateDirectory:
         assert (done.returncode, done.stderr, done.stdout.strip()) == (0, "", "True")
         assert [s["type"] for s in collector.signals] == ["despite_the_directory"]
         assert list(elsewhere.iterdir()) == []  # nothing written through the link
-        if kind == "another user's":
+        if kind in ("another user's", "writable by everyone"):
             assert list(state.iterdir()) == []  # nothing written into it
 
     def test_created_private(self, collector: Collector) -> None:
@@ -132,6 +135,26 @@ class TestUnusableStateDirectory:
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
         for path in state.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_a_secret_planted_in_a_directory_others_can_write_is_never_used(tmp_path: Path) -> None:
+    """Had another user written the secret, they could reverse the identities it keys."""
+    from kaibantrace import _prefs
+
+    config = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"])
+    config.mkdir(parents=True, exist_ok=True)
+    planted = bytes(range(32))
+    (config / "secret").write_text(planted.hex() + "\n")
+    config.chmod(0o777)
+    _prefs.forget_in_memory()
+    try:
+        assert _prefs.existing_secret() is None
+        assert _prefs.local_secret(persist=True) != planted
+        assert (config / "secret").read_text().strip() == planted.hex()  # left as it was
+    finally:
+        config.chmod(0o700)
+        _prefs.forget_in_memory()
+    assert _prefs.existing_secret() == planted  # the same file, once the directory is private
 
 
 def test_memory_outbox_is_what_a_broken_directory_gets(tmp_path: Path) -> None:
