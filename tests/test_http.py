@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -213,3 +213,64 @@ def test_a_proxy_is_used_through_requests(collector: Collector,
     transport.send(target, b"[]", 5)
     transport.close()
     assert [r.path for r in collector.wait_for_requests(1)] == [target]
+
+
+@pytest.fixture
+def untrusted_tls_url(tmp_path: Any) -> Iterator[str]:
+    """An HTTPS server on loopback whose certificate no one trusts (self-signed)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(OK)
+            except (OSError, ssl.SSLError):
+                pass  # the client refused our certificate, as it should
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"https://localhost:{listener.getsockname()[1]}/v2/"
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def test_a_certificate_no_one_trusts_is_a_retry_never_a_send(untrusted_tls_url: str) -> None:
+    started = time.monotonic()
+    outcome = HttpTransport().send(untrusted_tls_url, b"[]", 5)
+    assert outcome.result is Result.RETRY and "SSL" in outcome.detail
+    assert time.monotonic() - started < 5
+
+
+def test_a_client_facing_a_tls_error_fails_quietly(untrusted_tls_url: str) -> None:
+    import kaibantrace
+
+    client = kaibantrace.Telemetry(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12",
+                                   endpoint=untrusted_tls_url, backoff=0.05)
+    try:
+        client.emit("over_bad_tls")
+        assert client.flush(3) is False
+        stats = client.stats()
+        assert stats["sent"] == 0 and stats["in_outbox"] == 1  # kept for a later run
+    finally:
+        client.shutdown()
