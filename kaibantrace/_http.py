@@ -11,16 +11,19 @@ better, a proxy (see ``_transport``).
 What it does, and all it does:
 
 * one keep-alive connection per origin, made again after 4 seconds idle (servers
-  close idle connections; a request on a dead one would fail);
+  close idle connections; a request on a dead one would fail), or when it has
+  anything to read before a request (closed, or bytes no request asked for);
 * TLS with certificate and host name verification: the system's certificates,
   plus ``certifi``'s bundle and ``REQUESTS_CA_BUNDLE`` when present;
-* a deadline for the whole request, checked at every socket operation;
+* a deadline for the whole request, checked at every socket operation (name
+  resolution aside: the system's resolver bounds that);
 * bounded reading: at most 64 KiB of headers; a body is read (to keep the
   connection) only when short, otherwise the connection is closed; a redirect is
   an answer like any other, never followed;
 * a request that finds its reused connection closed by the server before any
-  answer is sent once more on a new connection; nothing else is ever repeated
-  (the sender owns the only retry loop).
+  byte of an answer is sent once more on a new connection; nothing else is ever
+  repeated (the sender owns the only retry loop). A server that answers before
+  reading the whole request (a 413) is heard, not taken for a closed connection.
 """
 
 from __future__ import annotations
@@ -56,12 +59,11 @@ class Answer:
 
 
 class _Connection:
-    __slots__ = ("buffer", "last_used", "sock")
+    __slots__ = ("last_used", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.last_used = time.monotonic()
-        self.buffer = b""  # bytes read past the end of the last answer (none, normally)
 
 
 def split_url(url: str) -> Tuple[Origin, str, str]:
@@ -108,7 +110,10 @@ class Client:
             b"\r\nContent-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n" + body
         with self._lock:
             connection = self._connections.pop(origin, None)
-            if connection is not None and time.monotonic() - connection.last_used > IDLE_REUSE:
+            if connection is not None and (time.monotonic() - connection.last_used > IDLE_REUSE
+                                           or _has_input(connection.sock)):
+                # Idle too long, or the server said something (closed it, or sent bytes no
+                # request asked for): a request there could fail or get a stranger's answer.
                 _close(connection)
                 connection = None
             reused = connection is not None
@@ -188,13 +193,16 @@ class Client:
     def _exchange(self, connection: _Connection, request: bytes,
                   deadline: float) -> Tuple[Answer, bool]:
         sock = connection.sock
+        send_failed = False
         try:
             sock.settimeout(_left(deadline))
             sock.sendall(request)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise _StaleConnection() from exc
-        data = connection.buffer
-        connection.buffer = b""
+        except (BrokenPipeError, ConnectionResetError):
+            # The server may have answered already (a 413 before reading the whole body,
+            # say): read what it said; with nothing to read, the connection was stale.
+            send_failed = True
+        data = b""
+        heard = False  # any byte of an answer arrived: then the request is never resent
         while True:  # the head of the answer; 1xx answers are skipped
             end = data.find(b"\r\n\r\n")
             while end < 0:
@@ -203,24 +211,26 @@ class Client:
                 try:
                     chunk = _recv(sock, deadline)
                 except ConnectionResetError as exc:
-                    if data:
+                    if heard:
                         raise
                     raise _StaleConnection() from exc
                 if not chunk:
-                    if not data:
+                    if not heard:
                         raise _StaleConnection()
                     raise ProtocolError("the answer ended inside its headers")
+                heard = True
                 data += chunk
                 end = data.find(b"\r\n\r\n")
             status, version, headers = _parse_head(data[:end])
             data = data[end + 4:]
             if status >= 200 or status == 101:
                 break
-        keep = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+        tokens = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
+        keep = version == b"HTTP/1.1" and b"close" not in tokens and not send_failed
         encoding = headers.get(b"transfer-encoding", b"").lower()
         length = headers.get(b"content-length")
         if status in (204, 304):  # never a body
-            connection.buffer = data
+            pass
         elif encoding == b"chunked":
             data, done = _read_chunked(sock, data, deadline)
             keep = keep and done
@@ -234,9 +244,11 @@ class Client:
                     if not chunk:
                         raise ProtocolError("the answer ended early")
                     data += chunk
-                connection.buffer = data[size:]
+                data = data[size:]
         else:
             keep = False  # the body runs until the server closes: never read it
+        if data:  # bytes past the answer: no request asked for them
+            keep = False
         retry_after = headers.get(b"retry-after")
         return Answer(status, retry_after.decode("latin-1") if retry_after else None), keep
 
@@ -250,6 +262,18 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError("the request ran out of time")
     return left
+
+
+def _has_input(sock: socket.socket) -> bool:
+    """Whether an idle connection has something to read (the server closed it, or sent
+    bytes unasked): either way it is not fit for another request."""
+    import select
+
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _recv(sock: socket.socket, deadline: float) -> bytes:
@@ -296,6 +320,8 @@ def _read_chunked(sock: socket.socket, data: bytes, deadline: float) -> Tuple[by
             while True:
                 end = data.find(b"\r\n")
                 while end < 0:
+                    if len(data) > MAX_HEADER_BYTES:
+                        raise ProtocolError("the answer's trailers are too long")
                     chunk = _recv(sock, deadline)
                     if not chunk:
                         raise ProtocolError("the answer ended early")

@@ -165,11 +165,10 @@ def _kind(text: str) -> Optional[str]:
 
 
 def _trimmed(candidate: str) -> Tuple[str, ...]:
-    """The candidate, and without a colon of the text around it ("addr: 2001:db8::1:"):
-    a single colon cannot start or end an address, a double one can ("::1", "fe80::")."""
-    start = 1 if candidate.startswith(":") and not candidate.startswith("::") else 0
-    end = -1 if candidate.endswith(":") and not candidate.endswith("::") else None
-    return (candidate, candidate[start:end]) if start or end else (candidate,)
+    """The candidate, then without colons of the text around it ("addr: 2001:db8::1::"):
+    the address may end where the surrounding punctuation begins."""
+    return tuple(dict.fromkeys((candidate, candidate.rstrip(":"), candidate.lstrip(":"),
+                                candidate.strip(":"))))
 
 
 def _secret_kind(text: str) -> Optional[str]:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kaibantrace
@@ -38,7 +38,9 @@ NAMES = st.one_of(st.text(max_size=200), st.sampled_from(["run", "workflow_start
                   st.integers(), st.none(), st.binary(max_size=8))
 FLOATS = st.one_of(st.none(), st.floats(), st.integers(), st.text(max_size=3))
 SESSION = Session()
-FUZZ = settings(max_examples=300, deadline=None)
+# Derandomized: the suite runs the same examples every time, so CI never turns red by luck.
+# (Larger random runs, with derandomize off, are how the regressions below were found.)
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True)
 
 
 def assert_valid_signal(text: str) -> None:
@@ -112,8 +114,13 @@ SECRETS = st.sampled_from([
 ])
 
 
-@settings(max_examples=400, deadline=None,
+@settings(max_examples=400, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Found by this test: an IPv6 address followed by one or two colons of the text around it.
+@example(secret=("an IP address", "2001:db8::8a2e:370:7334"), case=str.lower, encodings=0,
+         backslashes=False, before="", after="", left=" ", right=":")
+@example(secret=("an IP address", "2001:db8::8a2e:370:7334"), case=str.lower, encodings=0,
+         backslashes=False, before="", after=":", left=" ", right=":")
 @given(secret=SECRETS, case=st.sampled_from([str.lower, str.upper, str.title, str.swapcase]),
        encodings=st.integers(0, 2), backslashes=st.booleans(), before=AROUND, after=AROUND,
        left=SEPARATORS, right=SEPARATORS)

@@ -167,6 +167,51 @@ def test_a_new_connection_closed_without_answer_is_an_error_not_a_resend(
     assert len(server.requests) == 1
 
 
+def test_bytes_past_an_answer_are_never_taken_for_the_next_one(
+        serve: Callable[[Answer], ScriptedServer]) -> None:
+    """A server that sends more than its answer: the next request gets its own answer on a
+    new connection, not the stray bytes."""
+    stray = b"HTTP/1.1 400 Stray\r\nContent-Length: 0\r\n\r\n"
+    server = serve(lambda n: OK + stray if n == 1 else OK)
+    client = Client("t")
+    assert [client.post(server.url, b"[]", "application/json", 5).status for _ in range(2)] == [
+        200, 200]
+    assert server.connections == 2
+
+
+def test_an_interim_answer_then_a_hang_up_is_never_a_resend(
+        serve: Callable[[Answer], ScriptedServer]) -> None:
+    server = serve(lambda n: OK if n == 1 else CLOSE + b"HTTP/1.1 100 Continue\r\n\r\n")
+    client = Client("t")
+    client.post(server.url, b"[1]", "application/json", 5)
+    with pytest.raises(OSError):
+        client.post(server.url, b"[2]", "application/json", 5)
+    assert len(server.requests) == 2  # the second request went out once
+
+
+def test_an_answer_before_the_whole_request_was_read_is_heard() -> None:
+    """A server that answers 413 and hangs up after the first kilobyte of a large batch:
+    the batch is refused (dropped), not retried as if the network had failed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def refuse_early() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.shutdown(socket.SHUT_RDWR)
+
+    thread = threading.Thread(target=refuse_early, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v2/"
+    try:
+        outcome = HttpTransport().send(url, b"[" + b"1," * 4_000_000 + b"1]", 10)
+    finally:
+        thread.join(5)
+        listener.close()
+    assert outcome.result is Result.REJECTED, outcome
+
+
 def test_an_idle_connection_is_not_trusted(serve: Callable[[Answer], ScriptedServer],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     server = serve(lambda n: OK)
