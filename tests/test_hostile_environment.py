@@ -229,3 +229,37 @@ class TestEndings:
             send_one(collector, "next_run")
             expected = 5 + (how == "thread_exit") + 1
             assert len(collector.wait_for(expected)) == expected
+
+
+_MID_SEND = textwrap.dedent("""
+    import sys, time, kaibantrace
+
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+    client.emit("warm")
+    assert client.flush(10)  # the sender is ready, as in a program that has run a while
+    for i in range(20):
+        client.emit("mid_send", {"i": i})
+    deadline = time.monotonic() + 10
+    while client.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # until a request is on its way to the slow server
+    print(client.stats()["in_flight"], time.time(), flush=True)
+""")
+
+
+def test_exit_while_a_request_is_in_flight(collector: Collector) -> None:
+    """The interpreter exits while the worker waits for a slow answer: no hang, no traceback,
+    and every event arrives, at the latest through the next process."""
+    collector.respond(200, times=1)  # the warm-up
+    collector.respond(200, delay=3.0)  # then answers that take longer than exit allows
+    done = subprocess.run([sys.executable, "-c", _MID_SEND, APP_ID, collector.url],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    ended = time.time()
+    assert (done.returncode, done.stderr) == (0, "")
+    in_flight, exiting_at = done.stdout.split()
+    assert int(in_flight) > 0
+    assert ended - float(exiting_at) < 2.5  # exit did not wait for the 3-second answer
+    collector.respond(200)
+    send_one(collector, "next_run")
+    arrived = {s["payload"]["i"] for s in collector.wait_for(22, timeout=30)
+               if s["type"] == "mid_send"}
+    assert arrived == {str(i) for i in range(20)}
