@@ -319,3 +319,36 @@ def test_a_client_facing_a_tls_error_fails_quietly(untrusted_tls_url: str) -> No
         assert stats["sent"] == 0 and stats["in_outbox"] == 1  # kept for a later run
     finally:
         client.shutdown()
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 200_000, "sent"),  # an endless body: never read
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\nxx", "sent"),  # a huge one
+    (b"HTTP/1.1 307 Elsewhere\r\nLocation: http://127.0.0.1:9/v2/\r\nContent-Length: 0\r\n\r\n",
+     "rejected"),
+    (b"\xff\xfe\xfd not HTTP at all\r\n\r\n", "retried"),
+    (b"HTTP/1.1 500 Oops\r\nContent-Length: 5\r\n\r\n\xff\xfe\xfd\xfc\xfb", "retried"),
+])
+def test_a_client_counts_what_a_hostile_endpoint_does(
+        serve: Callable[[Answer], ScriptedServer], answer: bytes, expected: str) -> None:
+    """Each kind of answer ends as a count in stats(), in bounded time, with no exception."""
+    import kaibantrace
+
+    server = serve(lambda n: CLOSE + answer)
+    client = kaibantrace.Telemetry(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12",
+                                   endpoint=server.url, backoff=0.05, timeout=2)
+    started = time.monotonic()
+    try:
+        client.emit("hostile")
+        delivered = client.flush(5)
+    finally:
+        client.shutdown()
+    stats = client.stats()
+    assert time.monotonic() - started < 10
+    assert delivered is (expected == "sent")
+    if expected == "sent":
+        assert stats["sent"] == 1
+    elif expected == "rejected":
+        assert stats["dropped"] == {"rejected": 1} and stats["sent"] == 0
+    else:
+        assert stats["retried"] >= 1 and stats["sent"] == 0
