@@ -43,7 +43,7 @@ from bench_overhead import (
     OUR_VARIABLES,
     check,
     collector_process,
-    failures,
+    finish,
     use_private_state_dir,
 )
 
@@ -307,13 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_host(4 if args.quick else 10)
     if "scaling" in sections:
         bench_scaling(3 if args.quick else 7)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-    if failures:
-        print(f"\n{len(failures)} check(s) failed")
-        return 1
-    return 0
+    return finish(results, args.json)
 
 
 if __name__ == "__main__":

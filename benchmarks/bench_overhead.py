@@ -672,9 +672,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_calls(config)
     if "imports" in sections:
         bench_imports(config)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+    return finish(results, args.json)
+
+
+def finish(figures: Dict[str, Any], json_path: Optional[str]) -> int:
+    """Write the figures for ``run_all.py`` if asked; the exit status (1 if a check failed)."""
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump(figures, handle, indent=2)
     if failures:
         print(f"\n{len(failures)} check(s) failed")
         return 1

@@ -240,10 +240,7 @@ class Client:
                 keep = False  # not worth reading: close instead
             else:
                 while len(data) < size:
-                    chunk = _recv(sock, deadline)
-                    if not chunk:
-                        raise ProtocolError("the answer ended early")
-                    data += chunk
+                    data = _more(sock, data, deadline)
                 data = data[size:]
         else:
             keep = False  # the body runs until the server closes: never read it
@@ -303,43 +300,44 @@ def _read_chunked(sock: socket.socket, data: bytes, deadline: float) -> Tuple[by
     second item when it was too long to be worth reading (the connection is then closed)."""
     total = 0
     while True:
-        end = data.find(b"\r\n")
-        while end < 0:
-            if len(data) > 1024:
-                raise ProtocolError("a chunk size line is too long")
-            chunk = _recv(sock, deadline)
-            if not chunk:
-                raise ProtocolError("the answer ended early")
-            data += chunk
-            end = data.find(b"\r\n")
+        size_line, data = _line(sock, data, deadline, 1024, "a chunk size line is too long")
         try:
-            size = int(data[:end].split(b";")[0], 16)
+            size = int(size_line.split(b";")[0], 16)
         except ValueError:
             raise ProtocolError("a chunk size is not a number") from None
-        data = data[end + 2:]
         total += size
         if total > MAX_BODY_READ:
             return b"", False
         if size == 0:  # the last chunk; then trailers, if any, and an empty line
             while True:
-                end = data.find(b"\r\n")
-                while end < 0:
-                    if len(data) > MAX_HEADER_BYTES:
-                        raise ProtocolError("the answer's trailers are too long")
-                    chunk = _recv(sock, deadline)
-                    if not chunk:
-                        raise ProtocolError("the answer ended early")
-                    data += chunk
-                    end = data.find(b"\r\n")
-                line, data = data[:end], data[end + 2:]
-                if not line:
+                trailer, data = _line(sock, data, deadline, MAX_HEADER_BYTES,
+                                      "the answer's trailers are too long")
+                if not trailer:
                     return data, True
         while len(data) < size + 2:
-            chunk = _recv(sock, deadline)
-            if not chunk:
-                raise ProtocolError("the answer ended early")
-            data += chunk
+            data = _more(sock, data, deadline)
         data = data[size + 2:]
+
+
+def _line(sock: socket.socket, data: bytes, deadline: float, limit: int,
+          too_long: str) -> Tuple[bytes, bytes]:
+    """The next CRLF-ended line (without its CRLF) and what follows it; at most ``limit``
+    bytes are buffered while looking for its end."""
+    end = data.find(b"\r\n")
+    while end < 0:
+        if len(data) > limit:
+            raise ProtocolError(too_long)
+        data = _more(sock, data, deadline)
+        end = data.find(b"\r\n")
+    return data[:end], data[end + 2:]
+
+
+def _more(sock: socket.socket, data: bytes, deadline: float) -> bytes:
+    """``data`` and the next bytes to arrive; an error if the answer ends first."""
+    chunk = _recv(sock, deadline)
+    if not chunk:
+        raise ProtocolError("the answer ended early")
+    return data + chunk
 
 
 def _close(connection: _Connection) -> None:
