@@ -591,10 +591,9 @@ def _program_name() -> str:
 
 
 def _show_notice(opt_out_env: str) -> bool:
-    """Print the first-run notice on stderr if it is a terminal; whether it was shown."""
+    """Print the first-run notice on stderr (the caller found it a terminal); whether it
+    was written."""
     try:
-        if not _stderr_is_terminal():
-            return False
         sys.stderr.write(NOTICE.format(prog=_program_name(), opt_out=opt_out_env))
         sys.stderr.flush()
         return True
