@@ -26,11 +26,12 @@ identities and privacy-checked payloads, never raw input.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 from ._config import is_app_id
 from ._fork import guarded
@@ -271,27 +272,35 @@ class SqliteOutbox:
         """How long this thread's statements wait for another process's write lock."""
         self._connection().execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE transaction, rolled back on any failure, a failed COMMIT included
+        (a full disk refuses the COMMIT and would leave the write lock held)."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except Exception:  # the original failure is the one worth reporting
+                    pass
+            raise
+
     def _write(self, statements: list[Tuple[str, Sequence[object]]]) -> List[int]:
         """Run statements in one IMMEDIATE transaction; the row counts of each."""
         if not statements:
             return []
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            counts = [db.execute(sql, args).rowcount for sql, args in statements]
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return counts
+        with self._transaction() as db:
+            return [db.execute(sql, args).rowcount for sql, args in statements]
 
     @guarded
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
         app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
-        db = self._connection()
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             rows = _insert_size()
             for start in range(0, len(signals), rows):
                 chunk = signals[start:start + rows]
@@ -310,19 +319,13 @@ class SqliteOutbox:
             if count > self._max:
                 full = db.execute("DELETE FROM signals WHERE id IN (SELECT id FROM signals "
                                   "ORDER BY id LIMIT ?)", (count - self._max,)).rowcount
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return Added(int(last_id), full, expired)
 
     @guarded
     def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
         app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
-        db = self._connection()
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             # The batch comes back as one row (see ``add``): the ids, and the
             # bodies joined by a character that JSON text always escapes.
             ids_text, bodies = db.execute(
@@ -335,10 +338,6 @@ class SqliteOutbox:
                 db.execute("UPDATE signals SET lease_until = ? WHERE id IN (SELECT id FROM signals "
                            "WHERE app_id = ? AND url = ? AND lease_until < ? ORDER BY id LIMIT ?)",
                            (now + lease, app_id, url, now, limit))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return rows
 
     @guarded
@@ -396,10 +395,10 @@ class MemoryOutbox:
 
     durable = False
 
-    def __init__(self, *, max_signals: int = MAX_SIGNALS) -> None:
+    def __init__(self, *, max_signals: int = MAX_SIGNALS, first_id: int = 1) -> None:
         self._max = max_signals
         self._rows: Dict[int, Tuple[str, str, float, str, float]] = {}
-        self._next = 1
+        self._next = first_id
         self._lock = threading.Lock()
 
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:

@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from ._fallback import FallbackOutbox
 from ._fork import guard as fork_guard
 from ._log import logger
 from ._outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row
@@ -321,7 +322,9 @@ class Sender:
             with fork_guard("setup"):  # a fork mid-import would leave the child a held import lock
                 _load_worker_modules()
             try:
-                self._outbox = self._open_outbox()
+                opened = self._open_outbox()
+                # A file that fails later (a full disk) hands its work to memory.
+                self._outbox = FallbackOutbox(opened) if opened.durable else opened
             except Exception:
                 logger.debug("kaibantrace: outbox unavailable; keeping signals in memory",
                              exc_info=True)

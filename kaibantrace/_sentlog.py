@@ -44,6 +44,7 @@ class _Appender:
         self._fd = -1
         self._path = ""
         self._pid = 0
+        self.failed = False
 
     def write(self, path: str, data: bytes) -> None:
         with self._lock:
@@ -101,7 +102,9 @@ def append(app_id: str, url: str, requests: List[Tuple[bytes, int]]) -> None:
             parts += [head.encode("utf-8"), b"\n", body, b"\n"]
         _appender.write(log_path(), b"".join(parts))
     except Exception:
-        logger.debug("kaibantrace: could not add to the transparency log", exc_info=True)
+        if not _appender.failed:  # once: a full disk would otherwise say so at every request
+            _appender.failed = True
+            logger.debug("kaibantrace: could not add to the transparency log", exc_info=True)
 
 
 def read(directory: Optional[str] = None) -> List[Dict[str, Any]]:

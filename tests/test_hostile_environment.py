@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -263,3 +264,93 @@ def test_exit_while_a_request_is_in_flight(collector: Collector) -> None:
     arrived = {s["payload"]["i"] for s in collector.wait_for(22, timeout=30)
                if s["type"] == "mid_send"}
     assert arrived == {str(i) for i in range(20)}
+
+
+def _can_mount_a_tiny_disk() -> bool:
+    """Whether this machine lets a test mount a small tmpfs in a mount namespace of its own
+    (as root, or as a user where unprivileged user namespaces are allowed)."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=64k tmpfs /mnt || mount -t tmpfs -o size=64k "
+                            "tmpfs /tmp"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+_FULL_DISK = textwrap.dedent("""
+    import errno, logging, os, sys, kaibantrace
+
+    app, url, state, when = sys.argv[1:5]
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("kaibantrace")
+    log.addHandler(Keep())
+    log.setLevel(logging.DEBUG)
+
+    def fill_the_disk():
+        with open(os.path.join(state, "filler"), "wb", buffering=0) as filler:
+            for size in (1 << 16, 1 << 12, 1):
+                try:
+                    while True:
+                        filler.write(b"\\0" * size)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+
+    client = kaibantrace.Telemetry(app_id=app, endpoint=url)
+    if when == "while running":
+        client.emit("before_full")
+        assert client.flush(10)  # the outbox file is open and working
+    fill_the_disk()
+    for i in range(3000):
+        client.emit("while_full", {"i": i, "pad": "x" * 100})
+    delivered = client.flush(20)
+    os.remove(os.path.join(state, "filler"))
+    if when == "while running":  # a refused COMMIT must not have left the file locked
+        import sqlite3
+        other = sqlite3.connect(os.path.join(state, f"outbox-{app}.sqlite3"), timeout=0,
+                                isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    print(delivered, sorted(client.stats()["dropped"].items()))
+    print(sum(("no longer be written" in line or "no outbox file" in line) for line in lines))
+    client.shutdown()
+""")
+
+_DELIVER_WHAT_IS_LEFT = textwrap.dedent("""
+    import sys, kaibantrace
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+    client.flush(10)
+""")
+
+
+@pytest.mark.skipif(not _can_mount_a_tiny_disk(), reason="no way to mount a small tmpfs here")
+class TestFullDisk:
+    """A real full disk: the state directory is a 1 MB tmpfs, filled to the last byte."""
+
+    @pytest.mark.parametrize("when", ["before starting", "while running"])
+    def test_memory_only_one_log_line_nothing_lost(self, when: str, tmp_path: Path,
+                                                   collector: Collector) -> None:
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        script = tmp_path / "full_disk.py"
+        script.write_text(_FULL_DISK)
+        then = tmp_path / "deliver.py"
+        then.write_text(_DELIVER_WHAT_IS_LEFT)
+        # One mount namespace for both processes: the tiny disk lives as long as it does.
+        shell = ('mount -t tmpfs -o size=1m,mode=0700 tmpfs "$3" && '
+                 '"$4" "$5" "$1" "$2" "$3" "$6" && "$4" "$7" "$1" "$2"')
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell, "sh",
+             APP_ID, collector.url, str(state), sys.executable, str(script), when, str(then)],
+            env=subprocess_env(KAIBAN_TELEMETRY_DIR=str(state)),
+            capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stderr) == (0, "")
+        delivered, log_lines = done.stdout.strip().splitlines()
+        assert delivered == "True []"  # delivered from memory, nothing dropped
+        assert log_lines == "1"  # one line said the outbox fell back to memory
+        arrived = [s["payload"]["i"] for s in collector.signals if s["type"] == "while_full"]
+        assert sorted(set(arrived), key=int) == [str(i) for i in range(3000)]

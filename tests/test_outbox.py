@@ -17,6 +17,7 @@ from typing import Callable, List
 import pytest
 
 import kaibantrace
+from kaibantrace._fallback import MEMORY_BASE, FallbackOutbox
 from kaibantrace._outbox import MemoryOutbox, Outbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
@@ -31,11 +32,13 @@ def signals(n: int, start: float = 0.0) -> list[tuple[float, str]]:
     return [(now, f'{{"n":{i}}}') for i in range(n)]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "file with memory behind"])
 def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> Outbox:
     if request.param == "sqlite":
         return SqliteOutbox(str(tmp_path / "o.sqlite3"), max_signals=10)
-    return MemoryOutbox(max_signals=10)
+    if request.param == "memory":
+        return MemoryOutbox(max_signals=10)
+    return FallbackOutbox(SqliteOutbox(str(tmp_path / "o.sqlite3"), max_signals=10))
 
 
 class TestOutboxContract:
@@ -81,6 +84,46 @@ class TestOutboxContract:
         last = outbox.add(APP_ID, URL, signals(3)).last_id
         assert outbox.count_mine(last) == 3 and outbox.count_mine(last - 1) == 2
         assert outbox.drop_app(APP_ID) == 3 and outbox.count(APP_ID, URL) == 0
+
+
+class TestFileThatStopsWorking:
+    """A file that refuses writes mid-run (a full disk, a read-only remount): memory takes
+    over, said once; a file merely busy with another process's write lends memory one batch."""
+
+    def test_refused_writes_degrade_to_memory_once(self, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+        file = SqliteOutbox(str(tmp_path / "o.sqlite3"))
+        box = FallbackOutbox(file)
+        before = box.add(APP_ID, URL, signals(2)).last_id
+        file._connection().execute("PRAGMA query_only = 1")  # SQLite now refuses every write
+        with caplog.at_level(logging.DEBUG, logger="kaibantrace"):
+            after = [box.add(APP_ID, URL, signals(3)).last_id for _ in range(3)]
+        assert box.degraded and not box.durable
+        assert before < MEMORY_BASE <= after[0] < after[1] < after[2]  # ids keep growing
+        assert ["no longer be written" in r.getMessage() for r in caplog.records] == [True]
+        assert box.count(APP_ID, URL) == 11 and box.count_mine(before) == 2
+        # memory first (nothing else will send it); the file cannot lease, so yields nothing
+        assert all(r.id >= MEMORY_BASE for r in box.claim(APP_ID, URL, 100, lease=60))
+        assert box.claim(APP_ID, URL, 100, lease=60) == []
+
+    def test_a_busy_file_lends_memory_one_batch(self, tmp_path: Path) -> None:
+        path = str(tmp_path / "o.sqlite3")
+        file = SqliteOutbox(path)
+        box = FallbackOutbox(file)
+        file.set_busy_timeout(0)
+        other = SqliteOutbox(path)
+        other._connection().execute("BEGIN IMMEDIATE")  # another process is writing
+        try:
+            lent = box.add(APP_ID, URL, signals(2)).last_id
+        finally:
+            other._connection().execute("ROLLBACK")
+        kept = box.add(APP_ID, URL, signals(2)).last_id
+        assert lent >= MEMORY_BASE > kept and not box.degraded
+        assert file.count(APP_ID, URL) == 2 and box.count(APP_ID, URL) == 4
+        claimed = box.claim(APP_ID, URL, 10, lease=60)
+        assert len(claimed) == 2 and all(r.id >= MEMORY_BASE for r in claimed)
+        box.delete([r.id for r in claimed] + [r.id for r in box.claim(APP_ID, URL, 10, lease=60)])
+        assert box.count(APP_ID, URL) == 0 and box.count_mine(lent) == 0
 
 
 class TestSqliteFile:

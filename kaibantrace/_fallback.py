@@ -1,0 +1,113 @@
+"""An outbox file that may stop working mid-run, with memory behind it.
+
+A disk fills up, a file system is remounted read-only, a network home goes
+away: from then on SQLite refuses to write. Without help the batch being
+saved would be lost and a failing claim would stop the poster. ``FallbackOutbox``
+wraps the file and keeps the sender going:
+
+* a batch the file refuses goes to memory instead, and from the first refusal
+  that is not mere contention ("locked", "busy") every later batch does too:
+  the outbox has degraded to memory-only, said once in the log;
+* claims take from memory first (nothing else will send those rows), then from
+  the file; a file that cannot be read or leased simply yields nothing;
+* rows already in the file stay there for a later process to deliver.
+
+Memory rows get ids from ``MEMORY_BASE`` up, above any id the file hands out,
+so ids still grow in the order signals were saved, which is what a waiting
+``flush()`` counts on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple, TypeVar
+
+from ._log import logger
+from ._outbox import Added, MemoryOutbox, Outbox, Row
+
+MEMORY_BASE = 1 << 62  # far above any id SQLite gives a table of at most 10,000 live rows
+T = TypeVar("T")
+
+
+class FallbackOutbox:
+    """``primary`` (the outbox file) while it works; memory for what it refuses."""
+
+    def __init__(self, primary: Outbox) -> None:
+        self.primary = primary
+        self.memory = MemoryOutbox(first_id=MEMORY_BASE)
+        self.degraded = False
+        self.durable = primary.durable  # until it degrades
+        self._logged: set[str] = set()
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """At exit, how long saving waits for another process's write lock (see the sender)."""
+        setter = getattr(self.primary, "set_busy_timeout", None)
+        if setter is not None:
+            self._try(lambda: setter(seconds), None)
+
+    def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
+        if not self.degraded:
+            try:
+                return self.primary.add(app_id, url, signals)
+            except Exception as exc:
+                if not _contention(exc):
+                    self.degraded, self.durable = True, False
+                    self._note("degraded", "kaibantrace: the outbox file can no longer be "
+                               "written (%s); new signals stay in memory", exc)
+                else:
+                    self._note("busy", "kaibantrace: the outbox file is busy (%s); a batch "
+                               "waits in memory", exc)
+        return self.memory.add(app_id, url, signals)
+
+    def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
+        rows = self.memory.claim(app_id, url, limit, lease)
+        if rows:
+            return rows
+        return self._try(lambda: self.primary.claim(app_id, url, limit, lease), [])
+
+    def delete(self, ids: Sequence[int]) -> None:
+        mine, theirs = _split(ids)
+        self.memory.delete(mine)
+        if theirs:  # if this fails, the lease runs out and the rows are sent again: never lost
+            self._try(lambda: self.primary.delete(theirs), None)
+
+    def release(self, ids: Sequence[int]) -> None:
+        mine, theirs = _split(ids)
+        self.memory.release(mine)
+        if theirs:
+            self._try(lambda: self.primary.release(theirs), None)
+
+    def count(self, app_id: str, url: str) -> int:
+        return (self.memory.count(app_id, url)
+                + self._try(lambda: self.primary.count(app_id, url), 0))
+
+    def count_mine(self, upto: int) -> int:
+        in_file = self.primary.count_mine(min(upto, MEMORY_BASE - 1))  # may raise: "unknown"
+        return in_file + self.memory.count_mine(upto)
+
+    def drop_app(self, app_id: str) -> int:
+        return self.memory.drop_app(app_id) + self._try(lambda: self.primary.drop_app(app_id), 0)
+
+    def _try(self, call: Callable[[], T], otherwise: T) -> T:
+        try:
+            return call()
+        except Exception as exc:
+            self._note("read", "kaibantrace: the outbox file failed (%s); trying again later", exc)
+            return otherwise
+
+    def _note(self, key: str, message: str, exc: BaseException) -> None:
+        """Each kind of trouble once: a failing disk must not fill the host's log."""
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.debug(message, exc, stacklevel=3)
+
+
+def _contention(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _split(ids: Sequence[int]) -> Tuple[List[int], List[int]]:
+    mine = [i for i in ids if i >= MEMORY_BASE]
+    if not mine:
+        return [], list(ids)
+    return mine, [i for i in ids if i < MEMORY_BASE]
