@@ -3,6 +3,7 @@ and never writes where it should not."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -10,6 +11,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import kaibantrace
 from kaibantrace._outbox import MemoryOutbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
-from .conftest import APP_ID, subprocess_env
+from .conftest import APP_ID, rows_in_outbox, subprocess_env
 
 URL = "https://ingest.example.test/v2/"
 
@@ -82,6 +84,19 @@ class TestDamagedOutbox:
         assert aside(tmp_path) == [] and list(tmp_path.glob("outbox-*")) == []
 
 
+@functools.cache
+def _can_mount_a_tiny_disk() -> bool:
+    """Whether this machine lets a test mount a small tmpfs in a mount namespace of its own
+    (as root, or as a user where unprivileged user namespaces are allowed)."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as where:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "mount",
+                                "-t", "tmpfs", "-o", "size=64k", "tmpfs", where],
+                               capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
 _SEND = textwrap.dedent("""
     import sys, kaibantrace
     client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
@@ -100,14 +115,17 @@ class TestUnusableStateDirectory:
         state = tmp_path / "state"
         elsewhere = tmp_path / "someone-elses"
         elsewhere.mkdir()
+        command = [sys.executable, "-c", _SEND, APP_ID, collector.url]
         if kind == "a file":
             state.write_text("")
         elif kind == "a symbolic link":
             state.symlink_to(elsewhere, target_is_directory=True)
         elif kind == "read-only":
             state.mkdir(mode=0o500)
-            if os.geteuid() == 0:
-                pytest.skip("root writes to read-only directories")
+            if os.geteuid() == 0:  # root writes anywhere: run the child without that power
+                if shutil.which("setpriv") is None:
+                    pytest.skip("root writes to read-only directories, and no setpriv here")
+                command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
         elif kind == "writable by everyone":
             state.mkdir()
             state.chmod(0o777)
@@ -121,14 +139,38 @@ class TestUnusableStateDirectory:
                 pytest.skip("no /dev/full here")
             state.mkdir(mode=0o700)
             os.symlink("/dev/full", outbox_path(str(state), APP_ID))
-        done = subprocess.run([sys.executable, "-c", _SEND, APP_ID, collector.url],
-                              env=subprocess_env(KAIBAN_TELEMETRY_DIR=str(state)),
+        done = subprocess.run(command, env=subprocess_env(KAIBAN_TELEMETRY_DIR=str(state)),
                               capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stderr, done.stdout.strip()) == (0, "", "True")
         assert [s["type"] for s in collector.signals] == ["despite_the_directory"]
         assert list(elsewhere.iterdir()) == []  # nothing written through the link
-        if kind in ("another user's", "writable by everyone"):
+        if kind in ("another user's", "writable by everyone", "read-only"):
             assert list(state.iterdir()) == []  # nothing written into it
+
+    @pytest.mark.skipif(not _can_mount_a_tiny_disk(), reason="no mount namespace here")
+    def test_a_read_only_file_system_holding_an_earlier_outbox(self, collector: Collector) -> None:
+        """The state directory is remounted read-only after an earlier run left signals there:
+        this run delivers from memory, and the earlier signals wait, intact, for a later run."""
+        state = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
+        collector.respond(503)  # the earlier run could not deliver
+        earlier = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
+        for i in range(3):
+            earlier.emit("earlier", {"i": i})
+        assert earlier.flush(2) is False
+        earlier.shutdown()
+        assert rows_in_outbox(str(state)) == 3
+        collector.respond(200)
+        shell = 'mount --bind "$3" "$3" && mount -o remount,bind,ro "$3" && exec "$4" -c "$5" "$1" "$2"'
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell, "sh",
+             APP_ID, collector.url, str(state), sys.executable, _SEND],
+            env=subprocess_env(KAIBAN_TELEMETRY_DIR=str(state)),
+            capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr, done.stdout.strip()) == (0, "", "True")
+        assert [s["type"] for s in collector.signals] == ["despite_the_directory"]
+        send_one(collector, "writable_again")
+        assert sorted(s["type"] for s in collector.wait_for(5)) == [
+            "despite_the_directory", "earlier", "earlier", "earlier", "writable_again"]
 
     def test_created_private(self, collector: Collector) -> None:
         send_one(collector, "private")
@@ -264,17 +306,6 @@ def test_exit_while_a_request_is_in_flight(collector: Collector) -> None:
     arrived = {s["payload"]["i"] for s in collector.wait_for(22, timeout=30)
                if s["type"] == "mid_send"}
     assert arrived == {str(i) for i in range(20)}
-
-
-def _can_mount_a_tiny_disk() -> bool:
-    """Whether this machine lets a test mount a small tmpfs in a mount namespace of its own
-    (as root, or as a user where unprivileged user namespaces are allowed)."""
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            "mount -t tmpfs -o size=64k tmpfs /mnt || mount -t tmpfs -o size=64k "
-                            "tmpfs /tmp"], capture_output=True, timeout=30)
-    return probe.returncode == 0
 
 
 _FULL_DISK = textwrap.dedent("""
