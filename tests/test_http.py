@@ -238,12 +238,31 @@ def test_garbage_and_slow_drip_are_bounded(serve: Callable[[Answer], ScriptedSer
     assert time.monotonic() - started < 2
 
 
-def test_redirects_are_answers_never_followed(serve: Callable[[Answer], ScriptedServer]) -> None:
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("where", ["another host", "another port", "the same place"])
+@pytest.mark.parametrize("through", ["kaibantrace's client", "a proxy (requests)"])
+def test_redirects_are_answers_never_followed(serve: Callable[[Answer], ScriptedServer],
+                                              status: int, where: str, through: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redirect is refused like a 4xx and never followed: neither to another host (here
+    ``localhost``, another name for the loopback), nor another port, nor the same URL."""
     elsewhere = serve(lambda n: OK)
-    moved = serve(lambda n: f"HTTP/1.1 307 Moved\r\nLocation: {elsewhere.url}\r\n"
-                  "Content-Length: 0\r\n\r\n".encode())
-    outcome = HttpTransport().send(moved.url, b"[]", 5)
-    assert outcome.result is Result.REJECTED and elsewhere.requests == []
+    port = elsewhere.url.split(":")[2].split("/")[0]
+    location = {"another host": f"http://localhost:{port}/v2/", "another port": elsewhere.url,
+                "the same place": None}[where]
+    moved: ScriptedServer = serve(lambda n: (
+        f"HTTP/1.1 {status} Moved\r\nLocation: {location or moved.url}\r\n"
+        "Content-Length: 0\r\n\r\n").encode())
+    if through == "a proxy (requests)":  # the proxy answers the redirect itself
+        monkeypatch.setenv("HTTP_PROXY", moved.url.rsplit("/v2/", 1)[0])
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+    transport = HttpTransport()
+    outcome = transport.send(moved.url if through != "a proxy (requests)" else
+                             "http://127.0.0.1:9/v2/", b"[]", 5)
+    transport.close()
+    assert outcome.result is Result.REJECTED
+    assert elsewhere.requests == [] and len(moved.requests) == 1
 
 
 def test_a_proxy_is_used_through_requests(collector: Collector,
