@@ -15,8 +15,8 @@ What it does, and all it does:
   anything to read before a request (closed, or bytes no request asked for);
 * TLS with certificate and host name verification: the system's certificates,
   plus ``certifi``'s bundle and ``REQUESTS_CA_BUNDLE`` when present;
-* a deadline for the whole request, checked at every socket operation (name
-  resolution aside: the system's resolver bounds that);
+* a deadline for the whole request, name resolution included (``_dial``),
+  checked at every socket operation;
 * bounded reading: at most 64 KiB of headers; a body is read (to keep the
   connection) only when short, otherwise the connection is closed; a redirect is
   an answer like any other, never followed;
@@ -33,6 +33,8 @@ import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+from ._dial import Dialer, left
 
 if TYPE_CHECKING:
     import ssl
@@ -91,6 +93,7 @@ class Client:
         self._connections: Dict[Origin, _Connection] = {}
         self._urls: Dict[str, Tuple[Origin, bytes]] = {}
         self._tls: Optional[ssl.SSLContext] = None
+        self._dialer = Dialer()
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -150,6 +153,7 @@ class Client:
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without touching them."""
         self._connections = {}
+        self._dialer.forget_after_fork()
         self._lock = threading.Lock()
 
     # -- the parts -------------------------------------------------------------
@@ -179,11 +183,11 @@ class Client:
 
     def _connect(self, origin: Origin, deadline: float) -> _Connection:
         scheme, host, port = origin
-        sock = socket.create_connection((host, port), timeout=_left(deadline))
+        sock = self._dialer.connect(host, port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
-                sock.settimeout(_left(deadline))
+                sock.settimeout(left(deadline))
                 sock = self._tls_context().wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
@@ -195,7 +199,7 @@ class Client:
         sock = connection.sock
         send_failed = False
         try:
-            sock.settimeout(_left(deadline))
+            sock.settimeout(left(deadline))
             sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError):
             # The server may have answered already (a 413 before reading the whole body,
@@ -254,13 +258,6 @@ class _StaleConnection(OSError):
     """The connection was closed before any answer: safe to send once more."""
 
 
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the request ran out of time")
-    return left
-
-
 def _has_input(sock: socket.socket) -> bool:
     """Whether an idle connection has something to read (the server closed it, or sent
     bytes unasked): either way it is not fit for another request."""
@@ -278,7 +275,7 @@ def _has_input(sock: socket.socket) -> bool:
 
 
 def _recv(sock: socket.socket, deadline: float) -> bytes:
-    sock.settimeout(_left(deadline))
+    sock.settimeout(left(deadline))
     return sock.recv(65536)
 
 

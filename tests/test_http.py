@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -236,6 +237,75 @@ def test_garbage_and_slow_drip_are_bounded(serve: Callable[[Answer], ScriptedSer
     with pytest.raises(OSError):
         Client("t").post(slow.url, b"[]", "application/json", 0.5)
     assert time.monotonic() - started < 2
+
+
+class TestNameResolution:
+    """Looking up the endpoint's name is part of the request's deadline. DNS is the one part
+    of the network that cannot be made real here, so ``getaddrinfo`` is replaced: for the
+    name ``stuck.test`` it waits until the test lets it go, as a dead resolver would."""
+
+    @pytest.fixture
+    def stuck_resolver(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[List[str]]:
+        real = socket.getaddrinfo
+        release = threading.Event()
+        asked: List[str] = []
+
+        def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+            asked.append(host)
+            if host == "stuck.test":
+                release.wait(30)
+                raise socket.gaierror(socket.EAI_AGAIN, "temporary failure in name resolution")
+            return real(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        yield asked
+        release.set()
+
+    def test_a_lookup_that_hangs_ends_at_the_deadline(self, stuck_resolver: List[str]) -> None:
+        client = Client("t")
+        started = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                client.post("http://stuck.test:9/v2/", b"[]", "application/json", 0.3)
+        assert time.monotonic() - started < 5
+        assert stuck_resolver == ["stuck.test"]  # the later requests waited on the same lookup
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_a_forked_child_does_not_wait_on_its_parents_lookup(
+            self, stuck_resolver: List[str]) -> None:
+        client = Client("t")
+        with pytest.raises(TimeoutError):
+            client.post("http://stuck.test:9/v2/", b"[]", "application/json", 0.2)
+        pid = os.fork()
+        if pid == 0:  # the parent's lookup thread is not in this process
+            code = 1
+            try:
+                client.forget_after_fork()
+                try:
+                    client.post("http://stuck.test:9/v2/", b"[]", "application/json", 0.2)
+                except TimeoutError:
+                    code = 0 if stuck_resolver == ["stuck.test", "stuck.test"] else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+    def test_a_name_that_resolves_is_reached(self, stuck_resolver: List[str],
+                                             serve: Callable[[Answer], ScriptedServer]) -> None:
+        server = serve(lambda n: OK)
+        port = server.url.split(":")[2].split("/")[0]
+        answer = Client("t").post(f"http://localhost:{port}/v2/", b"[]", "application/json", 5)
+        assert answer.status == 200 and stuck_resolver == ["localhost"]
+
+    def test_a_literal_address_is_not_looked_up(self, stuck_resolver: List[str],
+                                                serve: Callable[[Answer], ScriptedServer]) -> None:
+        assert Client("t").post(serve(lambda n: OK).url, b"[]", "application/json", 5).status == 200
+        assert stuck_resolver == []
+
+    def test_a_sender_facing_a_dead_resolver_keeps_its_deadlines(
+            self, stuck_resolver: List[str]) -> None:
+        outcome = HttpTransport().send("https://stuck.test/v2/", b"[]", 0.3)
+        assert outcome.result is Result.RETRY and outcome.detail == "TimeoutError"
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
