@@ -256,8 +256,7 @@ def print_exit_table(off: ExitState, states: List[ExitState], warm: ExitState,
     print("  healthy, warm: the script sends one event and flushes first (a program that has run "
           "a while); its wall time includes that, so only (atexit) is its exit delay")
     if with_posthog:
-        print("  note: PostHog imports requests in both of its scripts; kaibantrace imports it only "
-              "when enabled, so its delay includes that import")
+        print("  note: PostHog imports requests in both of its scripts; kaibantrace never does")
 
 
 def check_warm_exit(warm: ExitState, events: int, received: int) -> None:
@@ -374,7 +373,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     burst("cold")  # the worker starts at the first event and competes for the GIL
     deadline = time.monotonic() + 30
     while client.stats()["requests"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)  # let the worker finish starting: requests imported, outbox open
+        time.sleep(0.01)  # let the worker finish starting: TLS loaded, outbox open
     warm_mb = peak_mb() - before
     burst("warm")
     result.update(before_mb=before, warm_mb=warm_mb, samples=samples, bursts=bursts)
@@ -400,7 +399,7 @@ def bench_memory(plan: Plan) -> None:
     for name, count, mb, seconds, taken, requests in report["samples"]:
         print(f"  {name:<6} {count:>10,} {mb:12.1f} MB {seconds:6.2f} s {taken:>20,} "
               f"{requests:>9,}")
-    print(f"  between the bursts the worker finished starting (requests imported, outbox open): "
+    print(f"  between the bursts the worker finished starting (TLS loaded, outbox open): "
           f"{report['warm_mb']:.1f} MB extra by then")
     worst = 0.0
     for burst in (cold, warm):

@@ -10,7 +10,7 @@
 Signals go to TelemetryDeck from a background thread that starts at the first
 event. ``KAIBAN_TELEMETRY_OPT_OUT=1`` or ``DO_NOT_TRACK=1`` switches everything
 off: no thread, no file, no socket. Importing this package does nothing but
-define names; in particular it does not import ``requests``.
+define names; in particular it opens no socket and loads no HTTP or SQLite code.
 
 The module-level functions act on a default client; a library that ships
 telemetry of its own should hold its own ``Telemetry``.

@@ -2,7 +2,7 @@
 
 A child process inherits the parent's memory but only the thread that forked.
 Had the sender's writer been inside SQLite (which holds mutexes of its own) or
-its poster halfway through importing ``requests`` (which holds that module's import lock)
+its poster halfway through importing the TLS stack (which holds that module's import lock)
 at that moment, the child would inherit those locks held by a thread that does
 not exist there, and hang the first time it touched the outbox or imported
 the module.

@@ -5,16 +5,17 @@ worker's time under the GIL is time taken from the host's own threads, and
 ``requests`` spends over a millisecond of it per request (preparing, merging
 environment settings, parsing headers through ``email``). This client writes
 the request in one ``sendall`` and reads the answer with plain byte
-operations: a fraction of that cost. ``requests`` remains for the case it does
-better, a proxy (see ``_transport``).
+operations: a fraction of that cost.
 
 What it does, and all it does:
 
-* one keep-alive connection per origin, made again after 4 seconds idle (servers
+* one keep-alive connection per origin (and proxy), made again after 4 seconds idle (servers
   close idle connections; a request on a dead one would fail), or when it has
   anything to read before a request (closed, or bytes no request asked for);
 * TLS with certificate and host name verification: the system's certificates,
   plus ``certifi``'s bundle and ``REQUESTS_CA_BUNDLE`` when present;
+* an HTTP proxy when one is configured (``_proxy``): a ``CONNECT`` tunnel for
+  ``https``, the absolute form for ``http``, under the same deadline;
 * a deadline for the whole request, name resolution included (``_dial``),
   checked at every socket operation;
 * bounded reading: at most 64 KiB of headers; a body is read (to keep the
@@ -35,6 +36,7 @@ import time
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from ._dial import Dialer, left
+from ._proxy import Proxy
 
 if TYPE_CHECKING:
     import ssl
@@ -44,6 +46,7 @@ MAX_BODY_READ = 64 * 1024
 IDLE_REUSE = 4.0  # seconds an idle connection is trusted to still be open
 
 Origin = Tuple[str, str, int]  # scheme, host, port
+Route = Tuple[Origin, Optional[Proxy]]  # where a connection goes, and through what
 
 
 class ProtocolError(OSError):
@@ -90,8 +93,8 @@ class Client:
 
     def __init__(self, user_agent: str) -> None:
         self._user_agent = user_agent
-        self._connections: Dict[Origin, _Connection] = {}
-        self._urls: Dict[str, Tuple[Origin, bytes]] = {}
+        self._connections: Dict[Route, _Connection] = {}
+        self._urls: Dict[Tuple[str, Optional[Proxy]], Tuple[Route, bytes]] = {}
         self._tls: Optional[ssl.SSLContext] = None
         self._dialer = Dialer()
         self._lock = threading.Lock()
@@ -105,14 +108,16 @@ class Client:
 
         _certifi_bundle()
 
-    def post(self, url: str, body: bytes, content_type: str, timeout: float) -> Answer:
-        """Send ``body``; the answer, or ``OSError`` (``TimeoutError`` past the deadline)."""
+    def post(self, url: str, body: bytes, content_type: str, timeout: float,
+             proxy: Optional[Proxy] = None) -> Answer:
+        """Send ``body`` (through ``proxy`` if given); the answer, or ``OSError``
+        (``TimeoutError`` past the deadline)."""
         deadline = time.monotonic() + timeout
-        origin, head = self._target(url)
+        route, head = self._target(url, proxy)
         request = head + b"Content-Type: " + content_type.encode("ascii") + \
             b"\r\nContent-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n" + body
         with self._lock:
-            connection = self._connections.pop(origin, None)
+            connection = self._connections.pop(route, None)
             if connection is not None and (time.monotonic() - connection.last_used > IDLE_REUSE
                                            or _has_input(connection.sock)):
                 # Idle too long, or the server said something (closed it, or sent bytes no
@@ -121,14 +126,14 @@ class Client:
                 connection = None
             reused = connection is not None
             if connection is None:
-                connection = self._connect(origin, deadline)
+                connection = self._connect(route, deadline)
             try:
                 answer, keep = self._exchange(connection, request, deadline)
             except _StaleConnection:
                 _close(connection)
                 if not reused:
                     raise ProtocolError("the server closed the connection without answering") from None
-                connection = self._connect(origin, deadline)
+                connection = self._connect(route, deadline)
                 try:
                     answer, keep = self._exchange(connection, request, deadline)
                 except BaseException:
@@ -139,7 +144,7 @@ class Client:
                 raise
             if keep:
                 connection.last_used = time.monotonic()
-                self._connections[origin] = connection
+                self._connections[route] = connection
             else:
                 _close(connection)
             return answer
@@ -158,13 +163,17 @@ class Client:
 
     # -- the parts -------------------------------------------------------------
 
-    def _target(self, url: str) -> Tuple[Origin, bytes]:
-        known = self._urls.get(url)
+    def _target(self, url: str, proxy: Optional[Proxy]) -> Tuple[Route, bytes]:
+        known = self._urls.get((url, proxy))
         if known is None:
             origin, host, path = split_url(url)
-            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {self._user_agent}\r\n"
-                    "Accept: */*\r\nConnection: keep-alive\r\n").encode("ascii")
-            known = self._urls[url] = (origin, head)
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            if proxy is not None and origin[0] == "http":  # the proxy forwards it: say where to
+                head = f"POST {origin[0]}://{host}{path} HTTP/1.1\r\nHost: {host}\r\n"
+                if proxy.authorization:
+                    head += f"Proxy-Authorization: {proxy.authorization}\r\n"
+            head += f"User-Agent: {self._user_agent}\r\nAccept: */*\r\nConnection: keep-alive\r\n"
+            known = self._urls[(url, proxy)] = ((origin, proxy), head.encode("ascii"))
         return known
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -181,18 +190,46 @@ class Client:
             self._tls = context
         return self._tls
 
-    def _connect(self, origin: Origin, deadline: float) -> _Connection:
-        scheme, host, port = origin
-        sock = self._dialer.connect(host, port, deadline)
+    def _connect(self, route: Route, deadline: float) -> _Connection:
+        (scheme, host, port), proxy = route
+        if proxy is None:
+            sock = self._dialer.connect(host, port, deadline)
+        else:
+            sock = self._dialer.connect(proxy.host, proxy.port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
+                if proxy is not None:
+                    self._tunnel(sock, host, port, proxy, deadline)
                 sock.settimeout(left(deadline))
                 sock = self._tls_context().wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
             raise
         return _Connection(sock)
+
+    def _tunnel(self, sock: socket.socket, host: str, port: int, proxy: Proxy,
+                deadline: float) -> None:
+        """Ask the proxy for a tunnel to ``host:port``; TLS then runs through it, end to end."""
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        if proxy.authorization:
+            request += f"Proxy-Authorization: {proxy.authorization}\r\n"
+        request += f"User-Agent: {self._user_agent}\r\n\r\n"
+        sock.settimeout(left(deadline))
+        sock.sendall(request.encode("ascii"))
+        data = b""
+        end = -1
+        while end < 0:
+            if len(data) > MAX_HEADER_BYTES:
+                raise ProtocolError("the proxy's answer is too long")
+            data = _more(sock, data, deadline)
+            end = data.find(b"\r\n\r\n")
+        status, _, _ = _parse_head(data[:end])
+        if not 200 <= status < 300:
+            raise ProxyRefused(f"the proxy refused the tunnel ({status})")
+        if data[end + 4:]:  # the tunnel must start silent: the server speaks only after TLS
+            raise ProtocolError("the proxy sent bytes before the tunnel opened")
 
     def _exchange(self, connection: _Connection, request: bytes,
                   deadline: float) -> Tuple[Answer, bool]:
@@ -252,6 +289,10 @@ class Client:
             keep = False
         retry_after = headers.get(b"retry-after")
         return Answer(status, retry_after.decode("latin-1") if retry_after else None), keep
+
+
+class ProxyRefused(OSError):
+    """The proxy answered the ``CONNECT`` with something other than 2xx (407: credentials)."""
 
 
 class _StaleConnection(OSError):

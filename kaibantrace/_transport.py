@@ -1,15 +1,16 @@
 """How a batch reaches the ingest service, behind a two-method seam.
 
 A transport has ``send(url, body, timeout) -> Outcome`` and ``close()``. The
-HTTP transport imports ``requests`` on its first send, never at import, and
-maps every way a request can end onto three outcomes the sender understands,
+HTTP transport loads its HTTP client on the worker, never at import, and
+maps every way a request can end onto the outcomes the sender understands,
 following TelemetryDeck's own SDKs:
 
 * ``SENT``: any 2xx;
 * ``REJECTED``: 400, 401, 403, 404, 413, 422, 501, 505, and redirects: this
   batch will never be accepted, so it is dropped rather than retried;
 * ``RETRY``: anything else (429, 5xx, timeouts, refused connections, DNS
-  failures), with the server's ``Retry-After`` when it gave one;
+  failures, a proxy that refuses or that kaibantrace cannot use), with the
+  server's ``Retry-After`` when it gave one;
 * ``RETIRED``: 410 Gone, the endpoint's way of saying it will never accept
   anything again: the kill switch an author uses to silence released clients.
 
@@ -19,20 +20,17 @@ There is no retry here: the sender owns the single retry loop.
 from __future__ import annotations
 
 import enum
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol
 
+from ._proxy import Proxy, UnsupportedProxy, may_be_configured, proxy_for
 from ._version import __version__
 
 if TYPE_CHECKING:
-    import requests
-
     from ._http import Client
 
 USER_AGENT = f"kaibantrace/{__version__}"
-_MAX_ANSWER_READ = 64 * 1024
 _CONTENT_TYPE = "application/json; charset=utf-8"
 _REJECTED = frozenset({400, 401, 403, 404, 413, 422, 501, 505})
 
@@ -94,33 +92,24 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
 class HttpTransport:
     """Posts batches: TLS verified, redirects never followed, no retries underneath.
 
-    Directly, with kaibantrace's own small HTTP client (``_http``), unless a
-    proxy is configured for the URL's scheme: then through ``requests``, which
-    knows proxies (environment variables, and the system's settings on macOS and
-    Windows). ``requests`` is imported only in that case.
+    Through kaibantrace's own small HTTP client (``_http``), directly or through
+    the proxy the user configured (``_proxy``), decided once per URL.
     """
 
     def __init__(self) -> None:
         self._direct: Optional[Client] = None
-        self._session: Optional[requests.Session] = None
-        self._proxied: Dict[str, bool] = {}
+        self._routes: Dict[str, Optional[Proxy]] = {}
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
-        """Load what sending needs (TLS, or ``requests`` for a proxy) ahead of the first send.
+        """Load what sending needs (TLS, and the standard library's proxy settings where a
+        proxy may apply) ahead of the first send.
 
         Called on the worker, under the fork guard, so that no import is split by a fork.
         """
-        if self._uses_proxy("https://") or self._uses_proxy("http://"):
-            self._get_session()
+        if may_be_configured():
+            import urllib.request  # noqa: F401
         self._get_direct().prepare()
-
-    def _uses_proxy(self, url: str) -> bool:
-        scheme = url.partition(":")[0].lower()
-        known = self._proxied.get(scheme)
-        if known is None:
-            known = self._proxied[scheme] = _proxy_configured(scheme)
-        return known
 
     def _get_direct(self) -> Client:
         with self._lock:
@@ -130,74 +119,34 @@ class HttpTransport:
                 self._direct = Client(USER_AGENT)
             return self._direct
 
-    def _get_session(self) -> requests.Session:
-        with self._lock:
-            if self._session is None:
-                import requests  # deferred: about 90 ms that most programs never need
+    def _proxy(self, url: str) -> Optional[Proxy]:
+        if url in self._routes:
+            return self._routes[url]
+        from ._http import split_url
 
-                session = requests.Session()
-                session.headers["User-Agent"] = USER_AGENT
-                # The sender owns the only retry loop: no urllib3 retries underneath it.
-                adapter = requests.adapters.HTTPAdapter(max_retries=0)
-                session.mount("https://", adapter)
-                session.mount("http://", adapter)
-                self._session = session
-            return self._session
+        (scheme, host, _), _, _ = split_url(url)
+        proxy = self._routes[url] = proxy_for(scheme, host)  # raises for an unusable proxy
+        return proxy
 
     def send(self, url: str, body: bytes, timeout: float) -> Outcome:
         try:
-            if self._uses_proxy(url):
-                return self._send_through_proxy(url, body, timeout)
-            answer = self._get_direct().post(url, body, _CONTENT_TYPE, timeout)
+            answer = self._get_direct().post(url, body, _CONTENT_TYPE, timeout, self._proxy(url))
             return outcome_for_status(answer.status, answer.retry_after)
+        except UnsupportedProxy as exc:  # never bypassed: the signals wait in the outbox
+            return Outcome(Result.RETRY, str(exc))
         except Exception as exc:  # every failure of the network is "try later"
             return Outcome(Result.RETRY, type(exc).__name__)
 
-    def _send_through_proxy(self, url: str, body: bytes, timeout: float) -> Outcome:
-        response = self._get_session().post(
-            url,
-            data=body,
-            headers={"Content-Type": _CONTENT_TYPE},
-            timeout=(min(timeout, 2.0), timeout),
-            allow_redirects=False,
-            stream=True,  # read below only when small, so a huge answer costs nothing
-        )
-        try:
-            outcome = outcome_for_status(response.status_code, response.headers.get("Retry-After"))
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) <= _MAX_ANSWER_READ:
-                response.content  # reading it lets the connection be reused  # noqa: B018
-            return outcome
-        finally:
-            response.close()
-
     def close(self) -> None:
         with self._lock:
-            if self._session is not None:
-                self._session.close()
-                self._session = None
             if self._direct is not None:
                 self._direct.close()
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's connections, which the parent still uses."""
-        self._session = None
         if self._direct is not None:
             self._direct.forget_after_fork()
         self._lock = threading.Lock()
-
-
-def _proxy_configured(scheme: str) -> bool:
-    """Whether a proxy is set for ``scheme`` (``requests`` then decides, ``no_proxy`` too)."""
-    import sys
-
-    if sys.platform in ("darwin", "win32"):  # proxies may be system settings there
-        import urllib.request
-
-        proxies = urllib.request.getproxies()
-        return bool(proxies.get(scheme) or proxies.get("all"))
-    wanted = {f"{scheme}_proxy", "all_proxy"}
-    return any(name.lower() in wanted and value.strip() for name, value in os.environ.items())
 
 
 class MemoryTransport:

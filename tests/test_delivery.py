@@ -336,7 +336,8 @@ class TestConcurrency:
         if pid == 0:
             code = 1
             try:
-                fresh = transport._session is None
+                direct = transport._direct
+                fresh = direct is not None and direct._connections == {}
                 client.emit("child")
                 code = 0 if fresh and client.flush(10) else 2
             finally:

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
@@ -18,13 +19,11 @@ Answer = Callable[[int], Optional[bytes]]  # request number -> raw answer (None:
 CLOSE = b"CLOSE:"  # an answer that starts with this: send the rest, then close the connection
 
 
-class ScriptedServer:
-    """A loopback HTTP server that answers each request with the bytes ``answer`` gives."""
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 that hands each connection to ``_handle`` on a thread."""
 
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
+    def __init__(self) -> None:
         self.connections = 0
-        self.requests: List[bytes] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self._stop = threading.Event()
@@ -32,8 +31,8 @@ class ScriptedServer:
         self._thread.start()
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/v2/"
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -43,6 +42,27 @@ class ScriptedServer:
                 continue
             self.connections += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+class ScriptedServer(LoopbackServer):
+    """A loopback HTTP server that answers each request with the bytes ``answer`` gives."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.requests: List[bytes] = []
+        super().__init__()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v2/"
 
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
@@ -67,11 +87,6 @@ class ScriptedServer:
                 conn.sendall(answer.removeprefix(CLOSE))
                 if answer.startswith(CLOSE):
                     return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
 
 
 @pytest.fixture
@@ -310,7 +325,7 @@ class TestNameResolution:
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 @pytest.mark.parametrize("where", ["another host", "another port", "the same place"])
-@pytest.mark.parametrize("through", ["kaibantrace's client", "a proxy (requests)"])
+@pytest.mark.parametrize("through", ["kaibantrace's client", "a proxy"])
 def test_redirects_are_answers_never_followed(serve: Callable[[Answer], ScriptedServer],
                                               status: int, where: str, through: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,70 +338,63 @@ def test_redirects_are_answers_never_followed(serve: Callable[[Answer], Scripted
     moved: ScriptedServer = serve(lambda n: (
         f"HTTP/1.1 {status} Moved\r\nLocation: {location or moved.url}\r\n"
         "Content-Length: 0\r\n\r\n").encode())
-    if through == "a proxy (requests)":  # the proxy answers the redirect itself
+    if through == "a proxy":  # the proxy answers the redirect itself
         monkeypatch.setenv("HTTP_PROXY", moved.url.rsplit("/v2/", 1)[0])
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
     transport = HttpTransport()
-    outcome = transport.send(moved.url if through != "a proxy (requests)" else
+    outcome = transport.send(moved.url if through != "a proxy" else
                              "http://127.0.0.1:9/v2/", b"[]", 5)
     transport.close()
     assert outcome.result is Result.REJECTED
     assert elsewhere.requests == [] and len(moved.requests) == 1
 
 
-def test_a_proxy_is_used_through_requests(collector: Collector,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """With HTTP_PROXY set, the request goes to the proxy (here the collector), in the
-    absolute form a proxy expects; without it, straight to the endpoint."""
-    monkeypatch.setenv("HTTP_PROXY", collector.url.rsplit("/v2/", 1)[0])
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    target = "http://127.0.0.1:9/v2/"  # nothing listens there: only the proxy can answer
-    transport = HttpTransport()
-    transport.send(target, b"[]", 5)
-    transport.close()
-    assert [r.path for r in collector.wait_for_requests(1)] == [target]
+class TlsServer(LoopbackServer):
+    """An HTTPS server on loopback with a self-signed certificate for ``localhost``: trusted
+    only by a client told to (``REQUESTS_CA_BUNDLE``); it answers each request with OK."""
+
+    def __init__(self, directory: Path) -> None:
+        import ssl
+        import subprocess
+
+        self.cert, key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", str(key), "-out", str(self.cert)],
+                       check=True, capture_output=True, timeout=60)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(str(self.cert), str(key))
+        self.requests: List[bytes] = []
+        super().__init__()
+        self.url = f"https://localhost:{self.port}/v2/"
+
+    def _handle(self, conn: socket.socket) -> None:
+        import ssl
+
+        try:
+            conn.settimeout(5)
+            with self._context.wrap_socket(conn, server_side=True) as tls:
+                self.requests.append(tls.recv(65536))
+                tls.sendall(OK)
+        except (OSError, ssl.SSLError):
+            pass  # the client refused our certificate, as it should unless told to trust it
 
 
 @pytest.fixture
-def untrusted_tls_url(tmp_path: Any) -> Iterator[str]:
-    """An HTTPS server on loopback whose certificate no one trusts (self-signed)."""
+def tls_server(tmp_path: Path) -> Iterator[TlsServer]:
     import shutil
-    import ssl
-    import subprocess
 
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(cert), str(key))
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
+    server = TlsServer(tmp_path)
+    yield server
+    server.close()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            try:
-                with context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(65536)
-                    tls.sendall(OK)
-            except (OSError, ssl.SSLError):
-                pass  # the client refused our certificate, as it should
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"https://localhost:{listener.getsockname()[1]}/v2/"
-    stop.set()
-    thread.join(5)
-    listener.close()
+@pytest.fixture
+def untrusted_tls_url(tls_server: TlsServer) -> str:
+    return tls_server.url
 
 
 def test_a_certificate_no_one_trusts_is_a_retry_never_a_send(untrusted_tls_url: str) -> None:
@@ -441,3 +449,172 @@ def test_a_client_counts_what_a_hostile_endpoint_does(
         assert stats["dropped"] == {"rejected": 1} and stats["sent"] == 0
     else:
         assert stats["retried"] >= 1 and stats["sent"] == 0
+
+
+class ScriptedProxy(LoopbackServer):
+    """A loopback HTTP proxy: records each request's head, then, by ``mode``, opens the
+    tunnel and relays both ways ("tunnel"), answers 407 ("refuse"), or drips an answer one
+    byte at a time and never finishes ("drip")."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.heads: List[bytes] = []
+        super().__init__()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head = data.partition(b"\r\n\r\n")[0]
+            self.heads.append(head)
+            if self.mode == "refuse":
+                conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+            elif self.mode == "drip":
+                for byte in b"HTTP/1.1 200 Connection established, eventually" * 100:
+                    if self._stop.wait(0.05):
+                        return
+                    conn.sendall(bytes([byte]))
+            else:
+                host, _, port = head.split()[1].decode().rpartition(":")
+                with socket.create_connection((host.replace("localhost", "127.0.0.1"), int(port)),
+                                              timeout=5) as upstream:
+                    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    relay = threading.Thread(target=_pipe, args=(upstream, conn), daemon=True)
+                    relay.start()
+                    _pipe(conn, upstream)
+                    relay.join(5)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while True:
+            chunk = source.recv(65536)
+            if not chunk:
+                break
+            sink.sendall(chunk)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Set the proxy variables for one test, and only those."""
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
+
+    def set_proxy(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_proxy
+
+
+class TestProxy:
+    """kaibantrace's own client speaks to the configured proxy itself, under the same
+    deadline as a direct request; a proxy it cannot use is never bypassed."""
+
+    def test_an_http_endpoint_through_the_proxy_in_absolute_form(
+            self, collector: Collector, proxy_env: Callable[..., None]) -> None:
+        proxy_env(HTTP_PROXY="http://user:p%40ss@" + collector.url.split("//")[1].split("/")[0])
+        target = "http://127.0.0.1:9/v2/"  # nothing listens there: only the proxy can answer
+        transport = HttpTransport()
+        assert transport.send(target, b"[]", 5).result is Result.REJECTED  # "[]": no signals
+        transport.close()
+        (request,) = collector.wait_for_requests(1)
+        assert request.path == target
+        assert request.headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
+
+    def test_an_https_endpoint_through_a_tunnel(self, tls_server: TlsServer,
+                                                proxy_env: Callable[..., None]) -> None:
+        proxy = ScriptedProxy("tunnel")
+        try:
+            proxy_env(HTTPS_PROXY=f"http://me:secret@{proxy.address}",
+                      REQUESTS_CA_BUNDLE=str(tls_server.cert))
+            transport = HttpTransport()
+            outcome = transport.send(tls_server.url, b'[{"secret":"in the body"}]', 5)
+            transport.close()
+        finally:
+            proxy.close()
+        assert outcome.result is Result.SENT
+        (head,) = proxy.heads
+        port = tls_server.url.split(":")[2].split("/")[0]
+        assert head.split(b"\r\n")[0] == f"CONNECT localhost:{port} HTTP/1.1".encode()
+        assert b"Proxy-Authorization: Basic bWU6c2VjcmV0" in head
+        assert b"in the body" in tls_server.requests[0]  # the body went only through TLS
+
+    def test_a_proxy_that_refuses_the_tunnel_is_a_retry(self, proxy_env: Callable[..., None]) -> None:
+        proxy = ScriptedProxy("refuse")
+        try:
+            proxy_env(HTTPS_PROXY=f"http://{proxy.address}")
+            outcome = HttpTransport().send("https://localhost:9/v2/", b"[]", 5)
+        finally:
+            proxy.close()
+        assert (outcome.result, outcome.detail) == (Result.RETRY, "ProxyRefused")
+
+    def test_a_proxy_that_drips_ends_at_the_deadline(self, proxy_env: Callable[..., None]) -> None:
+        proxy = ScriptedProxy("drip")
+        try:
+            proxy_env(HTTPS_PROXY=f"http://{proxy.address}")
+            started = time.monotonic()
+            outcome = HttpTransport().send("https://localhost:9/v2/", b"[]", 0.5)
+            elapsed = time.monotonic() - started
+        finally:
+            proxy.close()
+        assert (outcome.result, outcome.detail) == (Result.RETRY, "TimeoutError")
+        assert elapsed < 3
+
+    def test_no_proxy_goes_direct(self, serve: Callable[[Answer], ScriptedServer],
+                                  proxy_env: Callable[..., None]) -> None:
+        server = serve(lambda n: OK)
+        proxy = ScriptedProxy("refuse")
+        try:
+            proxy_env(HTTP_PROXY=f"http://{proxy.address}", NO_PROXY="127.0.0.1")
+            outcome = HttpTransport().send(server.url, b"[]", 5)
+        finally:
+            proxy.close()
+        assert outcome.result is Result.SENT and proxy.heads == [] and len(server.requests) == 1
+
+    @pytest.mark.parametrize("setting", ["socks5://127.0.0.1:{port}", "https://127.0.0.1:{port}"])
+    def test_a_proxy_it_cannot_speak_is_never_bypassed(
+            self, setting: str, serve: Callable[[Answer], ScriptedServer],
+            proxy_env: Callable[..., None]) -> None:
+        endpoint = serve(lambda n: OK)
+        proxy = serve(lambda n: OK)
+        proxy_env(ALL_PROXY=setting.format(port=proxy.url.split(":")[2].split("/")[0]))
+        outcome = HttpTransport().send(endpoint.url, b"[]", 5)
+        assert outcome.result is Result.RETRY and setting.split(":")[0] in outcome.detail
+        assert endpoint.connections == 0 and proxy.connections == 0
+
+    def test_a_client_behind_an_unusable_proxy_says_why_once(
+            self, collector: Collector, proxy_env: Callable[..., None],
+            caplog: pytest.LogCaptureFixture) -> None:
+        import logging
+
+        import kaibantrace
+
+        proxy_env(ALL_PROXY="socks5://127.0.0.1:9")
+        client = kaibantrace.Telemetry(app_id="15E9347E-9EE5-4971-A8FB-61D91F3EBA12",
+                                       endpoint=collector.url, backoff=0.05)
+        try:
+            with caplog.at_level(logging.WARNING, logger="kaibantrace"):
+                for _ in range(3):
+                    client.emit("behind_socks")
+                    client.flush(2)
+            stats = client.stats()
+        finally:
+            client.shutdown()
+        assert collector.requests == [] and stats["sent"] == 0 and stats["in_outbox"] == 3
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "socks5 proxy" in warnings[0], warnings
