@@ -21,7 +21,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._log import logger
-from ._state import ensure_private_dir, state_dir
+from ._state import ensure_private_dir, open_private_file, state_dir
 
 MAX_BYTES = 256 * 1024
 NAME = "sent.log"
@@ -65,9 +65,7 @@ class _Appender:
     def _open(self, path: str) -> None:
         self._close()
         ensure_private_dir(os.path.dirname(path))
-        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                 | getattr(os, "O_CLOEXEC", 0))
-        self._fd = os.open(path, flags, 0o600)
+        self._fd = open_private_file(path, os.O_WRONLY | os.O_APPEND)
         self._path, self._pid = path, os.getpid()
 
     def _close(self) -> None:

@@ -88,15 +88,32 @@ def check_private_dir(path: str) -> None:
         raise OSError(f"{path} can be written by other users")
 
 
-def create_private_file(path: str) -> None:
-    """Create ``path`` as an empty 0600 file unless it exists; never follow a symlink there."""
-    flags = os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags, 0o600)
+def open_private_file(path: str, flags: int) -> int:
+    """Open (or create) ``path`` as a 0600 file of this user and return the descriptor.
+
+    A symbolic link there is never followed, and a file of another user is refused:
+    only root could have put it in a private directory, and writing into it (or
+    beside it: SQLite's journal files would be ours) would leave files one of the
+    two users cannot use.
+    """
+    fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        if os.name == "posix" and os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
+        if os.name == "posix":
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid():
+                raise OSError(f"{path} belongs to another user")
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def create_private_file(path: str) -> None:
+    """Create ``path`` as an empty private file unless it exists (see ``open_private_file``)."""
+    os.close(open_private_file(path, os.O_RDWR))
 
 
 def write_private_file(path: str, text: str) -> None:

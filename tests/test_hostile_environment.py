@@ -107,7 +107,8 @@ _SEND = textwrap.dedent("""
 
 class TestUnusableStateDirectory:
     @pytest.mark.parametrize("kind", ["a file", "a symbolic link", "read-only", "another user's",
-                                      "writable by everyone", "outbox a link to /dev/full"])
+                                      "writable by everyone", "outbox a link to /dev/full",
+                                      "outbox another user's"])
     def test_memory_only_and_the_host_unchanged(self, kind: str, tmp_path: Path,
                                                 collector: Collector) -> None:
         """Whatever is wrong with the directory, the program runs as it would without
@@ -134,6 +135,13 @@ class TestUnusableStateDirectory:
                 pytest.skip("only root can give a directory to another user")
             state.mkdir(mode=0o700)
             os.chown(state, 65534, 65534)  # nobody
+        elif kind == "outbox another user's":  # as a program run with sudo would leave it
+            if os.geteuid() != 0:
+                pytest.skip("only root can give a file to another user")
+            state.mkdir(mode=0o700)
+            planted = Path(outbox_path(str(state), APP_ID))
+            planted.write_bytes(b"")
+            os.chown(planted, 65534, 65534)
         elif kind == "outbox a link to /dev/full":
             if not Path("/dev/full").exists():
                 pytest.skip("no /dev/full here")
@@ -146,6 +154,8 @@ class TestUnusableStateDirectory:
         assert list(elsewhere.iterdir()) == []  # nothing written through the link
         if kind in ("another user's", "writable by everyone", "read-only"):
             assert list(state.iterdir()) == []  # nothing written into it
+        if kind == "outbox another user's":
+            assert planted.read_bytes() == b"" and planted.stat().st_uid == 65534  # untouched
 
     @pytest.mark.skipif(not _can_mount_a_tiny_disk(), reason="no mount namespace here")
     def test_a_read_only_file_system_holding_an_earlier_outbox(self, collector: Collector) -> None:
