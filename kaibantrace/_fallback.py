@@ -5,16 +5,18 @@ away: from then on SQLite refuses to write. Without help the batch being
 saved would be lost and a failing claim would stop the poster. ``FallbackOutbox``
 wraps the file and keeps the sender going:
 
-* a batch the file refuses goes to memory instead, and from the first refusal
-  that is not mere contention ("locked", "busy") every later batch does too:
-  the outbox has degraded to memory-only, said once in the log;
+* a batch the file refuses goes to memory instead, and so does every later
+  one: the outbox has degraded to memory-only, said once in the log. (Even a
+  file merely locked past its two-second wait: ids must keep growing in the
+  order signals were saved, so no batch may go back to the file after one went
+  to memory.)
 * claims take from memory first (nothing else will send those rows), then from
   the file; a file that cannot be read or leased simply yields nothing;
 * rows already in the file stay there for a later process to deliver.
 
 Memory rows get ids from ``MEMORY_BASE`` up, above any id the file hands out,
 so ids still grow in the order signals were saved, which is what a waiting
-``flush()`` counts on.
+``flush()`` counts on: it waits until nothing up to its id is left.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class FallbackOutbox:
         self.memory = MemoryOutbox(first_id=MEMORY_BASE)
         self.degraded = False
         self.durable = primary.durable  # until it degrades
+        self._in_file = False  # whether this process saved anything in the file
         self._logged: set[str] = set()
 
     def set_busy_timeout(self, seconds: float) -> None:
@@ -47,15 +50,13 @@ class FallbackOutbox:
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
         if not self.degraded:
             try:
-                return self.primary.add(app_id, url, signals)
+                added = self.primary.add(app_id, url, signals)
+                self._in_file = True
+                return added
             except Exception as exc:
-                if not _contention(exc):
-                    self.degraded, self.durable = True, False
-                    self._note("degraded", "kaibantrace: the outbox file can no longer be "
-                               "written (%s); new signals stay in memory", exc)
-                else:
-                    self._note("busy", "kaibantrace: the outbox file is busy (%s); a batch "
-                               "waits in memory", exc)
+                self.degraded, self.durable = True, False
+                self._note("degraded", "kaibantrace: the outbox file can no longer be written "
+                           "(%s); new signals stay in memory", exc)
         return self.memory.add(app_id, url, signals)
 
     def claim(self, app_id: str, url: str, limit: int, lease: float) -> List[Row]:
@@ -81,7 +82,9 @@ class FallbackOutbox:
                 + self._try(lambda: self.primary.count(app_id, url), 0))
 
     def count_mine(self, upto: int) -> int:
-        in_file = self.primary.count_mine(min(upto, MEMORY_BASE - 1))  # may raise: "unknown"
+        in_file = 0
+        if self._in_file:  # a file that cannot be read raises here: "unknown", not "none"
+            in_file = self.primary.count_mine(min(upto, MEMORY_BASE - 1))
         return in_file + self.memory.count_mine(upto)
 
     def drop_app(self, app_id: str) -> int:
@@ -99,11 +102,6 @@ class FallbackOutbox:
         if key not in self._logged:
             self._logged.add(key)
             logger.debug(message, exc, stacklevel=3)
-
-
-def _contention(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
 
 
 def _split(ids: Sequence[int]) -> Tuple[List[int], List[int]]:

@@ -14,8 +14,8 @@ What it does, and all it does:
   anything to read before a request (closed, or bytes no request asked for);
 * TLS with certificate and host name verification: the system's certificates,
   plus ``certifi``'s bundle and ``REQUESTS_CA_BUNDLE`` when present;
-* an HTTP proxy when one is configured (``_proxy``): a ``CONNECT`` tunnel for
-  ``https``, the absolute form for ``http``, under the same deadline;
+* an HTTP proxy when one is configured (``_proxy``): a ``CONNECT`` tunnel, TLS
+  end to end through it, under the same deadline;
 * a deadline for the whole request, name resolution included (``_dial``),
   checked at every socket operation;
 * bounded reading: at most 64 KiB of headers; a body is read (to keep the
@@ -75,6 +75,8 @@ def split_url(url: str) -> Tuple[Origin, str, str]:
     """``(origin, host header, path)`` of an ``http`` or ``https`` URL."""
     from urllib.parse import urlsplit
 
+    if any(c <= " " or c == "\x7f" for c in url):  # would break the request line or its headers
+        raise ValueError("the URL holds spaces or control characters")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
@@ -96,7 +98,7 @@ class Client:
         self._connections: Dict[Route, _Connection] = {}
         self._urls: Dict[Tuple[str, Optional[Proxy]], Tuple[Route, bytes]] = {}
         self._tls: Optional[ssl.SSLContext] = None
-        self._dialer = Dialer()
+        self.dialer = Dialer()
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -112,6 +114,15 @@ class Client:
              proxy: Optional[Proxy] = None) -> Answer:
         """Send ``body`` (through ``proxy`` if given); the answer, or ``OSError``
         (``TimeoutError`` past the deadline)."""
+        try:
+            return self._post(url, body, content_type, timeout, proxy)
+        except socket.timeout as exc:  # Python 3.9's is not a TimeoutError yet
+            if isinstance(exc, TimeoutError):
+                raise
+            raise TimeoutError(str(exc)) from exc
+
+    def _post(self, url: str, body: bytes, content_type: str, timeout: float,
+              proxy: Optional[Proxy]) -> Answer:
         deadline = time.monotonic() + timeout
         route, head = self._target(url, proxy)
         request = head + b"Content-Type: " + content_type.encode("ascii") + \
@@ -158,7 +169,7 @@ class Client:
     def forget_after_fork(self) -> None:
         """In a forked child: drop the parent's connections without touching them."""
         self._connections = {}
-        self._dialer.forget_after_fork()
+        self.dialer.forget_after_fork()
         self._lock = threading.Lock()
 
     # -- the parts -------------------------------------------------------------
@@ -167,13 +178,11 @@ class Client:
         known = self._urls.get((url, proxy))
         if known is None:
             origin, host, path = split_url(url)
-            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
-            if proxy is not None and origin[0] == "http":  # the proxy forwards it: say where to
-                head = f"POST {origin[0]}://{host}{path} HTTP/1.1\r\nHost: {host}\r\n"
-                if proxy.authorization:
-                    head += f"Proxy-Authorization: {proxy.authorization}\r\n"
-            head += f"User-Agent: {self._user_agent}\r\nAccept: */*\r\nConnection: keep-alive\r\n"
-            known = self._urls[(url, proxy)] = ((origin, proxy), head.encode("ascii"))
+            if proxy is not None and origin[0] != "https":  # plain HTTP is for loopback only
+                raise ValueError("a proxy carries only https requests")
+            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {self._user_agent}\r\n"
+                    "Accept: */*\r\nConnection: keep-alive\r\n").encode("ascii")
+            known = self._urls[(url, proxy)] = ((origin, proxy), head)
         return known
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -193,9 +202,9 @@ class Client:
     def _connect(self, route: Route, deadline: float) -> _Connection:
         (scheme, host, port), proxy = route
         if proxy is None:
-            sock = self._dialer.connect(host, port, deadline)
+            sock = self.dialer.connect(host, port, deadline)
         else:
-            sock = self._dialer.connect(proxy.host, proxy.port, deadline)
+            sock = self.dialer.connect(proxy.host, proxy.port, deadline)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":

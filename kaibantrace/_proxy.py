@@ -3,10 +3,14 @@
 The user's proxy settings are honoured as every Python HTTP tool honours them:
 ``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` (either case),
 and on macOS and Windows the system's settings, as the standard library reads
-them. kaibantrace's own client (``_http``) then speaks to the proxy itself:
-an ``https`` endpoint through a ``CONNECT`` tunnel (TLS end to end, the proxy
-sees only the host name), an ``http`` one in the absolute form. So a proxy is
-under the same deadline and the same bounds as a direct request.
+them. kaibantrace's own client (``_http``) then speaks to the proxy itself,
+through a ``CONNECT`` tunnel (TLS end to end: the proxy sees only the host
+name), so a proxy is under the same deadline and bounds as a direct request.
+
+A loopback endpoint is never proxied (a proxy elsewhere would reach its own
+loopback, and plain HTTP, allowed only for loopback endpoints, must not cross
+a network), nor is one ``NO_PROXY`` names: by host, ``host:port``, domain
+suffix, ``*``, or, for an endpoint given by address, a CIDR range.
 
 Only proxies spoken to in plain HTTP (``http://host:port``, with optional
 credentials sent as Basic authorization) are supported. Another kind (SOCKS, a
@@ -40,17 +44,19 @@ def may_be_configured() -> bool:
                for name, value in os.environ.items())
 
 
-def proxy_for(scheme: str, host: str) -> Optional[Proxy]:
-    """The proxy for a request to ``host`` over ``scheme``, or ``None`` to go direct;
+def proxy_for(scheme: str, host: str, port: int) -> Optional[Proxy]:
+    """The proxy for a request to ``host:port`` over ``scheme``, or ``None`` to go direct;
     ``UnsupportedProxy`` for a proxy this client cannot use."""
-    if not may_be_configured():
+    from ._config import is_loopback
+
+    if scheme != "https" or is_loopback(host) or not may_be_configured():
         return None
     import urllib.request
     from urllib.parse import unquote, urlsplit
 
     proxies = urllib.request.getproxies()  # the environment first, then the system's settings
     setting = (proxies.get(scheme) or proxies.get("all") or "").strip()
-    if not setting or urllib.request.proxy_bypass(host):  # NO_PROXY, the system's exceptions
+    if not setting or _bypassed(host, port, proxies.get("no", "")):
         return None
     if "://" not in setting:  # "proxy.corp:3128" means plain HTTP, as requests and curl read it
         setting = "http://" + setting
@@ -71,3 +77,27 @@ def proxy_for(scheme: str, host: str) -> Optional[Proxy]:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
     return Proxy(parts.hostname, port, authorization)
+
+
+def _bypassed(host: str, port: int, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` (or, on macOS and Windows, the system's exceptions) exempts
+    ``host:port``. The standard library matches names, suffixes and ``host:port`` entries;
+    address ranges (``10.0.0.0/8``) are matched here, for an endpoint given by address."""
+    import urllib.request
+
+    shown = f"[{host}]" if ":" in host else host
+    if urllib.request.proxy_bypass(f"{shown}:{port}"):
+        return True
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in no_proxy.split(","):
+        try:
+            if address in ipaddress.ip_network(entry.strip(), strict=False):
+                return True
+        except ValueError:
+            continue
+    return False

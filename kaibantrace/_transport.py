@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol, Union
 
 from ._proxy import Proxy, UnsupportedProxy, may_be_configured, proxy_for
 from ._version import __version__
@@ -98,7 +98,7 @@ class HttpTransport:
 
     def __init__(self) -> None:
         self._direct: Optional[Client] = None
-        self._routes: Dict[str, Optional[Proxy]] = {}
+        self._routes: Dict[str, Union[Proxy, UnsupportedProxy, None]] = {}
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -119,18 +119,32 @@ class HttpTransport:
                 self._direct = Client(USER_AGENT)
             return self._direct
 
-    def _proxy(self, url: str) -> Optional[Proxy]:
-        if url in self._routes:
-            return self._routes[url]
-        from ._http import split_url
+    def _proxy(self, client: Client, url: str, deadline: float) -> Optional[Proxy]:
+        """The proxy for ``url``, decided once. On macOS and Windows the system's proxy
+        exceptions may make the decision look names up, so it runs under the deadline."""
+        if url not in self._routes:
+            from ._http import split_url
 
-        (scheme, host, _), _, _ = split_url(url)
-        proxy = self._routes[url] = proxy_for(scheme, host)  # raises for an unusable proxy
-        return proxy
+            (scheme, host, port), _, _ = split_url(url)
+
+            def decide() -> None:
+                try:
+                    self._routes[url] = proxy_for(scheme, host, port)
+                except UnsupportedProxy as exc:
+                    self._routes[url] = exc
+
+            client.dialer.call(("proxy", url), decide, deadline, "deciding on a proxy")
+        route = self._routes[url]
+        if isinstance(route, UnsupportedProxy):
+            raise route
+        return route
 
     def send(self, url: str, body: bytes, timeout: float) -> Outcome:
         try:
-            answer = self._get_direct().post(url, body, _CONTENT_TYPE, timeout, self._proxy(url))
+            client = self._get_direct()
+            deadline = time.monotonic() + timeout
+            proxy = self._proxy(client, url, deadline)
+            answer = client.post(url, body, _CONTENT_TYPE, deadline - time.monotonic(), proxy)
             return outcome_for_status(answer.status, answer.retry_after)
         except UnsupportedProxy as exc:  # never bypassed: the signals wait in the outbox
             return Outcome(Result.RETRY, str(exc))
