@@ -138,6 +138,8 @@ def endpoint_problem(url: str) -> Optional[str]:
     """
     if not isinstance(url, str):
         return "must be a string"
+    if any(c <= " " or c == "\x7f" for c in url):  # would break the request line or a header
+        return "must not hold spaces or control characters"
     from urllib.parse import urlsplit  # deferred, as below: only a configured URL needs it
 
     try:

@@ -79,9 +79,12 @@ class TestEndpoint:
         """https anywhere, and plain http to loopback, are accepted."""
         assert endpoint_problem(url) is None
 
-    @pytest.mark.parametrize("url", ["http://example.com/v2/", "ftp://127.0.0.1/", "nonsense"])
+    @pytest.mark.parametrize("url", ["http://example.com/v2/", "ftp://127.0.0.1/", "nonsense",
+                                     "https://ingest.example/v2/\r\nX-Injected: 1",
+                                     "https://ingest.example/v 2/", "https://ingest.\x00example/"])
     def test_unusable_endpoints(self, url: str) -> None:
-        """Plain http across a network, other schemes and non-URLs are refused."""
+        """Plain http across a network, other schemes, non-URLs and URLs that could break
+        the request line or add a header are refused."""
         assert endpoint_problem(url) is not None
 
     def test_default_and_namespace(self) -> None:

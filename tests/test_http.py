@@ -718,3 +718,9 @@ class TestProxySetting:
         proxy_env(HTTPS_PROXY=setting)
         with pytest.raises(UnsupportedProxy):
             proxy_for("https", "ingest.example", 443)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v2/\r\nX-Injected: 1", "http://127.0.0.1:9/v 2/"])
+def test_a_url_that_would_break_the_request_is_refused_before_any_socket(url: str) -> None:
+    with pytest.raises(ValueError):
+        Client("t").post(url, b"[]", "application/json", 1)
