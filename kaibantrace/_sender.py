@@ -468,7 +468,11 @@ class Sender:
                 self._post_wake.clear()  # before the pass: a wake during it is kept
                 self._post_pass(outbox)
                 if self._stopping:
-                    self._post_pass(outbox)  # the exit hook saved the queue: send what fits
+                    # The exit hook saved the queue; a plain stop() leaves that to the writer,
+                    # whose last batch must reach the outbox before the last pass, or it
+                    # would wait for the next run. Then send what fits.
+                    self._wait_for_writer()
+                    self._post_pass(outbox)
                     break
                 timeout = self._next_wake()
                 if timeout is None or timeout > 0:
@@ -477,6 +481,12 @@ class Sender:
             logger.debug("kaibantrace: poster stopped unexpectedly", exc_info=True)
         finally:
             self._resolve_markers(force=True)
+
+    def _wait_for_writer(self) -> None:
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            deadline = self._deadline
+            writer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _wait_before_setup(self) -> None:
         """Give a short run the chance to end before the HTTP stack is imported.

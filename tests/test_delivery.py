@@ -214,6 +214,35 @@ class TestFailuresNeverReachTheHost:
         client.shutdown()
 
 
+class TestShutdown:
+    def test_what_the_writer_still_saves_is_sent_before_the_poster_ends(
+            self, make_client: MakeClient, collector: Collector,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """shutdown() wakes the writer, asleep while a batch fills, and the poster: the
+        poster's last pass waits for the writer's last batch (here slowed to 0.3 s) rather
+        than leave it in the outbox for the next run."""
+        from kaibantrace import _client, _outbox
+
+        def slow_outbox(directory: str, app_id: str) -> _outbox.Outbox:
+            box = _outbox.open_outbox(directory, app_id)
+            add = box.add
+
+            def slow_add(*args: Any) -> _outbox.Added:
+                time.sleep(0.3)
+                return add(*args)
+
+            box.add = slow_add  # type: ignore[method-assign]
+            return box
+
+        monkeypatch.setattr(_client, "open_outbox", slow_outbox)
+        client = make_client(flush_interval=30)  # the writer waits for a batch to fill
+        client.emit("warm")
+        assert client.flush(10)  # the poster is set up and idle
+        client.emit("last")
+        client.shutdown(timeout=5)
+        assert sorted(s["type"] for s in collector.signals) == ["last", "warm"]
+
+
 class TestConcurrency:
     def test_many_threads(self, make_client: MakeClient, collector: Collector) -> None:
         """8 threads emitting 500 events each: every one arrives exactly once."""
