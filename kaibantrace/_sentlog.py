@@ -7,9 +7,11 @@ itself, byte for byte, on a line of its own. A signal
 appears here only once it has left the machine, never before, so the log is a
 record of fact, not of intent; ``kaibantrace log`` shows it.
 
-The log is bounded: once ``sent.log`` passes 256 KiB it replaces ``sent.log.1``
-and a new one starts, so the two never hold more than about 512 KiB. The files
-are 0600 and written without following symlinks. A write that fails is given
+The log is bounded: when the next write would take ``sent.log`` past 256 KiB,
+it first replaces ``sent.log.1`` and a new one starts, so the two hold at most
+512 KiB (one write, the requests of one claim, larger than that makes a file of
+its own). The files are 0600, written without following symlinks, and refused
+when another user owns them. A write that fails is given
 up quietly: the log must never cost the host anything.
 """
 
@@ -48,19 +50,23 @@ class _Appender:
 
     def write(self, path: str, data: bytes) -> None:
         with self._lock:
-            if self._fd < 0 or self._path != path or self._pid != os.getpid():
+            if (self._fd < 0 or self._path != path or self._pid != os.getpid()
+                    or not self._still_at(path)):  # new, forked, or rotated by another process
+                self._open(path)
+            size = os.fstat(self._fd).st_size
+            if size and size + len(data) > MAX_BYTES:  # rotate first: a file stays in its bound
+                os.replace(path, path + ".1")
                 self._open(path)
             os.write(self._fd, data)  # one write, so lines of processes never interleave
-            mine = os.fstat(self._fd)
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                current = None
-            if current is None or (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
-                self._close()  # rotated meanwhile: write to the new file next time
-            elif mine.st_size > MAX_BYTES:
-                os.replace(path, path + ".1")
-                self._close()
+
+    def _still_at(self, path: str) -> bool:
+        """Whether the open file is still the one ``path`` names."""
+        mine = os.fstat(self._fd)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            return False
+        return (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev)
 
     def _open(self, path: str) -> None:
         self._close()
@@ -148,15 +154,3 @@ def last_sent(directory: Optional[str] = None) -> Optional[str]:
     records = read(directory)
     return str(records[-1].get("sent_at")) if records else None
 
-
-def forget(directory: Optional[str] = None) -> bool:
-    """Remove the log; whether there was one."""
-    removed = False
-    path = log_path(directory)
-    for name in (path, path + ".1"):
-        try:
-            os.unlink(name)
-            removed = True
-        except FileNotFoundError:
-            pass
-    return removed

@@ -62,11 +62,17 @@ def config_dir(environ: Optional[Mapping[str, str]] = None) -> str:
 
 
 def ensure_private_dir(path: str) -> str:
-    """Create ``path`` (and parents) readable only by this user; raise ``OSError`` if impossible."""
+    """Create ``path`` readable only by this user (its missing parents as the umask says);
+    raise ``OSError`` if impossible.
+
+    A directory of kaibantrace's own name that others can read is made private. One of
+    another name (``KAIBAN_TELEMETRY_DIR`` may point anywhere, even the home directory)
+    is left as the user made it: the files in it are 0600 all the same.
+    """
     os.makedirs(path, mode=0o700, exist_ok=True)
     if os.name == "posix":
         check_private_dir(path)
-        if os.lstat(path).st_mode & 0o077:  # readable by others: ours alone from now on
+        if os.lstat(path).st_mode & 0o077 and os.path.basename(path) == "kaibantrace":
             os.chmod(path, 0o700)
     if not os.access(path, os.W_OK | os.X_OK):
         raise OSError(f"{path} is not writable")

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol, Union
 
+from ._log import logger
 from ._proxy import Proxy, UnsupportedProxy, may_be_configured, proxy_for
 from ._version import __version__
 
@@ -99,6 +100,7 @@ class HttpTransport:
     def __init__(self) -> None:
         self._direct: Optional[Client] = None
         self._routes: Dict[str, Union[Proxy, UnsupportedProxy, None]] = {}
+        self._warned = False
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -147,6 +149,9 @@ class HttpTransport:
             answer = client.post(url, body, _CONTENT_TYPE, deadline - time.monotonic(), proxy)
             return outcome_for_status(answer.status, answer.retry_after)
         except UnsupportedProxy as exc:  # never bypassed: the signals wait in the outbox
+            if not self._warned:  # at once, as a short run may never reach the circuit breaker
+                self._warned = True
+                logger.warning("kaibantrace: %s; nothing is sent, signals wait in the outbox", exc)
             return Outcome(Result.RETRY, str(exc))
         except Exception as exc:  # every failure of the network is "try later"
             return Outcome(Result.RETRY, type(exc).__name__)

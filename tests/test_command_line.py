@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -337,3 +338,18 @@ class TestTransparencyLogFormat:
         path.write_text(json.dumps({"sent_at": "2026-01-01T00:00:00.000Z", "app_id": APP_ID,
                                     "url": "u", "signals": 1, "body": "[{}]"}) + "\n")
         assert [r["body"] for r in as_json(kaibantrace_command("log", "--json"))] == ["[{}]"]
+
+    def test_bounded_by_rotating_before_a_write_would_pass_the_limit(self) -> None:
+        """Each file stays within 256 KiB; the newest records are read across both files."""
+        from kaibantrace import _sentlog
+
+        body = b'[{"type":"' + b"x" * 3000 + b'"}]'
+        for i in range(300):  # about 900 KB in all: rotates several times
+            _sentlog.append(APP_ID, f"https://ingest.example/{i}", [(body, 1)])
+        path = Path(_sentlog.log_path())
+        sizes = [path.stat().st_size, Path(str(path) + ".1").stat().st_size]
+        assert all(0 < size <= _sentlog.MAX_BYTES for size in sizes)
+        assert sum(sizes) > _sentlog.MAX_BYTES  # the older file kept its records
+        urls = [r["url"] for r in _sentlog.read()]
+        assert urls == sorted(urls, key=lambda u: int(u.rsplit("/", 1)[1]))  # oldest first
+        assert urls[-1].endswith("/299") and stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -633,19 +634,22 @@ class TestProxy:
     @pytest.mark.parametrize("setting", ["socks5://127.0.0.1:{port}", "https://127.0.0.1:{port}"])
     def test_a_proxy_it_cannot_speak_is_never_bypassed(
             self, setting: str, serve: Callable[[Answer], ScriptedServer], names: Names,
-            proxy_env: Callable[..., None]) -> None:
+            proxy_env: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
         endpoint = serve(lambda n: OK)
         proxy = serve(lambda n: OK)
         proxy_env(ALL_PROXY=setting.format(port=proxy.port))
-        outcome = HttpTransport().send(f"https://ingest.test:{endpoint.port}/v2/", b"[]", 5)
+        transport = HttpTransport()
+        with caplog.at_level(logging.WARNING, logger="kaibantrace"):
+            outcome = transport.send(f"https://ingest.test:{endpoint.port}/v2/", b"[]", 5)
+            said_at_once = len(caplog.records)
+            transport.send(f"https://ingest.test:{endpoint.port}/v2/", b"[]", 5)
+        assert said_at_once == 1 and len(caplog.records) == 1  # at the first attempt, and once
         assert outcome.result is Result.RETRY and setting.split(":")[0] in outcome.detail
         assert endpoint.connections == 0 and proxy.connections == 0 and names.asked == []
 
     def test_a_client_behind_an_unusable_proxy_says_why_once(
             self, serve: Callable[[Answer], ScriptedServer], names: Names,
             proxy_env: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
-        import logging
-
         import kaibantrace
 
         endpoint = serve(lambda n: OK)
@@ -663,7 +667,8 @@ class TestProxy:
             client.shutdown()
         assert endpoint.connections == 0 and stats["sent"] == 0 and stats["in_outbox"] == 3
         warnings = [r.getMessage() for r in caplog.records]
-        assert len(warnings) == 1 and "socks5 proxy" in warnings[0], warnings
+        assert warnings[0].startswith("kaibantrace: a socks5 proxy is configured"), warnings
+        assert len(warnings) <= 2  # and, once three attempts failed, the circuit breaker's line
 
     def test_a_slow_proxy_decision_keeps_the_deadline(self, proxy_env: Callable[..., None],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:

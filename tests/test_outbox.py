@@ -151,6 +151,19 @@ class TestSqliteFile:
         for path in directory.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
 
+    def test_a_readable_directory_is_made_private_only_when_it_is_kaibantraces_own(
+            self, tmp_path: Path) -> None:
+        """KAIBAN_TELEMETRY_DIR may name any directory, the home directory even: one of
+        another name keeps the user's permissions, while the files in it are 0600."""
+        own, theirs = tmp_path / "kaibantrace", tmp_path / "home"
+        for directory in (own, theirs):
+            directory.mkdir(mode=0o755)
+            directory.chmod(0o755)
+            open_outbox(str(directory), APP_ID).add(APP_ID, URL, signals(1))
+            assert stat.S_IMODE(Path(outbox_path(str(directory), APP_ID)).stat().st_mode) == 0o600
+        assert stat.S_IMODE(own.stat().st_mode) == 0o700
+        assert stat.S_IMODE(theirs.stat().st_mode) == 0o755
+
     def test_two_handles_never_claim_the_same_row(self, tmp_path: Path) -> None:
         """Two processes' handles on one file split the rows between them."""
         path = str(tmp_path / "o.sqlite3")
