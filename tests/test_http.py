@@ -307,6 +307,7 @@ class TestNameResolution:
         assert stuck_resolver == ["stuck.test"]  # the later requests waited on the same lookup
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_a_forked_child_does_not_wait_on_its_parents_lookup(
             self, stuck_resolver: List[str]) -> None:
         client = Client("t")
