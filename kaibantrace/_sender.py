@@ -471,7 +471,8 @@ class Sender:
                     # The exit hook saved the queue; a plain stop() leaves that to the writer,
                     # whose last batch must reach the outbox before the last pass, or it
                     # would wait for the next run. Then send what fits.
-                    self._wait_for_writer()
+                    if not self._exiting:
+                        self._wait_for_writer()
                     self._post_pass(outbox)
                     break
                 timeout = self._next_wake()
