@@ -147,7 +147,7 @@ class Telemetry:
         self._no_app_id_logged = False
         self._purged = False
         self._direct_outbox: Optional[Outbox] = None
-        self._lost_before_flush = False  # dropped without a sender since the last flush
+        self._undelivered_since_flush = False  # dropped, or saved without a sender, since a flush
         self._cli_seen = False  # the first track_cli call of this process was handled
         self._holding = False  # this run showed the first-run notice: send nothing
         self._opt_key = _encoded_key(self._settings.opt_out_env)
@@ -373,14 +373,14 @@ class Telemetry:
     def _lose(self, cause: str) -> None:
         """Count an event dropped before reaching a sender; the next flush reports it."""
         self._counters.drop(cause)
-        self._lost_before_flush = True
+        self._undelivered_since_flush = True
 
     def _save_directly(self, raw: RawEvent) -> None:
         """No sender (interpreter shutdown, or a process that cannot start threads): write
         the event to the outbox here, for the next process that can send to deliver."""
         counters = self._counters
         counters.taken += 1
-        self._lost_before_flush = True  # saved, not delivered: a flush must not say otherwise
+        self._undelivered_since_flush = True  # saved, not delivered: a flush must not say otherwise
         try:
             encoded = self._encode_batch([raw])
             if encoded is None or not encoded.signals:
@@ -509,7 +509,7 @@ class Telemetry:
         dropped since the previous flush (no app ID, a rejected batch, an
         unreachable endpoint) make it ``False``. Debug mode counts as delivered.
         """
-        lost, self._lost_before_flush = self._lost_before_flush, False
+        lost, self._undelivered_since_flush = self._undelivered_since_flush, False
         sender = self._sender
         try:
             delivered = True if sender is None else sender.flush(timeout)
