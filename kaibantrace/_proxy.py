@@ -40,7 +40,7 @@ def may_be_configured() -> bool:
     so a process without proxy variables never loads ``urllib.request``."""
     if sys.platform in ("darwin", "win32"):  # proxies may be system settings there
         return True
-    return any(name.lower() in ("https_proxy", "http_proxy", "all_proxy") and value.strip()
+    return any(name.lower() in ("https_proxy", "all_proxy") and value.strip()
                for name, value in os.environ.items())
 
 
@@ -65,7 +65,7 @@ def proxy_for(scheme: str, host: str, port: int) -> Optional[Proxy]:
     if kind != "http":
         raise UnsupportedProxy(f"a {kind} proxy is configured; only http:// proxies are spoken")
     try:
-        port = parts.port or 80
+        proxy_port = parts.port or 80
     except ValueError:
         raise UnsupportedProxy("the proxy's port is not a number") from None
     if not parts.hostname:
@@ -76,7 +76,7 @@ def proxy_for(scheme: str, host: str, port: int) -> Optional[Proxy]:
 
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
-    return Proxy(parts.hostname, port, authorization)
+    return Proxy(parts.hostname, proxy_port, authorization)
 
 
 def _bypassed(host: str, port: int, no_proxy: str) -> bool:
