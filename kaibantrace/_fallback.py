@@ -66,16 +66,16 @@ class FallbackOutbox:
         return self._try(lambda: self.primary.claim(app_id, url, limit, lease), [])
 
     def delete(self, ids: Sequence[int]) -> None:
-        mine, theirs = _split(ids)
-        self.memory.delete(mine)
-        if theirs:  # if this fails, the lease runs out and the rows are sent again: never lost
-            self._try(lambda: self.primary.delete(theirs), None)
+        in_memory, in_file = _split(ids)
+        self.memory.delete(in_memory)
+        if in_file:  # if this fails, the lease runs out and the rows are sent again: never lost
+            self._try(lambda: self.primary.delete(in_file), None)
 
     def release(self, ids: Sequence[int]) -> None:
-        mine, theirs = _split(ids)
-        self.memory.release(mine)
-        if theirs:
-            self._try(lambda: self.primary.release(theirs), None)
+        in_memory, in_file = _split(ids)
+        self.memory.release(in_memory)
+        if in_file:
+            self._try(lambda: self.primary.release(in_file), None)
 
     def count(self, app_id: str, url: str) -> int:
         return (self.memory.count(app_id, url)
@@ -105,7 +105,8 @@ class FallbackOutbox:
 
 
 def _split(ids: Sequence[int]) -> Tuple[List[int], List[int]]:
-    mine = [i for i in ids if i >= MEMORY_BASE]
-    if not mine:
+    """``(ids of memory rows, ids of file rows)``."""
+    in_memory = [i for i in ids if i >= MEMORY_BASE]
+    if not in_memory:
         return [], list(ids)
-    return mine, [i for i in ids if i < MEMORY_BASE]
+    return in_memory, [i for i in ids if i < MEMORY_BASE]
