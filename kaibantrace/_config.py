@@ -138,7 +138,7 @@ def endpoint_problem(url: str) -> Optional[str]:
     """
     if not isinstance(url, str):
         return "must be a string"
-    if any(c <= " " or c == "\x7f" for c in url):  # would break the request line or a header
+    if breaks_a_request_line(url):
         return "must not hold spaces or control characters"
     from urllib.parse import urlsplit  # deferred, as below: only a configured URL needs it
 
@@ -154,6 +154,12 @@ def endpoint_problem(url: str) -> Optional[str]:
     if parts.scheme == "http":
         return "must use https:// unless the host is loopback (127.0.0.1, ::1, localhost)"
     return "must be an https:// URL"
+
+
+def breaks_a_request_line(url: str) -> bool:
+    """Whether ``url`` holds a space or control character, which in an HTTP request line
+    would end it early or start a header of the URL's choosing."""
+    return any(c <= " " or c == "\x7f" for c in url)
 
 
 def is_loopback(host: str) -> bool:

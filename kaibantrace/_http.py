@@ -35,6 +35,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
+from ._config import breaks_a_request_line
 from ._dial import Dialer, left
 from ._proxy import Proxy
 
@@ -75,7 +76,7 @@ def split_url(url: str) -> Tuple[Origin, str, str]:
     """``(origin, host header, path)`` of an ``http`` or ``https`` URL."""
     from urllib.parse import urlsplit
 
-    if any(c <= " " or c == "\x7f" for c in url):  # would break the request line or its headers
+    if breaks_a_request_line(url):  # checked at configuration too; this is the last line
         raise ValueError("the URL holds spaces or control characters")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
