@@ -34,7 +34,6 @@ exit status 1. ``--strict`` makes a missed target do the same.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -619,20 +618,13 @@ SECTIONS = ("exit", "memory", "delivery", "calls")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and events")
-    parser.add_argument("--only", action="append", choices=SECTIONS,
-                        help="run only this section (may be repeated)")
+    parser = overhead.arguments(__doc__, "fewer rounds and events", list(SECTIONS))
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a target is missed, too")
-    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     sections = args.only or list(SECTIONS)
-
-    for name in overhead.OUR_VARIABLES:  # the caller's own opt-out must not decide what is measured
-        os.environ.pop(name, None)
-    overhead.use_private_state_dir()
+    overhead.isolate()
     for name in [n for n in os.environ if n.startswith("POSTHOG_")]:
         os.environ.pop(name, None)
         overhead.CHILD_ENV.pop(name, None)

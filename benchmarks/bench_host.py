@@ -27,7 +27,6 @@ Everything talks to 127.0.0.1 only. ``--json FILE`` writes the figures for
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -40,11 +39,11 @@ from typing import Any, Dict, List, Optional
 
 from bench_overhead import (
     APP_ID,
-    OUR_VARIABLES,
+    arguments,
     check,
     collector_process,
     finish,
-    use_private_state_dir,
+    isolate,
 )
 
 import kaibantrace
@@ -292,14 +291,8 @@ def bench_scaling(rounds: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
-    parser.add_argument("--only", choices=["host", "scaling"], action="append")
-    args = parser.parse_args(argv)
-    for name in OUR_VARIABLES:
-        os.environ.pop(name, None)
-    use_private_state_dir()
+    args = arguments(__doc__, "fewer rounds", ["host", "scaling"]).parse_args(argv)
+    isolate()
     print(f"kaibantrace {kaibantrace.__version__}, Python {platform.python_version()}, "
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs")
     sections = args.only or ["host", "scaling"]

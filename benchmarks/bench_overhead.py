@@ -61,6 +61,24 @@ CHILD_ENV = {k: v for k, v in os.environ.items()
              if k not in OUR_VARIABLES and not k.startswith("PYTHONPROFILE")}
 
 
+def arguments(doc: Optional[str], quick_help: str, sections: List[str]) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: ``--quick``, ``--json FILE``, ``--only``."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    parser.add_argument("--only", choices=sections, action="append",
+                        help="run only this section (may be repeated)")
+    return parser
+
+
+def isolate() -> None:
+    """Measure kaibantrace as configured here: the caller's own opt-out or endpoint must
+    not decide what is measured, and nothing touches the user's state directory."""
+    for name in OUR_VARIABLES:
+        os.environ.pop(name, None)
+    use_private_state_dir()
+
+
 def use_private_state_dir() -> str:
     """Point this process and its children at a fresh state directory, never the user's own."""
     directory = tempfile.mkdtemp(prefix="kaibantrace-bench-")
@@ -651,16 +669,9 @@ def refused_url() -> str:
 # -- main -------------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and runs")
-    parser.add_argument("--json", metavar="FILE", help="write the figures to FILE")
-    parser.add_argument("--only", choices=["calls", "imports"], action="append")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, "fewer rounds and runs", ["calls", "imports"]).parse_args(argv)
     config = QUICK if args.quick else FULL
-
-    for name in OUR_VARIABLES:  # the caller's own opt-out must not decide what is measured
-        os.environ.pop(name, None)
-    use_private_state_dir()
+    isolate()
     print(f"kaibantrace {kaibantrace.__version__}, wrapt {importlib.metadata.version('wrapt')}, "
           f"Python {platform.python_version()} ({platform.python_implementation()}), "
           f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
