@@ -19,8 +19,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from . import _outbox, _prefs, _sentlog
-from ._config import Decision, decide, in_ci, is_app_id, keyed_with_local_secret
+from . import _handoff, _outbox, _prefs, _sentlog
+from ._config import PROFILES, Decision, decide, in_ci, ingest_url, is_app_id, keyed_with_local_secret
+from ._handoff import DELIVERY_BOUND
 from ._identity import hash_user, keyed_identity, project_id
 from ._state import config_dir, state_dir
 
@@ -95,6 +96,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         ("log", _log, "show the last requests actually sent from this machine, exactly as sent"),
         ("project-id", _project_id, "show this project's ID and the value that would be sent"),
         ("flush", _flush, "send what is waiting now"),
+        ("deliver", _deliver, "send what is waiting, in the background way: one at a time per "
+         "app (an OS lock), at low priority, for at most --max-time seconds; what programs "
+         "start at exit when they leave signals behind"),
     ]:
         sub = commands.add_parser(name, parents=[common], help=text, description=text)
         sub.set_defaults(run=run)
@@ -104,6 +108,18 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         if name == "flush":
             sub.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                              help="give up after this long (default 30)")
+        if name == "deliver":
+            sub.add_argument("--endpoint", metavar="URL", default=None,
+                             help="the ingest URL (default: KAIBAN_TELEMETRY_ENDPOINT or TelemetryDeck's)")
+            sub.add_argument("--opt-out-env", metavar="NAME", default=None,
+                             help="the program's own opt-out variable (default KAIBAN_TELEMETRY_OPT_OUT)")
+            sub.add_argument("--profile", choices=PROFILES, default=None, help=argparse.SUPPRESS)
+            sub.add_argument("--timeout", type=_seconds_argument, default=None, metavar="SECONDS",
+                             help="deadline of one request (default 3)")
+            sub.add_argument("--backoff", type=_seconds_argument, default=None, help=argparse.SUPPRESS)
+            sub.add_argument("--max-time", type=_seconds_argument, default=DELIVERY_BOUND,
+                             metavar="SECONDS", help=f"end after this long (default {DELIVERY_BOUND:g})")
+            sub.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -111,6 +127,16 @@ def _app_id_argument(text: str) -> str:
     if not is_app_id(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a TelemetryDeck app ID (a UUID)")
     return text
+
+
+def _seconds_argument(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < number <= 300:
+        raise argparse.ArgumentTypeError("must be above 0 and at most 300")
+    return number
 
 
 def _count_argument(text: str) -> int:
@@ -151,6 +177,7 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     counts = {app: _outbox.waiting(directory, app) for app in apps}
     pending = sum(n for n in counts.values() if n is not None)
     last = _sentlog.last_sent()
+    delivering = {app: pid for app in apps if (pid := _handoff.running(directory, app)) is not None}
     result = {
         "enabled": decision.enabled,
         "decided_by": decision.decided_by,
@@ -164,6 +191,7 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         "pending": pending,
         "pending_by_app": counts,
         "last_sent": last,
+        "delivery_process": delivering or None,
     }
     if not args.json:
         state = "on" if decision.enabled else "off"
@@ -175,6 +203,10 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         print(f"  profile:     {decision.profile}")
         print(f"  waiting:     {pending} signal(s) in the outbox")
         print(f"  last sent:   {last or 'never (from this machine)'}")
+        for app, pid in delivering.items():
+            shown = f"process {pid}" if pid else "a process"
+            print(f"  delivering:  {shown} is sending what waits"
+                  + (f" for app {app}" if len(apps) > 1 else ""))
         print(f"  state dir:   {directory}")
         print(f"  config dir:  {config_dir()}")
         if in_ci(os.environ):
@@ -316,12 +348,34 @@ def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     return {"ok": True, **totals}
 
 
+def _deliver(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
+    s = telemetry.settings
+    decision = _decision(telemetry, args)
+    app = _app_of(telemetry, args, decision)
+    if app is None:
+        raise Failure("no app ID: give --app or set KAIBAN_TELEMETRY_APP_ID")
+    settings = s.replace(app_id=app, endpoint=args.endpoint, opt_out_env=args.opt_out_env,
+                         profile=args.profile)
+    url = ingest_url(settings, os.environ)
+    if url is None:
+        raise Failure("the endpoint is not usable")
+    done = _handoff.deliver(app, url, opt_out_env=settings.opt_out_env, profile=settings.profile,
+                            timeout=args.timeout or s.timeout, backoff=args.backoff or s.backoff,
+                            bound=args.max_time, lock_fd=args.lock_fd)
+    if not args.json:
+        print(f"Sent {done.sent} signal(s); {done.left} still waiting"
+              + (f" ({done.problem})." if done.problem else "."))
+    return {"ok": not done.problem, "sent": done.sent, "left": done.left, "problem": done.problem or None}
+
+
 def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[int, int, str]:
     """Start the client's sender and wait until its outbox is empty or it gives up."""
     client._route()  # starts the sender, which sends what waits in the outbox
     sender = client._sender
     if sender is None:
         return 0, waiting, "no sender could start"
+    sender.ignore_shared_backoff = True  # the user asked: one try now, whoever failed before
+    sender.poke()
     show = not args.json and sys.stdout.isatty()
     deadline = time.monotonic() + args.timeout
     try:
@@ -339,5 +393,9 @@ def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[i
             print()
         client.shutdown(timeout=1.0)
     sent = int(client.stats()["sent"])  # type: ignore[call-overload]  # after the last send
-    left = max(0, waiting - sent)
+    # What is left is read, not computed: a delivery process may have sent some meanwhile.
+    # Dropped ones (a retired endpoint, a refused batch) were not sent either.
+    still = _outbox.waiting(state_dir(), str(client.settings.app_id))
+    dropped = sum(client.stats()["dropped"].values())  # type: ignore[attr-defined]
+    left = waiting - sent if still is None else still + dropped
     return sent, left, sender.last_problem

@@ -32,7 +32,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
-from . import _fork, _prefs, _sentlog, events
+from . import _fork, _handoff, _prefs, _sentlog, events
 from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
@@ -116,6 +116,7 @@ class Telemetry:
                  timeout: Optional[float] = None, exit_timeout: Optional[float] = None,
                  backoff: Optional[float] = None, profile: Optional[str] = None,
                  default_parameters: Optional[bool] = None, local_secret: Optional[bool] = None,
+                 detached_delivery: Optional[bool] = None,
                  transport: Optional[Transport] = None) -> None:
         self._settings = Settings().replace(
             app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
@@ -123,7 +124,7 @@ class Telemetry:
             strict=strict, batch_size=batch_size, flush_interval=flush_interval,
             max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout,
             backoff=backoff, profile=profile, default_parameters=default_parameters,
-            local_secret=local_secret)
+            local_secret=local_secret, detached_delivery=detached_delivery)
         self._transport = transport
         self._number = next(_client_ids)
         self._session_var: contextvars.ContextVar[Optional[SessionNode]] = contextvars.ContextVar(
@@ -149,6 +150,7 @@ class Telemetry:
         self._direct_outbox: Optional[Outbox] = None
         self._undelivered_since_flush = False  # dropped, or saved without a sender, since a flush
         self._cli_seen = False  # the first track_cli call of this process was handled
+        self._exited = False  # the exit hook ran: later events are saved for the hand-off
         self._holding = False  # this run showed the first-run notice: send nothing
         self._opt_key = _encoded_key(self._settings.opt_out_env)
 
@@ -234,6 +236,10 @@ class Telemetry:
             return accept
 
     def _choose(self, decision: Decision) -> Optional[Accept]:
+        if self._exited and decision.enabled and not decision.debug and decision.app_id:
+            # An atexit handler that runs after ours (registered before our first
+            # event) still emits: saved for the delivery process, never lost.
+            return self._save_after_exit
         if self._closed:
             return None
         if _captures and (decision.enabled or not _captures[-1].respect_opt_out):
@@ -247,8 +253,9 @@ class Telemetry:
         if decision.app_id is None:
             return self._no_app_id
         sender = self._sender or self._start_sender()
-        if sender is None:  # the interpreter is exiting: no new thread now
-            return self._save_directly
+        if sender is None:  # the interpreter is exiting, or threads are refused here
+            exiting = not threading.main_thread().is_alive()
+            return self._save_after_exit if exiting else self._save_directly
         if self._settings.strict:
             def checked(raw: RawEvent) -> None:
                 try:
@@ -393,6 +400,41 @@ class Telemetry:
         except Exception:
             logger.debug("kaibantrace: could not save an event without a sender", exc_info=True)
             self._lose("no_sender")
+
+    def _save_after_exit(self, raw: RawEvent) -> None:
+        """After the exit hook: save the event, and start a delivery process for it unless
+        one runs (the one started at exit, if any, looks again before it ends)."""
+        self._save_directly(raw)
+        self._hand_off()
+
+    def _hand_off(self) -> Optional[int]:
+        """At exit: start a delivery process when signals wait for this client's app and
+        endpoint and one could send them (see ``_handoff``); its process ID, if started."""
+        s = self._settings
+        if (not s.detached_delivery or self._holding or self._transport is not None
+                or _handoff.in_delivery_process or not _handoff.allowed(os.environ)):
+            return None
+        decision = decide(s, os.environ)
+        if not decision.enabled or decision.debug or decision.app_id is None:
+            return None
+        url = ingest_url(s, os.environ)
+        sender = self._sender
+        outbox = sender.outbox if sender is not None else self._direct_outbox
+        if url is None or outbox is None or not outbox.durable:
+            return None
+        try:
+            if not outbox.count(decision.app_id, url):
+                return None
+            health = outbox.health(url)
+        except Exception:
+            return None
+        if health.not_before - time.time() > _handoff.DELIVERY_BOUND / 2:
+            return None  # the endpoint is failing: it would only wait, and a later run will try
+        arguments = ["--opt-out-env", s.opt_out_env, "--timeout", repr(s.timeout),
+                     "--backoff", repr(s.backoff)]
+        if s.profile is not None:
+            arguments += ["--profile", s.profile]
+        return _handoff.hand_off(state_dir(), decision.app_id, url, arguments)
 
     def _no_app_id(self, raw: RawEvent) -> None:
         self._lose("no_app_id")
@@ -642,11 +684,13 @@ def _register_process_hooks() -> None:
 
 
 def _at_exit() -> None:
-    """Send what is queued within each client's exit budget (1 s by default), in parallel."""
+    """Save what is queued, let each sender use what is left of its exit budget (1 s by
+    default, all clients in parallel), then hand what still waits to a delivery process."""
     start = time.monotonic()
     clients = list(_live_clients)
     for client in clients:
         client._closed = True
+        client._exited = True
         client._seen_generation = -1
         sender = client._sender
         if sender is not None:
@@ -658,6 +702,11 @@ def _at_exit() -> None:
         sender = client._sender
         if sender is not None:
             sender.join(start + client._settings.exit_timeout)
+            try:
+                sender.settle_at_exit()
+                client._hand_off()
+            except Exception:
+                logger.debug("kaibantrace: could not hand off at exit", exc_info=True)
 
 
 def _after_fork_in_child() -> None:

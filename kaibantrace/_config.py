@@ -29,6 +29,7 @@ ENV_APP_ID = "KAIBAN_TELEMETRY_APP_ID"
 ENV_DIR = "KAIBAN_TELEMETRY_DIR"
 ENV_CONFIG_DIR = "KAIBAN_TELEMETRY_CONFIG_DIR"
 ENV_PROFILE = "KAIBAN_TELEMETRY_PROFILE"
+ENV_DETACHED = "KAIBAN_TELEMETRY_DETACHED"
 
 DEFAULT_ENDPOINT = "https://nom.telemetrydeck.com/v2/"
 
@@ -69,6 +70,7 @@ class Settings(NamedTuple):
     profile: Optional[str] = None
     default_parameters: bool = False
     local_secret: Optional[bool] = None
+    detached_delivery: bool = True
 
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
@@ -96,7 +98,7 @@ def validate(settings: Settings) -> Settings:
             f"profile must be one of {', '.join(repr(p) for p in PROFILES)}")
     _expect(s.local_secret is None or isinstance(s.local_secret, bool),
             "local_secret must be True, False or None")
-    for name in ("test_mode", "opt_out", "strict", "default_parameters"):
+    for name in ("test_mode", "opt_out", "strict", "default_parameters", "detached_delivery"):
         _expect(isinstance(getattr(s, name), bool), f"{name} must be True or False")
     _expect(s.debug is None or isinstance(s.debug, bool), "debug must be True, False or None")
     _expect(isinstance(s.opt_out_env, str) and _ENV_NAME.match(s.opt_out_env) is not None,

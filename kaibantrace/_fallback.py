@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Callable, List, Sequence, Tuple, TypeVar
 
 from ._log import logger
-from ._outbox import Added, MemoryOutbox, Outbox, Row
+from ._outbox import Added, Health, MemoryOutbox, Outbox, Row
 
 MEMORY_BASE = 1 << 62  # far above any id SQLite gives a table of at most 10,000 live rows
 T = TypeVar("T")
@@ -89,6 +89,32 @@ class FallbackOutbox:
 
     def drop_app(self, app_id: str) -> int:
         return self.memory.drop_app(app_id) + self._try(lambda: self.primary.drop_app(app_id), 0)
+
+    def lease(self, ids: Sequence[int], seconds: float) -> None:
+        in_memory, in_file = _split(ids)
+        self.memory.lease(in_memory, seconds)
+        if in_file:
+            self._try(lambda: self.primary.lease(in_file, seconds), None)
+
+    # The endpoint's health lives in the file while it can be read, so other
+    # processes see it; in memory only once the file has failed.
+    def health(self, url: str) -> Health:
+        if self.degraded:
+            return self.memory.health(url)
+        return self._try(lambda: self.primary.health(url), Health())
+
+    def record_failure(self, url: str, delay: Callable[[int], float]) -> Health:
+        if not self.degraded:
+            try:
+                return self.primary.record_failure(url, delay)
+            except Exception as exc:
+                self._note("read", "kaibantrace: the outbox file failed (%s); trying again later", exc)
+        return self.memory.record_failure(url, delay)
+
+    def record_success(self, url: str) -> None:
+        self.memory.record_success(url)
+        if not self.degraded:
+            self._try(lambda: self.primary.record_success(url), None)
 
     def _try(self, call: Callable[[], T], otherwise: T) -> T:
         try:

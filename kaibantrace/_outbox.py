@@ -31,7 +31,18 @@ import itertools
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+)
 
 from ._config import is_app_id
 from ._fork import guarded
@@ -49,6 +60,18 @@ _rows_per_insert = 0  # set at the first insert, from the SQLite version (see _i
 class Row(NamedTuple):
     id: int
     body: str
+
+
+class Health(NamedTuple):
+    """How the endpoint fared lately, as every process of the app sees it.
+
+    ``failures`` in a row, across processes; no attempt before ``not_before``
+    (wall-clock seconds); ``mine`` when this process wrote it.
+    """
+
+    failures: int = 0
+    not_before: float = 0.0
+    mine: bool = False
 
 
 class Added(NamedTuple):
@@ -83,6 +106,18 @@ class Outbox(Protocol):
     def drop_app(self, app_id: str) -> int:
         """Delete every row of the app (opt-out); how many there were."""
 
+    def lease(self, ids: Sequence[int], seconds: float) -> None:
+        """Set the lease of rows to end ``seconds`` from now."""
+
+    def health(self, url: str) -> Health:
+        """The endpoint's recent failures, shared by every process of the app."""
+
+    def record_failure(self, url: str, delay: Callable[[int], float]) -> Health:
+        """One more failure in a row; no attempt for ``delay(failures)`` seconds."""
+
+    def record_success(self, url: str) -> None:
+        """The endpoint answered: forget its failures."""
+
 
 def outbox_path(directory: str, app_id: str) -> str:
     return os.path.join(directory, f"outbox-{app_id.lower()}.sqlite3")
@@ -98,7 +133,9 @@ def purge(directory: str, app_id: str) -> bool:
                  if name.startswith(os.path.basename(base) + ".corrupt-")]
     except OSError:
         aside = []
-    for path in (base, base + "-wal", base + "-shm", *aside):
+    # The delivery lock goes too: an opted-out user's directory keeps nothing of the app.
+    lock = os.path.join(directory, f"delivery-{app_id.lower()}.lock")
+    for path in (base, base + "-wal", base + "-shm", *aside, lock):
         try:
             os.unlink(path)
             removed = True
@@ -188,6 +225,20 @@ def _origin() -> str:
     return f"{os.getpid()}-{os.urandom(6).hex()}"
 
 
+_process: Tuple[int, str] = (0, "")
+
+
+def _process_origin() -> str:
+    """One name for this process (a forked child gets its own): the endpoint's health is
+    shared between processes, while the clients of one process each keep their own
+    backoff and circuit breaker."""
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, _origin())
+    return _process[1]
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS signals (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -199,6 +250,12 @@ CREATE TABLE IF NOT EXISTS signals (
     lease_until REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS signals_by_app ON signals (app_id, url);
+CREATE TABLE IF NOT EXISTS endpoint_health (
+    url TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL,
+    not_before REAL NOT NULL,
+    origin TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS signals_by_created ON signals (created);
 DROP INDEX IF EXISTS signals_by_target;
 DROP INDEX IF EXISTS signals_by_origin;
@@ -206,7 +263,10 @@ DROP INDEX IF EXISTS signals_by_origin;
 # Two indexes only: every row is inserted, leased and deleted once, and each index
 # costs on all three. A claim reads the (app, url) index in id order and checks the
 # lease on the row it reads anyway; counting a process's own rows scans a range of
-# ids. The two dropped indexes are those of earlier versions.
+# ids. The two dropped indexes are those of earlier versions. ``endpoint_health`` holds
+# the failures every process of the app saw in a row, so that a new process, a short
+# run of a CLI started in a loop say, does not try an endpoint another one just found
+# down: the backoff outlives the process that backed off.
 
 
 class SqliteOutbox:
@@ -230,6 +290,9 @@ class SqliteOutbox:
 
             connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                          check_same_thread=True)
+            # Text that is not UTF-8 (a row another program planted) must not make
+            # every claim fail: it is read with replacement characters, then refused.
+            connection.text_factory = _lenient_text
             try:
                 self._prepare(connection)
             except BaseException:
@@ -332,8 +395,15 @@ class SqliteOutbox:
                 "SELECT group_concat(id), group_concat(body, char(30)) FROM (SELECT id, body "
                 "FROM signals WHERE app_id = ? AND url = ? AND lease_until < ? "
                 "ORDER BY id LIMIT ?)", (app_id, url, now, limit)).fetchone()
-            rows = [] if ids_text is None else [
-                Row(int(i), body) for i, body in zip(ids_text.split(","), bodies.split("\x1e"))]
+            rows: List[Row] = []
+            if ids_text is not None:
+                ids = [int(i) for i in ids_text.split(",")]
+                parts = bodies.split("\x1e")
+                if len(parts) != len(ids):  # a row not written by kaibantrace holds the separator
+                    found = dict(db.execute(f"SELECT id, body FROM signals WHERE id IN ({_marks(ids)})",
+                                            ids).fetchall())
+                    parts = [str(found.get(i, "")) for i in ids]
+                rows = [Row(i, body) for i, body in zip(ids, parts)]
             if rows:  # the same rows: nothing else writes inside this transaction
                 db.execute("UPDATE signals SET lease_until = ? WHERE id IN (SELECT id FROM signals "
                            "WHERE app_id = ? AND url = ? AND lease_until < ? ORDER BY id LIMIT ?)",
@@ -369,6 +439,66 @@ class SqliteOutbox:
         app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
         return self._write([("DELETE FROM signals WHERE app_id = ?", (app_id,))])[0]
 
+    @guarded
+    def lease(self, ids: Sequence[int], seconds: float) -> None:
+        until = time.time() + seconds
+        self._write([(f"UPDATE signals SET lease_until = ? WHERE id IN ({_marks(part)})",
+                      [until, *part]) for part in _parts(ids)])
+
+    @guarded
+    def health(self, url: str) -> Health:
+        row = self._connection().execute(
+            "SELECT failures, not_before, origin FROM endpoint_health WHERE url = ?", (url,)).fetchone()
+        if row is None:
+            return Health()
+        return Health(int(row[0]), float(row[1]), row[2] == _process_origin())
+
+    @guarded
+    def record_failure(self, url: str, delay: Callable[[int], float]) -> Health:
+        with self._transaction() as db:
+            row = db.execute("SELECT failures FROM endpoint_health WHERE url = ?", (url,)).fetchone()
+            failures = (int(row[0]) if row else 0) + 1
+            not_before = time.time() + delay(failures)
+            db.execute("INSERT OR REPLACE INTO endpoint_health (url, failures, not_before, origin) "
+                       "VALUES (?, ?, ?, ?)", (url, failures, not_before, _process_origin()))
+        return Health(failures, not_before, True)
+
+    @guarded
+    def record_success(self, url: str) -> None:
+        self._write([("DELETE FROM endpoint_health WHERE url = ?", (url,))])
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+# A signal kaibantrace writes is at most about 5 KiB (a 4 KiB payload and the fixed
+# fields); a row far beyond that was not written by it.
+MAX_ROW_CHARS = 16 * 1024
+
+
+def row_problem(body: str, app_id: str) -> Optional[str]:
+    """Why a claimed row must not be sent, or ``None`` when it is a signal of ``app_id``.
+
+    Rows come from a file others could write to (another program, an older
+    version, a damaged disk); one that is not a signal of this app would be
+    refused by the ingest with the whole batch, or worse, sent as it is.
+    """
+    if len(body) > MAX_ROW_CHARS:
+        return "too large"
+    import json
+
+    try:
+        signal = json.loads(body)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(signal, dict) or not all(
+            isinstance(signal.get(key), str) for key in ("appID", "clientUser", "type")):
+        return "not a signal"
+    if signal["appID"].lower() != app_id.lower():
+        return "another app's signal"
+    return None
+
 
 def _insert_size() -> int:
     """Rows per INSERT: two parameters each, under the limit of the SQLite in use (999
@@ -400,6 +530,7 @@ class MemoryOutbox:
         self._rows: Dict[int, Tuple[str, str, float, str, float]] = {}
         self._next = first_id
         self._lock = threading.Lock()
+        self._health: Dict[str, Health] = {}  # this process only: nothing else sees memory
 
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
         app_id = app_id.lower()  # app IDs are UUIDs: any case names the same app
@@ -454,3 +585,21 @@ class MemoryOutbox:
             for i in doomed:
                 del self._rows[i]
             return len(doomed)
+
+    def lease(self, ids: Sequence[int], seconds: float) -> None:
+        until = time.time() + seconds
+        with self._lock:
+            for i in ids:
+                if i in self._rows:
+                    self._rows[i] = (*self._rows[i][:4], until)
+
+    def health(self, url: str) -> Health:
+        return self._health.get(url, Health())
+
+    def record_failure(self, url: str, delay: Callable[[int], float]) -> Health:
+        failures = self._health.get(url, Health()).failures + 1
+        health = self._health[url] = Health(failures, time.time() + delay(failures), True)
+        return health
+
+    def record_success(self, url: str) -> None:
+        self._health.pop(url, None)

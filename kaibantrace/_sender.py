@@ -36,7 +36,7 @@ from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Uni
 from ._fallback import FallbackOutbox
 from ._fork import guard as fork_guard
 from ._log import logger
-from ._outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row
+from ._outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row, row_problem
 from ._pipeline import RawEvent
 from ._transport import Outcome, Result, Transport
 
@@ -186,11 +186,17 @@ class Sender:
         self._floor_at = 0.0  # monotonic; the server's Retry-After, which nothing cuts short
         self._circuit_open = False
         self.holding = False  # send nothing in this process (the run that showed the notice)
+        self.ignore_shared_backoff = False  # the user asked to send now (``kaibantrace flush``)
         self.passes = 0  # sending passes the poster finished (the command line waits for one)
         self.last_problem = ""  # how the last failed request ended, for the command line
         self._lost = False  # something was dropped since the last flush was answered
         self._in_flight = 0
         self._latency: Optional[float] = None  # of the last request the server answered
+        self._claimed: List[int] = []  # rows of the current claim not yet answered
+        self._in_flight_ids: List[int] = []  # rows of the request being sent
+        self._in_flight_until = 0.0  # monotonic; when that request times out
+        self._shared_failures = 0  # failures in a row of every process, as last read
+        self._shared_floor = 0.0  # wall clock; another process's backoff ends then
         self._logged: set[str] = set()
         self._writer: Optional[threading.Thread] = None
         self._poster: Optional[threading.Thread] = None
@@ -304,6 +310,44 @@ class Sender:
                 thread.join(max(0.0, deadline - time.monotonic()))
             ended = ended and not thread.is_alive()
         return ended
+
+    def settle_at_exit(self) -> None:
+        """After the exit budget, on the main thread: give back the rows this process
+        claimed and will not post, so the delivery process need not wait for their lease.
+
+        The rows of a request still in flight keep theirs until that request would
+        have timed out: the server may be accepting them right now, and sending
+        them again meanwhile would make duplicates.
+        """
+        outbox = self._outbox
+        if outbox is None:
+            return
+        in_flight = list(self._in_flight_ids)
+        flying = set(in_flight)
+        rest = [i for i in self._claimed if i not in flying]
+        try:
+            if rest:
+                outbox.release(rest)
+            if in_flight:
+                outbox.lease(in_flight, max(0.0, self._in_flight_until - time.monotonic()) + 1.0)
+        except Exception:
+            logger.debug("kaibantrace: could not give back claimed rows at exit", exc_info=True)
+
+    @property
+    def outbox(self) -> Optional[Outbox]:
+        """The outbox the writer opened (``None`` before it did)."""
+        return self._outbox
+
+    def outbox_count(self) -> int:
+        """Signals waiting for this sender's target, other processes' included, read now."""
+        target = self._target()
+        if self._outbox is None or target is None or target.url is None:
+            return 0
+        return self._outbox.count(target.app_id, target.url)
+
+    def poke(self) -> None:
+        """Have the poster look at the outbox now (another process added to it)."""
+        self._post_wake.set()
 
     @property
     def pending(self) -> int:
@@ -509,6 +553,7 @@ class Sender:
         if self._circuit_open or self.holding or not (self._counters.in_outbox or self._markers):
             return None
         wait = max(self._retry_at, self._floor_at) - time.monotonic()
+        wait = max(wait, self._shared_floor - time.time())
         if wait > 0:
             return wait
         # Out of backoff, what is left is leased by another process. A waiting
@@ -534,13 +579,15 @@ class Sender:
     def _send_batch(self, outbox: Outbox, target: Target) -> bool:
         """Claim and post up to ``_BATCHES_PER_CLAIM`` batches; ``True`` if there may be more.
 
-        With a backlog, one claim and one delete serve several requests: the
-        outbox's transactions, and the GIL hand-backs they cost the host,
-        are paid once per claim rather than once per request. At exit, one batch
-        at a time, each deleted as soon as it is answered.
+        With a backlog, one claim serves several requests: the outbox's
+        transaction, and the GIL hand-backs it costs the host, is paid once per
+        claim rather than once per request. Each batch is deleted as soon as
+        its answer arrives, so a process that ends mid-claim (its daemon thread
+        simply stops) never leaves accepted signals behind to be sent again.
+        At exit, one batch at a time.
         """
         assert target.url is not None
-        if self._circuit_open or self.holding or not self._may_try_now():
+        if self._circuit_open or self.holding or not self._may_try_now(outbox, target.url):
             return False
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
         if remaining is not None and (remaining < 0.01 or (self._exiting and not self._fits(remaining))):
@@ -548,59 +595,95 @@ class Sender:
         timeout = self._timeout if remaining is None else min(self._timeout, remaining)
         batches = 1 if remaining is not None else _BATCHES_PER_CLAIM
         # The lease covers every request of the claim, so no other process takes them meanwhile.
-        rows = outbox.claim(target.app_id, target.url, self._batch_size * batches,
-                            batches * timeout + 2.0)
+        rows = self._valid(outbox, target, outbox.claim(
+            target.app_id, target.url, self._batch_size * batches, batches * timeout + 2.0))
+        if rows is None:
+            return True  # the claim held only rows that must not be sent: claim again
         if not rows:
             return False
-        sent: List[int] = []
-        bodies: List[Tuple[bytes, int]] = []  # for the transparency log, written once
+        self._claimed = [row.id for row in rows]
         try:
             for start in range(0, len(rows), self._batch_size):
-                chunk = rows[start:start + self._batch_size]
-                if not self._post_chunk(outbox, target, chunk, timeout, sent, bodies):
-                    outbox.release([row.id for row in rows[start + self._batch_size:]])
+                if start and (self._stopping or self._circuit_open or self.holding
+                              or not self._still_wanted(target)):
                     return False
-                if start + self._batch_size < len(rows) and (
-                        self._stopping or self._circuit_open or self.holding):
-                    outbox.release([row.id for row in rows[start + self._batch_size:]])
+                if not self._post_chunk(outbox, target, rows[start:start + self._batch_size], timeout):
                     return False
         finally:
-            if sent:
-                self._forget(outbox, sent)
-            if bodies:
-                self._on_sent(target, bodies)
+            left, self._claimed = self._claimed, []
+            if left:  # not posted (stopping, opted out, a failure): back for anyone to claim
+                outbox.release(left)
         return len(rows) == self._batch_size * batches
 
-    def _post_chunk(self, outbox: Outbox, target: Target, rows: List[Row], timeout: float,
-                    done: List[int], bodies: List[Tuple[bytes, int]]) -> bool:
-        """Post one batch; its ids join ``done`` when it needs no more sending (sent or
-        refused). ``False`` when the rest of the claim must wait."""
+    def _valid(self, outbox: Outbox, target: Target, rows: List[Row]) -> Optional[List[Row]]:
+        """The claimed rows that are signals of this app; the others are dropped and counted.
+
+        ``None`` when every row claimed was refused, so the caller claims again.
+        """
+        bad = [row.id for row in rows if row_problem(row.body, target.app_id) is not None]
+        if not bad:
+            return rows
+        with self._book_lock:
+            outbox.delete(bad)
+            self._counters.in_outbox -= len(bad)
+        self._lose(len(bad), "invalid_row")
+        self._log_once("invalid_row", "kaibantrace: the outbox held rows that are not signals of "
+                       "this app (written by something else); dropped, never sent")
+        doomed = set(bad)
+        good = [row for row in rows if row.id not in doomed]
+        return good or None
+
+    def _still_wanted(self, target: Target) -> bool:
+        """Whether telemetry is still on: asked before each request, so that an opt-out
+        (``kaibantrace disable`` in another terminal) stops sending within one request."""
+        now = self._target()
+        return now is not None and now.wanted
+
+    def _post_chunk(self, outbox: Outbox, target: Target, rows: List[Row], timeout: float) -> bool:
+        """Post one batch and forget it once it needs no more sending (sent or refused);
+        ``False`` when the rest of the claim must wait."""
         assert target.url is not None
         ids = [row.id for row in rows]
         body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
+        self._in_flight_ids = ids
+        self._in_flight_until = time.monotonic() + timeout
         outcome = self._post(target.url, body, timeout, len(rows))
+        self._in_flight_ids = []
         if outcome.result is Result.SENT:
-            done.extend(ids)
+            self._forget(outbox, ids)
             self._counters.sent += len(rows)
             self._failures, self._backoff = 0, self._backoff_start
-            bodies.append((body, len(rows)))
+            if self._shared_failures:
+                self._shared_failures = 0
+                self._quietly(lambda: outbox.record_success(target.url or ""))
+            self._record_sent(target, body, len(rows))
             return True
         if outcome.result is Result.REJECTED:
-            done.extend(ids)
+            self._forget(outbox, ids)
             self._failures = 0
             self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
                            f"({outcome.detail}); dropped, not retried")
             self._lose(len(rows), "rejected")
             return True
         if outcome.result is Result.RETIRED:
-            if done:  # sent before the endpoint retired: delivered, not dropped
-                self._forget(outbox, done)
-                done.clear()
             self._retire(outbox, target)  # drops every other row of this app
+            self._claimed = []
             return False
-        outbox.release(ids)
-        self._failed(outcome)
+        self._failed(outcome, outbox, target.url)
         return False
+
+    def _record_sent(self, target: Target, body: bytes, count: int) -> None:
+        try:
+            self._on_sent(target, [(body, count)])
+        except Exception:
+            logger.debug("kaibantrace: could not record a request in the transparency log",
+                         exc_info=True)
+
+    def _quietly(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception:
+            logger.debug("kaibantrace: could not update the endpoint's health", exc_info=True)
 
     def _retire(self, outbox: Outbox, target: Target) -> None:
         """410 Gone: record it for good, drop what waits for this endpoint, never send again."""
@@ -620,6 +703,8 @@ class Sender:
         with self._book_lock:
             outbox.delete(ids)
             self._counters.in_outbox -= len(ids)
+        done = set(ids)
+        self._claimed = [i for i in self._claimed if i not in done]
         self._stalled = False
         self._progress.set()  # the writer may be waiting for room
 
@@ -635,12 +720,40 @@ class Sender:
             return remaining > _FIRST_REQUEST_AT_EXIT
         return remaining > 2 * self._latency + 0.005
 
-    def _may_try_now(self) -> bool:
+    def _may_try_now(self, outbox: Outbox, url: str) -> bool:
         now = time.monotonic()
         if now < self._floor_at and not self._stopping:
             return False
+        if not (self.ignore_shared_backoff or self._shared_backoff_over(outbox, url)):
+            return False
         # A waiting flush, or the exit, may cut our own backoff short.
         return now >= self._retry_at or bool(self._markers) or self._stopping
+
+    def _shared_backoff_over(self, outbox: Outbox, url: str) -> bool:
+        """Whether another process's backoff for this endpoint has run out.
+
+        Read from the outbox before each claim: a process that starts while the
+        endpoint is known to be failing waits as the failing one would, so
+        short runs started in a loop never retry faster than one long run.
+        Neither a flush nor the exit cuts it short.
+        """
+        try:
+            health = outbox.health(url)
+        except Exception:
+            return True
+        self._shared_failures = health.failures
+        self._shared_floor = 0.0 if health.mine else health.not_before
+        return time.time() >= self._shared_floor
+
+    @property
+    def shared_floor(self) -> float:
+        """Wall-clock time before which another process's backoff forbids an attempt (0: none)."""
+        return self._shared_floor
+
+    def _shared_circuit_open(self) -> bool:
+        """Whether the processes of this app, together, failed often enough to stop asking now."""
+        return (not self.ignore_shared_backoff and self._shared_failures >= FAILURES_BEFORE_CIRCUIT_OPENS
+                and self._shared_floor > time.time())
 
     def _post(self, url: str, body: bytes, timeout: float, count: int) -> Outcome:
         self._counters.requests += 1
@@ -661,9 +774,22 @@ class Sender:
         """Whether this process has stopped touching the network (failures or 410 Gone)."""
         return self._circuit_open
 
-    def _failed(self, outcome: Outcome) -> None:
+    def _failed(self, outcome: Outcome, outbox: Outbox, url: str) -> None:
         self.last_problem = outcome.detail
         self._failures += 1
+        floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
+        import random  # deferred: only a failed request needs jitter
+
+        def shared_delay(failures: int) -> float:
+            """The wait every process of the app keeps after ``failures`` in a row."""
+            grown = self._backoff_start * 2.0 ** min(failures - 1, 16)
+            return min(max(grown, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
+
+        try:
+            health = outbox.record_failure(url, shared_delay)
+            self._shared_failures = health.failures
+        except Exception:
+            logger.debug("kaibantrace: could not record the endpoint's failure", exc_info=True)
         if self._failures >= FAILURES_BEFORE_CIRCUIT_OPENS:
             self._circuit_open = True
             self._log_once("circuit", f"kaibantrace: ingest unreachable ({outcome.detail}); not "
@@ -671,10 +797,7 @@ class Sender:
             return
         self._counters.retried += 1
         now = time.monotonic()
-        floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
         self._floor_at = now + floor
-        import random  # deferred: only a failed request needs jitter
-
         self._retry_at = now + min(max(self._backoff, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
@@ -691,8 +814,8 @@ class Sender:
         outbox = self._outbox
         if target is None:
             target = self._target()
-        give_up = (force or self._circuit_open or self.holding or target is None
-                   or not target.wanted)
+        give_up = (force or self._circuit_open or self._shared_circuit_open() or self.holding
+                   or target is None or not target.wanted)
         answered = []
         for marker in markers:
             try:

@@ -6,11 +6,13 @@ import contextlib
 import os
 import socket
 import sqlite3
+import time
 from typing import Any, Callable, Iterator, List
 
 import pytest
 
 import kaibantrace
+from kaibantrace import _handoff
 from kaibantrace._outbox import outbox_path
 from kaibantrace.testing import Collector, reset
 
@@ -26,6 +28,7 @@ _OUR_VARIABLES = [
     "KAIBAN_TELEMETRY_DIR",
     "KAIBAN_TELEMETRY_CONFIG_DIR",
     "KAIBAN_TELEMETRY_PROFILE",
+    "KAIBAN_TELEMETRY_DETACHED",
 ]
 # The suite may itself run in CI; tests that want CI say so.
 CI_VARIABLES = ["TF_BUILD", "GITHUB_ACTIONS", "APPVEYOR", "CI", "TRAVIS", "CIRCLECI",
@@ -39,13 +42,33 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.
     and a state directory of its own, which child processes inherit."""
     for name in _OUR_VARIABLES + CI_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KAIBAN_TELEMETRY_DIR", str(tmp_path_factory.mktemp("state")))
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("KAIBAN_TELEMETRY_DIR", str(state))
+    # Processes the tests start leave what they could not send for the next one, as they
+    # did before delivery processes existed; the tests of those turn them back on.
+    monkeypatch.setenv("KAIBAN_TELEMETRY_DETACHED", "0")
     monkeypatch.setenv("KAIBAN_TELEMETRY_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
     # Child processes import this working tree, whatever copy happens to be installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])))
     reset()
     yield
     reset()
+    assert_no_delivery_process_left(str(state))
+
+
+def assert_no_delivery_process_left(directory: str, timeout: float = 45.0) -> None:
+    """Fail unless every delivery process that worked on ``directory`` has ended (waiting for
+    them up to ``timeout``: each ends within its 30 s bound)."""
+    deadline = time.monotonic() + timeout
+    try:
+        locks = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith("delivery-")]
+    except OSError:
+        return
+    for path in locks:
+        app_id = os.path.basename(path)[len("delivery-"):-len(".lock")]
+        while _handoff.running(directory, app_id) is not None:
+            assert time.monotonic() < deadline, f"a delivery process still runs for {app_id}"
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -97,9 +120,10 @@ def black_hole_url() -> Iterator[str]:
 
 def subprocess_env(**overrides: str) -> dict[str, str]:
     """The environment for a child Python: ours without kaibantrace's variables (but the
-    test's state and config directories), plus overrides."""
+    test's state and config directories, and whether delivery processes start), plus overrides."""
     env = {k: v for k, v in os.environ.items()
-           if k not in _OUR_VARIABLES or k in ("KAIBAN_TELEMETRY_DIR", "KAIBAN_TELEMETRY_CONFIG_DIR")}
+           if k not in _OUR_VARIABLES
+           or k in ("KAIBAN_TELEMETRY_DIR", "KAIBAN_TELEMETRY_CONFIG_DIR", "KAIBAN_TELEMETRY_DETACHED")}
     env.update(overrides)
     return env
 

@@ -162,8 +162,8 @@ class TestUnusableStateDirectory:
         """The state directory is remounted read-only after an earlier run left signals there:
         this run delivers from memory, and the earlier signals wait, intact, for a later run."""
         state = Path(os.environ["KAIBAN_TELEMETRY_DIR"])
-        collector.respond(503)  # the earlier run could not deliver
-        earlier = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url)
+        collector.respond(503)  # the earlier run could not deliver (and backed off briefly)
+        earlier = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url, backoff=0.01)
         for i in range(3):
             earlier.emit("earlier", {"i": i})
         assert earlier.flush(2) is False

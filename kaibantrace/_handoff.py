@@ -1,0 +1,386 @@
+"""The hand-off at exit: one detached process delivers what a short run leaves behind.
+
+Most runs of a command-line tool end within a second, long before a request
+could be made and answered, so their signals wait in the outbox. Left for
+"the next run", they would wait forever: the next run is just as short. So
+when a process ends with signals still waiting for its app and endpoint, its
+exit hook starts one *delivery process* and returns at once:
+
+* the same interpreter, ``python -m kaibantrace deliver``, a command users
+  may run themselves; in a session of its own (a closed terminal does not
+  end it), with standard input and output on the null device, no other
+  descriptor of the parent than the lock below, at low priority;
+* the same environment, so it decides opt-out again before it touches the
+  network (a user who opted out meanwhile is honoured);
+* it drains the outbox with the usual leases, backoff and circuit breaker,
+  and ends when nothing waits, when the circuit opens, or after
+  ``DELIVERY_BOUND`` seconds, whatever happens.
+
+At most one runs per state directory and app: it holds an OS lock on
+``delivery-<app>.lock`` for as long as it runs. The parent takes that lock
+before starting it and hands the locked descriptor down, so two parents
+ending together never start two. A parent that finds the lock taken starts
+nothing. And since the endpoint's failures are kept in the outbox, a parent
+whose endpoint is known to be down starts nothing either: a command run in a
+loop against a blocked network starts a handful of delivery processes, not
+one per run.
+
+Never started by an opted-out process, a run that showed the first-run
+notice, a client with a transport of its own (a child could not use it),
+under a frozen application or an embedding interpreter (``sys.executable``
+is then not a Python), in the delivery process itself, or when
+``detached_delivery=False`` or ``KAIBAN_TELEMETRY_DETACHED=0``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+from ._config import ENV_DETACHED, flag_is_set
+from ._log import logger
+from ._state import ensure_private_dir, open_private_file
+
+DELIVERY_BOUND = 30.0  # seconds a delivery process may live, whatever happens
+_POLL = 0.05
+
+in_delivery_process = False  # set in a delivery process: it never hands off in turn
+
+
+def allowed(environ: Mapping[str, str]) -> bool:
+    """Whether the user left detached delivery on (``KAIBAN_TELEMETRY_DETACHED=0`` turns it off)."""
+    raw = environ.get(ENV_DETACHED)
+    return raw is None or not raw.strip() or flag_is_set(raw)
+
+
+def interpreter() -> Optional[str]:
+    """The Python to start the delivery process with, or ``None`` where there is none.
+
+    A frozen application's ``sys.executable`` is the application itself, and an
+    embedding program's (uWSGI, a game engine) is that program: starting it
+    again would run the program, not kaibantrace.
+    """
+    if getattr(sys, "frozen", False):
+        return None
+    path = sys.executable
+    if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        return None
+    name = os.path.basename(path).lower()
+    if not name.startswith(("python", "pypy")):
+        return None
+    return path
+
+
+def lock_path(directory: str, app_id: str) -> str:
+    return os.path.join(directory, f"delivery-{app_id.lower()}.lock")
+
+
+def take_lock(directory: str, app_id: str) -> Optional[int]:
+    """A descriptor holding the app's delivery lock, or ``None`` when another process holds
+    it (or no lock can be had here)."""
+    try:
+        ensure_private_dir(directory)
+        fd = open_private_file(lock_path(directory, app_id), os.O_RDWR)
+    except OSError:
+        return None
+    if _lock(fd, blocking=False):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _lock(fd: int, *, blocking: bool) -> bool:
+    try:
+        if sys.platform == "win32":  # pragma: no cover - Windows
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except OSError:
+        return False
+
+
+def running(directory: str, app_id: str) -> Optional[int]:
+    """The process ID of the app's delivery process when one runs (0 when it runs but its
+    ID cannot be read), else ``None``. Reads only; creates nothing."""
+    path = lock_path(directory, app_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if sys.platform == "win32":  # pragma: no cover - Windows: a locked byte cannot be read
+            try:
+                os.read(fd, 1)
+                return None
+            except OSError:
+                return 0
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) -> Optional[int]:
+    """Start the app's delivery process unless one runs; its process ID, or ``None``.
+
+    ``arguments`` are the ``deliver`` command's options that describe the
+    client (endpoint, opt-out variable, profile, timeouts). Never raises.
+    """
+    python = interpreter()
+    if python is None:
+        return None
+    fd = take_lock(directory, app_id)
+    if fd is None:
+        return None
+    try:
+        argv = [python, "-m", "kaibantrace", "deliver", "--app", app_id, "--endpoint", url,
+                *arguments]
+        if sys.platform == "win32":  # pragma: no cover
+            fd, windows_fd = -1, fd
+            return _start_windows(argv, _environment(), windows_fd)
+        return _start(argv, _environment(), fd)
+    except Exception as exc:  # no process could be started: the signals wait for a later run
+        logger.debug("kaibantrace: could not start a delivery process (%s)", exc)
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)  # the child holds its own copy of the lock
+
+
+def _environment() -> Dict[str, str]:
+    """The parent's environment, with this copy of kaibantrace first on the path, so that
+    ``-m kaibantrace`` finds the same code even when the program put it on ``sys.path``
+    itself."""
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if package_parent not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
+    return env
+
+
+def _start(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:
+    import fcntl
+
+    # A copy numbered above the standard descriptors, which the child gets anew.
+    inherited = fcntl.fcntl(lock_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    try:
+        argv = [*argv, "--lock-fd", str(inherited)]
+        if getattr(os, "posix_spawn", None) is not None:
+            try:
+                return _posix_spawn(argv, env, inherited)
+            except (NotImplementedError, TypeError):  # no setsid in this libc: subprocess can
+                pass
+        import subprocess
+
+        child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(inherited,),
+                                 start_new_session=True)
+        child.returncode = 0  # never waited for: it outlives us by design, so no warning about it
+        return child.pid
+    finally:
+        os.close(inherited)
+
+
+def _posix_spawn(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:
+    """``posix_spawn``: cheaper than ``subprocess`` at exit (no fork of a big process, no
+    import). The lock's descriptor is the only one the child keeps besides the null device."""
+    devnull = os.devnull
+    actions: List[tuple] = [  # type: ignore[type-arg]
+        (os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0),
+    ]
+    # Descriptors marked inheritable by the program or its parent (a shell's ``3>``, a
+    # jobserver's pipe) would keep a pipe open as long as the child lives.
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_descriptors() if fd != lock_fd]
+    os.set_inheritable(lock_fd, True)
+    try:
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
+                              setsigmask=(), setsigdef=_default_signals())
+    finally:
+        os.set_inheritable(lock_fd, False)
+
+
+def _inheritable_descriptors() -> List[int]:
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(listing)
+        except OSError:
+            continue
+        found = []
+        for name in names:
+            if name.isdigit() and int(name) > 2:
+                try:
+                    if os.get_inheritable(int(name)):
+                        found.append(int(name))
+                except OSError:  # the listing's own descriptor, closed by now
+                    pass
+        return found
+    return []
+
+
+def _default_signals() -> List[int]:
+    """Signals the program may ignore (``nohup`` ignores SIGHUP) that the child should not:
+    it must stay stoppable."""
+    import signal
+
+    return [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+def _start_windows(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:  # pragma: no cover
+    assert sys.platform == "win32"
+    import subprocess
+
+    flags = (getattr(subprocess, "DETACHED_PROCESS", 0x8)
+             | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200)
+             | getattr(subprocess, "CREATE_NO_WINDOW", 0x8000000))
+    os.close(lock_fd)  # Windows locks are not inherited: the child takes it itself
+    child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, close_fds=True, creationflags=flags)
+    child.returncode = 0
+    return child.pid
+
+
+def lower_priority() -> None:
+    """Run at low priority where the system has one: the user's own work comes first."""
+    nice = getattr(os, "nice", None)
+    if nice is not None:
+        try:
+            nice(10)
+        except OSError:
+            pass
+
+
+def adopt_lock(directory: str, app_id: str, fd: Optional[int]) -> Optional[int]:
+    """The delivery lock for this process: the descriptor the parent handed down (checked),
+    or one taken now; ``None`` when another delivery process has it."""
+    if fd is not None and sys.platform != "win32":
+        try:
+            os.set_inheritable(fd, False)
+            if _lock(fd, blocking=False):  # the same lock, already ours: this only checks it
+                _write_pid(fd)
+                return fd
+        except OSError:
+            pass
+        return None
+    taken = take_lock(directory, app_id)
+    if taken is not None:
+        _write_pid(taken)
+    return taken
+
+
+def _write_pid(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+class Delivered(NamedTuple):
+    """What a delivery run did: signals it sent, signals still waiting, and why it stopped
+    early (empty when it did not)."""
+
+    sent: int
+    left: int
+    problem: str = ""
+
+
+def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], timeout: float,
+            backoff: float, bound: float = DELIVERY_BOUND, lock_fd: Optional[int] = None
+            ) -> Delivered:
+    """Send what waits in the outbox for ``app_id`` and ``url``, holding the app's delivery
+    lock, for at most ``bound`` seconds; what ``kaibantrace deliver`` runs.
+
+    Opt-out is decided again here, before anything is sent, from this process's
+    environment and the user's saved choice.
+    """
+    global in_delivery_process
+    in_delivery_process = True
+    deadline = time.monotonic() + bound
+    _end_at_the_latest(bound + 5.0)
+    from ._client import Telemetry
+    from ._outbox import waiting
+    from ._state import state_dir
+
+    directory = state_dir()
+    fd = adopt_lock(directory, app_id, lock_fd)
+    if fd is None:
+        return Delivered(0, waiting(directory, app_id) or 0, "another delivery process is running")
+    client = Telemetry(app_id=app_id, endpoint=url, opt_out_env=opt_out_env, profile=profile,
+                       timeout=timeout, backoff=backoff, detached_delivery=False)
+    problem = ""
+    try:
+        client._route()  # decides opt-out; when on, starts the sender, which sends what waits
+        sender = client._sender
+        if sender is None:
+            decision = client.decision()
+            return Delivered(0, waiting(directory, app_id) or 0, "telemetry is off" if not
+                             decision.enabled else "nothing can be sent from here")
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                problem = f"stopped after {bound:g} s"
+                break
+            if sender.circuit_open:
+                problem = sender.last_problem or "the endpoint failed"
+                break
+            if sender.shared_floor - time.time() > left:
+                problem = "the endpoint is backing off for longer than this run may last"
+                break
+            if sender.passes and not client.stats()["in_outbox"]:
+                # Nothing waits. Let go of the lock, then look again: a process that
+                # ended meanwhile found the lock taken and left its signals to us.
+                release(fd)
+                fd = -1
+                if not sender.outbox_count():
+                    break
+                retaken = take_lock(directory, app_id)
+                if retaken is None:
+                    break  # the other process started a delivery of its own
+                fd = retaken
+                _write_pid(fd)
+                sender.poke()
+            time.sleep(_POLL)
+    finally:
+        client.shutdown(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+        if fd >= 0:
+            release(fd)
+    stats = client.stats()
+    return Delivered(int(stats["sent"]), waiting(directory, app_id) or 0,  # type: ignore[call-overload]
+                     problem)
+
+
+def _end_at_the_latest(seconds: float) -> None:
+    """Have the system end this process after ``seconds``, even if a thread is stuck in a
+    call that takes no timeout (a name lookup): a delivery process never outlives its bound."""
+    import signal
+    import threading
+
+    alarm = getattr(signal, "alarm", None)
+    if alarm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        alarm(max(1, int(seconds + 0.999)))
