@@ -1,16 +1,16 @@
 """How a batch reaches the ingest service, behind a two-method seam.
 
 A transport has ``send(url, body, timeout) -> Outcome`` and ``close()``. The
-HTTP transport loads its HTTP client on the worker, never at import, and
-maps every way a request can end onto the outcomes the sender understands,
-following TelemetryDeck's own SDKs:
+HTTP transport posts with ``requests``, loaded on the sender's thread, never
+at import, and maps every way a request can end onto the outcomes the sender
+understands, following TelemetryDeck's own SDKs:
 
 * ``SENT``: any 2xx;
 * ``REJECTED``: 400, 401, 403, 404, 413, 422, 501, 505, and redirects: this
   batch will never be accepted, so it is dropped rather than retried;
 * ``RETRY``: anything else (429, 5xx, timeouts, refused connections, DNS
-  failures, a proxy that refuses or that kaibantrace cannot use), with the
-  server's ``Retry-After`` when it gave one;
+  failures, a proxy that refuses or that cannot be used, an answer that is not
+  HTTP), with the server's ``Retry-After`` when it gave one;
 * ``RETIRED``: 410 Gone, the endpoint's way of saying it will never accept
   anything again: the kill switch an author uses to silence released clients.
 
@@ -24,16 +24,22 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol, Union
 
+from ._config import breaks_a_request_line, is_loopback
+from ._fork import guard as fork_guard
 from ._log import logger
-from ._proxy import Proxy, UnsupportedProxy, may_be_configured, proxy_for
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._http import Client
+    import requests
+    from requests.adapters import BaseAdapter
 
 USER_AGENT = f"kaibantrace/{__version__}"
 _CONTENT_TYPE = "application/json; charset=utf-8"
+_HEADERS = {"User-Agent": USER_AGENT, "Content-Type": _CONTENT_TYPE, "Accept": "*/*",
+            "Connection": "keep-alive"}
 _REJECTED = frozenset({400, 401, 403, 404, 413, 422, 501, 505})
+MAX_BODY_READ = 64 * 1024  # an answer's body longer than this is abandoned, its connection closed
+_READ_SIZE = 16 * 1024
 
 
 class Result(enum.Enum):
@@ -90,82 +96,171 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, min(seconds, 3600.0))
 
 
-class HttpTransport:
-    """Posts batches: TLS verified, redirects never followed, no retries underneath.
+class _Route(NamedTuple):
+    """How requests to one URL go: the session's adapter, the proxies, the CA setting."""
 
-    Through kaibantrace's own small HTTP client (``_http``), directly or through
-    the proxy the user configured (``_proxy``), decided once per URL.
+    adapter: BaseAdapter
+    proxies: Dict[str, str]
+    verify: Union[bool, str]  # True (certifi's bundle), or the bundle REQUESTS_CA_BUNDLE names
+
+
+class HttpTransport:
+    """Posts batches with ``requests``: TLS verified, redirects never followed, no retries
+    underneath, the answer's body read only while it is short.
+
+    One ``requests.Session`` per process, made at ``prepare()`` (on the sender's
+    thread, under the fork guard, so no import is split by a fork) or at the
+    first send. The request goes to the session's adapter directly rather than
+    through ``Session.send``, which, even told not to follow a redirect, reads a
+    redirect's whole body to prepare the request it would make next (an
+    endless body would never end), keeps cookies between requests, and reads
+    ``~/.netrc`` for credentials to add. What users set for every program that
+    uses ``requests`` still applies, read as ``requests`` reads it: the proxy
+    variables (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, SOCKS with
+    ``requests[socks]``), and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``.
+
+    ``timeout`` bounds connecting (to each address a name has) and each wait
+    for the answer; the status line decides the outcome. Looking the name up
+    has no timeout (``getaddrinfo`` takes none): the sender's caller-facing
+    bounds do not depend on it, since ``flush()`` and exit never wait for the
+    sending thread longer than their budgets.
     """
 
     def __init__(self) -> None:
-        self._direct: Optional[Client] = None
-        self._routes: Dict[str, Union[Proxy, UnsupportedProxy, None]] = {}
+        self._session: Optional[requests.Session] = None
+        self._routes: Dict[str, _Route] = {}
+        self._inherited: List[object] = []  # sessions of the parent process, never used here
         self._warned = False
         self._lock = threading.Lock()
 
     def prepare(self) -> None:
-        """Load what sending needs (TLS, and the standard library's proxy settings where a
-        proxy may apply) ahead of the first send.
+        """Import ``requests`` and make the session ahead of the first send, so that no
+        request, least of all one in the exit budget, waits for that import."""
+        self._get_session()
 
-        Called on the worker, under the fork guard, so that no import is split by a fork.
-        """
-        if may_be_configured():
-            import urllib.request  # noqa: F401
-        self._get_direct().prepare()
+    def _get_session(self) -> requests.Session:
+        session = self._session
+        if session is None:
+            with self._lock:
+                if self._session is None:
+                    with fork_guard("setup"):  # the import must not be split by a fork
+                        self._session = _new_session()
+                session = self._session
+        return session
 
-    def _get_direct(self) -> Client:
-        with self._lock:
-            if self._direct is None:
-                from ._http import Client  # deferred: sockets and TLS only for a sender
+    def _route(self, url: str) -> _Route:
+        """How to reach ``url``, decided once per URL, as ``requests`` decides it for
+        ``session.post``; a loopback or plain-HTTP endpoint always goes direct (a proxy
+        elsewhere would reach its own loopback, and plain HTTP must not cross a network)."""
+        route = self._routes.get(url)
+        if route is None:
+            from urllib.parse import urlsplit
 
-                self._direct = Client(USER_AGENT)
-            return self._direct
-
-    def _proxy(self, client: Client, url: str, deadline: float) -> Optional[Proxy]:
-        """The proxy for ``url``, decided once. On macOS and Windows the system's proxy
-        exceptions may make the decision look names up, so it runs under the deadline."""
-        if url not in self._routes:
-            from ._http import split_url
-
-            (scheme, host, port), _, _ = split_url(url)
-
-            def decide() -> None:
-                try:
-                    self._routes[url] = proxy_for(scheme, host, port)
-                except UnsupportedProxy as exc:
-                    self._routes[url] = exc
-
-            client.dialer.call(("proxy", url), decide, deadline, "deciding on a proxy")
-        route = self._routes[url]
-        if isinstance(route, UnsupportedProxy):
-            raise route
+            session = self._get_session()
+            parts = urlsplit(url)
+            settings = session.merge_environment_settings(url, {}, True, None, None)
+            proxies: Dict[str, str] = dict(settings["proxies"] or {})
+            if parts.scheme != "https" or is_loopback(parts.hostname or ""):
+                proxies = {}
+            route = _Route(session.get_adapter(url), proxies, settings["verify"])
+            self._check_proxy(url, proxies)
+            self._routes[url] = route
         return route
+
+    def _check_proxy(self, url: str, proxies: Dict[str, str]) -> None:
+        """Say once, at the first attempt, when the proxy is SOCKS and PySocks is missing:
+        nothing can be sent then, and a short run may never reach the circuit breaker."""
+        from requests.utils import select_proxy
+
+        proxy = select_proxy(url, proxies) or ""
+        if self._warned or not proxy.lower().startswith("socks"):
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("socks") is None:
+            self._warned = True
+            logger.warning("kaibantrace: a SOCKS proxy is configured and PySocks is not installed "
+                           "(pip install 'requests[socks]'); nothing is sent, signals wait in "
+                           "the outbox")
 
     def send(self, url: str, body: bytes, timeout: float) -> Outcome:
         try:
-            client = self._get_direct()
-            deadline = time.monotonic() + timeout
-            proxy = self._proxy(client, url, deadline)
-            answer = client.post(url, body, _CONTENT_TYPE, deadline - time.monotonic(), proxy)
-            return outcome_for_status(answer.status, answer.retry_after)
-        except UnsupportedProxy as exc:  # never bypassed: the signals wait in the outbox
-            if not self._warned:  # at once, as a short run may never reach the circuit breaker
-                self._warned = True
-                logger.warning("kaibantrace: %s; nothing is sent, signals wait in the outbox", exc)
-            return Outcome(Result.RETRY, str(exc))
+            return self._post(url, body, timeout)
         except Exception as exc:  # every failure of the network is "try later"
             return Outcome(Result.RETRY, type(exc).__name__)
 
+    def _post(self, url: str, body: bytes, timeout: float) -> Outcome:
+        if breaks_a_request_line(url):  # checked at configuration too; this is the last line
+            raise ValueError("the URL holds spaces or control characters")
+        deadline = time.monotonic() + timeout
+        route = self._route(url)
+        import requests  # loaded by the session already: a lookup in sys.modules
+
+        request = requests.PreparedRequest()
+        request.prepare(method="POST", url=url, headers=_HEADERS, data=body)
+        response = route.adapter.send(request, stream=True, timeout=(timeout, timeout),
+                                      verify=route.verify, proxies=route.proxies)
+        try:
+            # The status line decides: a 2xx whose body is then cut short was accepted all
+            # the same, and sending it again would deliver it twice.
+            outcome = outcome_for_status(response.status_code, response.headers.get("Retry-After"))
+            try:
+                _finish(response, deadline)
+            except Exception:
+                pass
+        finally:
+            response.close()
+        return outcome
+
     def close(self) -> None:
         with self._lock:
-            if self._direct is not None:
-                self._direct.close()
+            session, self._session = self._session, None
+            self._routes = {}
+        if session is not None:
+            session.close()
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's connections, which the parent still uses."""
-        if self._direct is not None:
-            self._direct.forget_after_fork()
+        """In a forked child: the parent's session holds the parent's connections, still in
+        use there; a request on one would mix two processes' bytes on one socket. It is
+        set aside, not closed (that could end the parent's connections too), and the
+        child makes a session of its own at its next send."""
+        if self._session is not None:
+            self._inherited.append(self._session)
+        self._session = None
+        self._routes = {}
         self._lock = threading.Lock()
+
+
+def _new_session() -> requests.Session:
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=0)  # urllib3 retries nothing: the sender owns the retry loop
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def _finish(response: requests.Response, deadline: float) -> None:
+    """Read the rest of a short answer, so its connection can carry the next request.
+
+    Only a body whose end is known (a ``Content-Length`` up to 64 KiB, or chunks)
+    is read, and only up to 64 KiB and until ``deadline``; anything else is
+    abandoned, and closing the response then closes its connection. The body
+    is read raw, never decompressed, and thrown away.
+    """
+    raw = response.raw
+    length = raw.length_remaining
+    if not raw.chunked and (length is None or length > MAX_BODY_READ):
+        return
+    read = getattr(raw, "read1", None) or raw.read  # read1: one wait on the socket per call
+    total = 0
+    while total <= MAX_BODY_READ and time.monotonic() < deadline:
+        chunk = read(_READ_SIZE, decode_content=False)
+        if not chunk:
+            return
+        total += len(chunk)
 
 
 class MemoryTransport:

@@ -167,7 +167,7 @@ _OPTED_OUT_CHILD = textwrap.dedent("""
     assert kaibantrace.flush(1)
     import json, threading
     print(json.dumps({"touched": touched, "threads": threading.active_count(),
-                      "http": "kaibantrace._http" in sys.modules or "requests" in sys.modules,
+                      "http": "requests" in sys.modules or "urllib3" in sys.modules,
                       "sqlite3": "sqlite3" in sys.modules}))
 """)
 
