@@ -5,7 +5,7 @@ Run from the repository root::
     python benchmarks/bench_delivery.py            # everything, a few minutes
     python benchmarks/bench_delivery.py --quick    # fewer rounds and events, same sections
 
-Four sections, in one run (``--only`` picks some of them):
+Five sections, in one run (``--only`` picks some of them):
 
 * **exit**: how much later a script that emits 100 events exits than the same
   script with telemetry off, for kaibantrace (``KAIBAN_TELEMETRY_OPT_OUT=1``)
@@ -25,6 +25,12 @@ Four sections, in one run (``--only`` picks some of them):
 * **calls**: nanoseconds per call of kaibantrace's ``emit`` and PostHog's
   ``capture``, enabled (each worker posting to its loopback server) and off,
   measured as ``bench_overhead.py`` does (rounds taking turns, best round).
+* **transport**: CPU time of the sending thread per request of 100 signals
+  (a body the encoder made) through kaibantrace's transport, which sends
+  with ``requests``, to a ``Collector`` in a process of its own, next to the
+  same request through a bare ``http.client`` connection: what sending on
+  ``requests`` costs, best round of several. Plain HTTP on loopback: TLS
+  would add the same to both.
 
 Everything talks to 127.0.0.1 only. Each target prints ``[ok]`` or
 ``[MISSED]``; a failed hard check (a signal missing from the outbox, an event
@@ -69,11 +75,12 @@ class Plan:
     memory_events: int
     memory_samples: Tuple[int, ...]
     delivery_events: int
+    transport_requests: int  # requests per round; the best of ``base.repeats`` rounds counts
 
 
 MEMORY_SAMPLES = (1_000, 10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000)
-FULL = Plan(overhead.FULL, 1_000_000, MEMORY_SAMPLES, 100_000)
-QUICK = Plan(overhead.QUICK, 1_000_000, MEMORY_SAMPLES, 20_000)
+FULL = Plan(overhead.FULL, 1_000_000, MEMORY_SAMPLES, 100_000, 500)
+QUICK = Plan(overhead.QUICK, 1_000_000, MEMORY_SAMPLES, 20_000, 200)
 
 missed: List[str] = []
 
@@ -612,9 +619,90 @@ def print_calls_table(cases: List[Case]) -> None:
                   f"({a.best:,.0f} / {b.best:,.0f} ns)")
 
 
+# -- section: CPU per request -----------------------------------------------------------
+
+TRANSPORT_SCRIPT = textwrap.dedent("""
+    import http.client, json, sys, time
+    from urllib.parse import urlsplit
+    import kaibantrace
+    from kaibantrace._transport import HttpTransport, Result
+    from kaibantrace.testing import MemoryTransport
+
+    app_id, url, per_round, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    memory = MemoryTransport()  # the encoder's own 100-signal body, as the sender posts it
+    maker = kaibantrace.Telemetry(app_id=app_id, transport=memory, batch_size=100)
+    for n in range(100):
+        maker.emit("workflow_started", {"agents": n % 7, "model": "gpt-4o-mini"})
+    maker.flush(30)
+    maker.shutdown()
+    body = max(memory.bodies, key=len)
+    outcomes = []
+
+    def best_cpu_ms(send):
+        for _ in range(20):  # warm: connection open, caches filled
+            send()
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.thread_time()
+            for _ in range(per_round):
+                send()
+            best = min(best, (time.thread_time() - start) / per_round * 1000)
+        return best
+
+    transport = HttpTransport()
+    transport.prepare()
+
+    def with_transport():
+        outcomes.append(transport.send(url, body, 5).result is Result.SENT)
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "benchmark"}
+
+    def with_http_client():
+        connection.request("POST", parts.path, body, headers)
+        answer = connection.getresponse()
+        answer.read()
+        outcomes.append(200 <= answer.status < 300)
+
+    report = {"transport_ms": best_cpu_ms(with_transport),
+              "http_client_ms": best_cpu_ms(with_http_client)}
+    transport.close()
+    connection.close()
+    print(json.dumps({**report, "signals": body.count(b'"appID"'), "body_bytes": len(body),
+                      "requests": len(outcomes), "sent": sum(outcomes)}))
+""")
+
+
+def bench_transport(plan: Plan) -> None:
+    per_round, rounds = plan.transport_requests, plan.base.repeats
+    print(f"\n== CPU per request: the sending thread's CPU time per request of 100 signals to a "
+          f"Collector in another process, best of {rounds} rounds of {per_round} ==")
+    with overhead.collector_process() as (url, stop_collector):
+        run, _ = run_with_state_dir(TRANSPORT_SCRIPT, [APP_ID, url, str(per_round), str(rounds)],
+                                    timeout=600)
+        received = stop_collector()
+    if not finished_cleanly(run):
+        return
+    report = run.report
+    ours, bare = float(report["transport_ms"]), float(report["http_client_ms"])
+    print(f"  kaibantrace's transport (requests): {ours:.3f} ms of CPU per request of "
+          f"{report['signals']} signals ({report['body_bytes']:,} bytes)")
+    print(f"  the same request on a bare http.client connection: {bare:.3f} ms; requests adds "
+          f"{ours - bare:.3f} ms ({ours / bare:.1f}x)")
+    print(f"  at one request a second, the transport takes {ours / 10:.3f} % of a core")
+    overhead.results["transport"] = {"cpu_ms_per_request": ours, "http_client_cpu_ms": bare,
+                                     "signals_per_request": report["signals"]}
+    check(report["sent"] == report["requests"] and report["signals"] == 100,
+          f"every request was a 2xx ({report['sent']:,} of {report['requests']:,}), "
+          f"each of {report['signals']} signals")
+    expected = int(report["requests"]) * int(report["signals"])
+    check(received == expected, f"the collector accepted {received:,} of {expected:,} signals")
+
+
 # -- main ---------------------------------------------------------------------------
 
-SECTIONS = ("exit", "memory", "delivery", "calls")
+SECTIONS = ("exit", "memory", "delivery", "calls", "transport")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -646,6 +734,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench_delivery(plan)
     if "calls" in sections:
         bench_calls(plan, version is not None)
+    if "transport" in sections:
+        bench_transport(plan)
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
