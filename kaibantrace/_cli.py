@@ -192,6 +192,7 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         "pending_by_app": counts,
         "last_sent": last,
         "delivery_process": delivering or None,
+        "delivery_runs": sum(len(_outbox.delivery_runs(directory, app)) for app in apps),
     }
     if not args.json:
         state = "on" if decision.enabled else "off"

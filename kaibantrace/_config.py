@@ -149,6 +149,8 @@ def endpoint_problem(url: str) -> Optional[str]:
         host = parts.hostname or ""
     except ValueError:
         return "is not a valid URL"
+    if not host.isascii() and not _is_idna(host):
+        return "has a host name that IDNA cannot encode, so no request could reach it"
     if parts.scheme == "https" and host:
         return None
     if parts.scheme == "http" and is_loopback(host):
@@ -156,6 +158,17 @@ def endpoint_problem(url: str) -> Optional[str]:
     if parts.scheme == "http":
         return "must use https:// unless the host is loopback (127.0.0.1, ::1, localhost)"
     return "must be an https:// URL"
+
+
+def _is_idna(host: str) -> bool:
+    """Whether an internationalised host name can be sent (as ``requests`` encodes it)."""
+    import idna  # comes with requests; loaded only for a host name that is not ASCII
+
+    try:
+        idna.encode(host, uts46=True)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False
+    return True
 
 
 def breaks_a_request_line(url: str) -> bool:

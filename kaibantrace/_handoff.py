@@ -152,7 +152,10 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
         if sys.platform == "win32":  # pragma: no cover
             fd, windows_fd = -1, fd
             return _start_windows(argv, _environment(), windows_fd)
-        return _start(argv, _environment(), fd)
+        pid = _start(argv, _environment(), fd)
+        lower_priority(pid)  # from the start: starting Python is most of what it costs
+        _write_pid(fd, pid)  # so that ``status`` names it before it has started up
+        return pid
     except Exception as exc:  # no process could be started: the signals wait for a later run
         logger.debug("kaibantrace: could not start a delivery process (%s)", exc)
         return None
@@ -256,14 +259,21 @@ def _start_windows(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:  
     return child.pid
 
 
-def lower_priority() -> None:
-    """Run at low priority where the system has one: the user's own work comes first."""
-    nice = getattr(os, "nice", None)
-    if nice is not None:
-        try:
-            nice(10)
-        except OSError:
-            pass
+LOW_PRIORITY = 10
+
+
+def lower_priority(pid: int = 0) -> None:
+    """Run process ``pid`` (0: this one) at low priority where the system has one, so the
+    user's own work comes first. Set, not added: doing it twice changes nothing."""
+    get = getattr(os, "getpriority", None)
+    set_ = getattr(os, "setpriority", None)
+    if get is None or set_ is None:
+        return
+    try:
+        if get(os.PRIO_PROCESS, pid) < LOW_PRIORITY:
+            set_(os.PRIO_PROCESS, pid, LOW_PRIORITY)
+    except OSError:
+        pass
 
 
 def adopt_lock(directory: str, app_id: str, fd: Optional[int]) -> Optional[int]:
@@ -284,10 +294,10 @@ def adopt_lock(directory: str, app_id: str, fd: Optional[int]) -> Optional[int]:
     return taken
 
 
-def _write_pid(fd: int) -> None:
+def _write_pid(fd: int, pid: Optional[int] = None) -> None:
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        os.pwrite(fd, str(pid or os.getpid()).encode("ascii"), 0)
     except (OSError, AttributeError):
         pass
 
@@ -322,6 +332,7 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
     in_delivery_process = True
     deadline = time.monotonic() + bound
     _end_at_the_latest(bound + 5.0)
+    lower_priority()
     from ._client import Telemetry
     from ._outbox import waiting
     from ._state import state_dir
@@ -334,6 +345,8 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
                        timeout=timeout, backoff=backoff, detached_delivery=False)
     problem = ""
     try:
+        if client.decision().enabled:
+            _note_run(directory, app_id)  # before the sender's threads share the file
         client._route()  # decides opt-out; when on, starts the sender, which sends what waits
         sender = client._sender
         if sender is None:
@@ -372,6 +385,15 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
     stats = client.stats()
     return Delivered(int(stats["sent"]), waiting(directory, app_id) or 0,  # type: ignore[call-overload]
                      problem)
+
+
+def _note_run(directory: str, app_id: str) -> None:
+    from ._outbox import SqliteOutbox, outbox_path
+
+    try:
+        SqliteOutbox(outbox_path(directory, app_id)).note_delivery_run(os.getpid())
+    except Exception:
+        logger.debug("kaibantrace: could not note the delivery run", exc_info=True)
 
 
 def _end_at_the_latest(seconds: float) -> None:

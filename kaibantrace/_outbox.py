@@ -178,6 +178,27 @@ def waiting(directory: str, app_id: str) -> Optional[int]:
         return None
 
 
+def delivery_runs(directory: str, app_id: str) -> List[Tuple[float, int]]:
+    """``(start time, process ID)`` of the app's last delivery processes, oldest first; read
+    without creating or changing anything (empty when there is no such record)."""
+    path = outbox_path(directory, app_id)
+    if not os.path.exists(path):
+        return []
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+        connection = sqlite3.connect(uri, uri=True, timeout=2.0)
+        try:
+            rows = connection.execute("SELECT started, pid FROM delivery_runs ORDER BY rowid").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error:  # an older outbox without the table, or one that cannot be read
+        return []
+    return [(float(started), int(pid)) for started, pid in rows]
+
+
 def open_outbox(directory: str, app_id: str, *, max_signals: int = MAX_SIGNALS) -> Outbox:
     """The app's SQLite outbox, or a memory one when the directory is unusable (logged at DEBUG).
 
@@ -250,6 +271,10 @@ CREATE TABLE IF NOT EXISTS signals (
     lease_until REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS signals_by_app ON signals (app_id, url);
+CREATE TABLE IF NOT EXISTS delivery_runs (
+    started REAL NOT NULL,
+    pid INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS endpoint_health (
     url TEXT PRIMARY KEY,
     failures INTEGER NOT NULL,
@@ -263,7 +288,8 @@ DROP INDEX IF EXISTS signals_by_origin;
 # Two indexes only: every row is inserted, leased and deleted once, and each index
 # costs on all three. A claim reads the (app, url) index in id order and checks the
 # lease on the row it reads anyway; counting a process's own rows scans a range of
-# ids. The two dropped indexes are those of earlier versions. ``endpoint_health`` holds
+# ids. The two dropped indexes are those of earlier versions. ``delivery_runs`` keeps when
+# the last hundred delivery processes started (``kaibantrace status`` shows it). ``endpoint_health`` holds
 # the failures every process of the app saw in a row, so that a new process, a short
 # run of a CLI started in a loop say, does not try an endpoint another one just found
 # down: the backoff outlives the process that backed off.
@@ -466,6 +492,13 @@ class SqliteOutbox:
     @guarded
     def record_success(self, url: str) -> None:
         self._write([("DELETE FROM endpoint_health WHERE url = ?", (url,))])
+
+    @guarded
+    def note_delivery_run(self, pid: int) -> None:
+        """A delivery process started: remembered, the last hundred only."""
+        self._write([("INSERT INTO delivery_runs (started, pid) VALUES (?, ?)", (time.time(), pid)),
+                     ("DELETE FROM delivery_runs WHERE rowid NOT IN (SELECT rowid FROM delivery_runs "
+                      "ORDER BY rowid DESC LIMIT 100)", ())])
 
 
 def _lenient_text(data: bytes) -> str:

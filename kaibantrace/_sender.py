@@ -42,7 +42,6 @@ from ._transport import Outcome, Result, Transport
 
 FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
-_EXIT_SAVE_WAIT = 1.0  # at most this long for another writer's lock when saving at exit
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
 _SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process has run this long
 _WRITE_CHUNK = 5_000  # events the writer encodes and stores in one transaction, at most
@@ -322,6 +321,13 @@ class Sender:
         outbox = self._outbox
         if outbox is None:
             return
+        # Signals only memory holds (no outbox file, a full disk, a file locked past the
+        # exit budget) end with the process: counted, never silently gone.
+        memory = getattr(outbox, "memory", None)
+        if memory is None and not outbox.durable:
+            memory = outbox
+        if memory is not None:
+            self._lose(memory.count_mine(1 << 63), "unsaved_at_exit")
         in_flight = list(self._in_flight_ids)
         flying = set(in_flight)
         rest = [i for i in self._claimed if i not in flying]
@@ -475,10 +481,11 @@ class Sender:
             self._lost = True
         try:
             if exiting and hasattr(outbox, "set_busy_timeout"):
-                # Saving what was accepted outranks the exit budget: wait for the
-                # writer's transaction to finish rather than lose the queue.
+                # Another process's transaction may hold the file: wait for it only as
+                # long as the exit budget allows. What cannot be saved then stays in
+                # memory and is counted when the process ends (``settle_at_exit``).
                 left = (self._deadline or 0) - time.monotonic()
-                outbox.set_busy_timeout(max(left, _EXIT_SAVE_WAIT))
+                outbox.set_busy_timeout(max(left, 0.0))
             with self._book_lock:
                 added: Added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
                 self._counters.in_outbox += len(encoded.signals) - added.full - added.expired

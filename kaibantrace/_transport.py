@@ -231,9 +231,31 @@ class HttpTransport:
         self._lock = threading.Lock()
 
 
+def _not_ours(record: Any) -> bool:
+    return not str(getattr(record, "threadName", "")).startswith("kaibantrace")
+
+
+_URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.connection", "urllib3.response",
+                    "urllib3.util.retry")
+
+
+def _quiet_urllib3() -> None:
+    """Keep urllib3's own log lines about our requests (a malformed answer is a WARNING
+    with a traceback there) out of the host's logs: telemetry fails quietly. Only
+    records from kaibantrace's threads are held back; the host's requests log as before."""
+    import logging
+
+    for name in _URLLIB3_LOGGERS:
+        target = logging.getLogger(name)
+        if _not_ours not in target.filters:
+            target.addFilter(_not_ours)
+
+
 def _new_session() -> requests.Session:
     import requests
     from requests.adapters import HTTPAdapter
+
+    _quiet_urllib3()
 
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=0)  # urllib3 retries nothing: the sender owns the retry loop

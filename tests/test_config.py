@@ -74,17 +74,19 @@ class TestDecide:
 
 class TestEndpoint:
     @pytest.mark.parametrize("url", ["https://nom.telemetrydeck.com/v2/", "http://127.0.0.1:9/v2/",
-                                     "http://localhost/v2/", "http://[::1]:80/v2/"])
+                                     "http://localhost/v2/", "http://[::1]:80/v2/",
+                                     "https://télémétrie.example/v2/"])
     def test_usable_endpoints(self, url: str) -> None:
         """https anywhere, and plain http to loopback, are accepted."""
         assert endpoint_problem(url) is None
 
     @pytest.mark.parametrize("url", ["http://example.com/v2/", "ftp://127.0.0.1/", "nonsense",
                                      "https://ingest.example/v2/\r\nX-Injected: 1",
-                                     "https://ingest.example/v 2/", "https://ingest.\x00example/"])
+                                     "https://ingest.example/v 2/", "https://ingest.\x00example/",
+                                     "https://\u2603.example/v2/"])
     def test_unusable_endpoints(self, url: str) -> None:
-        """Plain http across a network, other schemes, non-URLs and URLs that could break
-        the request line or add a header are refused."""
+        """Plain http across a network, other schemes, non-URLs, URLs that could break
+        the request line or add a header, and host names IDNA cannot encode are refused."""
         assert endpoint_problem(url) is not None
 
     def test_default_and_namespace(self) -> None:

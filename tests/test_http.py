@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import logging
 import os
 import socket
 import ssl
@@ -873,3 +874,21 @@ def test_requests_is_loaded_on_the_sending_thread_only(tmp_path: Path, collector
     report = json.loads(done.stdout)
     assert report == {"importers": ["kaibantrace-poster"], "flushed": True}
     assert len(collector.wait_for(1)) == 1
+
+
+def test_urllib3_says_nothing_about_our_requests_in_the_hosts_log(
+        serve: Callable[..., ScriptedServer], collector: Collector,
+        make_client: Callable[..., kaibantrace.Telemetry], caplog: pytest.LogCaptureFixture) -> None:
+    """A host that logs everything at DEBUG sees no urllib3 line about kaibantrace's requests
+    (a malformed answer is a WARNING with a traceback there); its own requests log as before."""
+    import requests
+
+    caplog.set_level(logging.DEBUG)
+    answer, _ = HOSTILE["Content-Length : 0"]
+    client = make_client(endpoint=serve(answer).url, backoff=0.05, timeout=2)
+    client.emit("hostile")
+    assert client.flush(8)
+    client.shutdown(2)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")] == []
+    requests.post(collector.url, data=b"[]", timeout=5).close()  # the host's own request
+    assert any(r.name.startswith("urllib3") for r in caplog.records)
