@@ -601,9 +601,10 @@ class Sender:
             return False
         timeout = self._timeout if remaining is None else min(self._timeout, remaining)
         batches = 1 if remaining is not None else _BATCHES_PER_CLAIM
-        # The lease covers every request of the claim, so no other process takes them meanwhile.
+        # The lease covers every request of the claim, so no other process takes them meanwhile;
+        # a request may take its timeout twice (to connect, then for the answer).
         rows = self._valid(outbox, target, outbox.claim(
-            target.app_id, target.url, self._batch_size * batches, batches * timeout + 2.0))
+            target.app_id, target.url, self._batch_size * batches, batches * 2 * timeout + 2.0))
         if rows is None:
             return True  # the claim held only rows that must not be sent: claim again
         if not rows:
@@ -653,7 +654,7 @@ class Sender:
         ids = [row.id for row in rows]
         body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
         self._in_flight_ids = ids
-        self._in_flight_until = time.monotonic() + timeout
+        self._in_flight_until = time.monotonic() + 2 * timeout
         outcome = self._post(target.url, body, timeout, len(rows))
         self._in_flight_ids = []
         if outcome.result is Result.SENT:
