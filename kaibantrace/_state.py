@@ -118,8 +118,27 @@ def open_private_file(path: str, flags: int) -> int:
 
 
 def create_private_file(path: str) -> None:
-    """Create ``path`` as an empty private file unless it exists (see ``open_private_file``)."""
-    os.close(open_private_file(path, os.O_RDWR))
+    """Create ``path`` as an empty private file unless it exists, for SQLite to open next.
+
+    An existing file is checked by its path, never opened: closing any descriptor of
+    a database file drops every POSIX lock this process holds on it, those of SQLite's
+    other connections here included, and another process could then write while one
+    of them does (a corrupted database). The checks are ``open_private_file``'s: no
+    link, no file of another user, 0600.
+    """
+    try:
+        os.close(open_private_file(path, os.O_RDWR | os.O_EXCL))
+        return
+    except FileExistsError:  # also what O_EXCL says of a symbolic link: refused below
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path} is not a plain file")
+    if os.name == "posix":
+        if info.st_uid != os.getuid():
+            raise OSError(f"{path} belongs to another user")
+        if info.st_mode & 0o077:
+            os.chmod(path, 0o600)
 
 
 def write_private_file(path: str, text: str) -> None:

@@ -9,6 +9,7 @@ teardown fails a test that leaves a delivery process running.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -155,6 +156,9 @@ class TestShortRuns:
         # the first failure is on record.
         assert black_hole.accepted <= 3 * started + 5
         assert rows_in_outbox(state()) == 31  # all kept for later
+        with contextlib.closing(sqlite3.connect(outbox_path(state(), APP_ID))) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert not list(Path(state()).glob("*.corrupt-*"))
 
     def test_the_delivery_process_is_detached(self, cli: Path, black_hole: BlackHole,
                                               tmp_path: Path) -> None:

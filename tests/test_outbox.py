@@ -236,6 +236,24 @@ _AT_EXIT_CHILD = textwrap.dedent("""
 
 
 class TestAcrossProcesses:
+    def test_a_second_outbox_of_the_same_file_keeps_the_first_ones_locks(self, tmp_path: Path) -> None:
+        """Closing any descriptor of a database drops every POSIX lock the process holds on it.
+        Every open connection holds a shared lock on a WAL database, which is how a process
+        closing the last connection knows it may fold the WAL into the file and delete it. A
+        second outbox of the same file in this process (a delivery process opens two) must
+        keep that lock, or another process would delete the WAL from under the first one's
+        feet and corrupt the file."""
+        path = str(tmp_path / "outbox.sqlite3")
+        first = SqliteOutbox(path)
+        first.add(APP_ID, "https://x.test/v2/", [(time.time(), "{}")])  # the WAL now holds a write
+        SqliteOutbox(path)  # a second outbox of the same file in this process
+        subprocess.run([sys.executable, "-c", "import sqlite3, sys\n"
+                        "sqlite3.connect(sys.argv[1]).execute('SELECT COUNT(*) FROM signals').fetchone()\n",
+                        path],
+                       check=True, timeout=60)  # another process opens the file and closes it
+        assert os.path.exists(path + "-wal")  # it knew it was not the last one
+        assert first.count(APP_ID, "https://x.test/v2/") == 1
+
     def test_first_event_during_shutdown_goes_to_the_outbox(self, refused_url: str) -> None:
         """An event first emitted from an exit hook starts no thread and is saved, silently."""
         directory = os.environ["KAIBAN_TELEMETRY_DIR"]
