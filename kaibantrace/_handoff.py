@@ -349,6 +349,8 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
             _note_run(directory, app_id)  # before the sender's threads share the file
         client._route()  # decides opt-out; when on, starts the sender, which sends what waits
         sender = client._sender
+        if sender is not None:
+            sender.poke()  # this process exists to send: no setup delay
         if sender is None:
             decision = client.decision()
             return Delivered(0, waiting(directory, app_id) or 0, "telemetry is off" if not

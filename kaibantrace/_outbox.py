@@ -305,6 +305,7 @@ class SqliteOutbox:
         self.path = path
         self._max = max_signals
         self._origin = _origin()
+        self._checked = False  # the first connection checks the file and sets up the schema
         self._local = threading.local()
         create_private_file(path)
         self._connection()  # fail now, in open_outbox, if the file is unusable
@@ -320,7 +321,8 @@ class SqliteOutbox:
             # every claim fail: it is read with replacement characters, then refused.
             connection.text_factory = _lenient_text
             try:
-                self._prepare(connection)
+                self._prepare(connection, check=not self._checked)
+                self._checked = True
             except BaseException:
                 connection.close()
                 raise
@@ -328,12 +330,14 @@ class SqliteOutbox:
         return connection
 
     @staticmethod
-    def _prepare(connection: sqlite3.Connection) -> None:
+    def _prepare(connection: sqlite3.Connection, *, check: bool = True) -> None:
         """WAL mode and the schema, retried briefly while another process sets them up.
 
         Switching to WAL needs the database to itself and does not wait on the
         busy timeout, so processes opening a new outbox together may see
-        "database is locked" for a moment.
+        "database is locked" for a moment. The integrity check and the schema
+        are for the first connection only: another thread's (the exit hook's)
+        need not read the whole file again.
         """
         import sqlite3
 
@@ -344,6 +348,8 @@ class SqliteOutbox:
                 if str(mode).lower() != "wal":
                     connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=NORMAL")  # survives a killed process
+                if not check:
+                    return
                 (verdict,) = connection.execute("PRAGMA quick_check(1)").fetchone()
                 if verdict != "ok":
                     raise sqlite3.DatabaseError(f"the integrity check says {verdict!r}")

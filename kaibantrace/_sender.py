@@ -44,6 +44,7 @@ FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
 _SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process has run this long
+SETUP_DELAY_WITH_HAND_OFF = 1.0  # as long, when a delivery process will take what is left at exit
 _WRITE_CHUNK = 5_000  # events the writer encodes and stores in one transaction, at most
 _STALL_WAIT = 0.5  # seconds without progress after which the poster counts as stuck
 _BATCHES_PER_CLAIM = 10  # requests one claim of the outbox may serve when there is a backlog
@@ -144,7 +145,8 @@ class Sender:
                  on_sent: Callable[[Target, List[Tuple[bytes, int]]], None],
                  on_retired: Callable[[Target], None],
                  transport: Transport, counters: Counters, batch_size: int,
-                 flush_interval: float, max_queue: int, timeout: float, backoff: float) -> None:
+                 flush_interval: float, max_queue: int, timeout: float, backoff: float,
+                 setup_delay: float = _SETUP_DELAY) -> None:
         self._encode = encode
         self._target = target
         self._open_outbox = open_outbox
@@ -158,6 +160,8 @@ class Sender:
         self._max_queue = max_queue
         self._timeout = timeout
         self._backoff_start = backoff
+        self._setup_delay = setup_delay
+        self._eager = False  # set up and send now, without the setup delay
         self._pid = os.getpid()
         self._queue: Deque[Item] = collections.deque()
         self._take_lock = threading.Lock()  # the writer and the exit hook both take from the queue
@@ -244,6 +248,7 @@ class Sender:
             return not self._queue
         marker = _FlushMarker()
         self._flush_requested = True
+        self._post_wake.set()  # a poster still waiting to set up starts now
         with self._marker_lock:
             self._markers_queued += 1
             self._queue.append(marker)
@@ -352,7 +357,9 @@ class Sender:
         return self._outbox.count(target.app_id, target.url)
 
     def poke(self) -> None:
-        """Have the poster look at the outbox now (another process added to it)."""
+        """Have the poster look at the outbox now (another process added to it, or the
+        process exists to send), without waiting out the setup delay."""
+        self._eager = True
         self._post_wake.set()
 
     @property
@@ -544,11 +551,14 @@ class Sender:
         """Give a short run the chance to end before the HTTP stack is imported.
 
         Importing it takes a good part of a core for a while; were the process
-        to exit meanwhile, saving the queue would compete with the import for
-        the GIL, and a request could not fit in the exit budget anyway.
+        to exit meanwhile, its exit would compete with the import for the GIL,
+        and a request could not fit in the exit budget anyway. Where a delivery
+        process takes what is left at exit, the wait is longer (a second): runs
+        shorter than that never import the HTTP stack at all. A waiting
+        ``flush()`` (or ``poke()``) ends it at once.
         """
-        deadline = time.monotonic() + _SETUP_DELAY
-        while not self._stopping:
+        deadline = time.monotonic() + self._setup_delay
+        while not (self._stopping or self._eager or self._flush_requested or self._markers):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
