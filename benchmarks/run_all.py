@@ -2,14 +2,16 @@
 
 Run from the repository root::
 
-    python benchmarks/run_all.py              # everything, about 10 minutes
-    python benchmarks/run_all.py --quick      # fewer rounds, about 4 minutes
+    python benchmarks/run_all.py              # everything, about 13 minutes
+    python benchmarks/run_all.py --quick      # fewer rounds, about 5 minutes
     python benchmarks/run_all.py --readme     # and rewrite the README's "Performance" section
 
 It runs ``bench_overhead.py`` (per-call cost, import cost), ``bench_delivery.py``
-(exit delay, memory, delivery rate) and ``bench_host.py`` (host slowdown,
-scaling), each in a fresh interpreter, one after the other, with their full
-output; then prints the summary (also written to ``benchmarks/RESULTS.md``).
+(exit delay, memory, delivery rate), ``bench_host.py`` (host slowdown,
+scaling) and ``bench_short_runs.py`` (a CLI run again and again: delivery,
+exit delay, delivery processes started), each in a fresh interpreter, one
+after the other, with their full output; then prints the summary (also
+written to ``benchmarks/RESULTS.md``).
 Install the clients compared with ``pip install -e ".[bench]"``. Not part of
 the test run: speed is measured here, never asserted in tests.
 """
@@ -141,6 +143,9 @@ def summary(figures: Dict[str, Any]) -> List[Tuple[str, List[Row]]]:
                      f"{'-' if theirs is None else f'{theirs:.0f} ms'}", target))
     sections.append(("Exit delay after 100 events, over the same script without telemetry", rows))
 
+    sections.append(("Short runs: a 50 ms click CLI run again and again, no `flush()`",
+                     short_run_rows(figures.get("short_runs", {}))))
+
     extra = memory.get("extra_mb")
     start, end = memory.get("running_at_100k"), memory.get("running_at_end")
     flat = None if start is None or end is None else end - start
@@ -173,6 +178,72 @@ def summary(figures: Dict[str, Any]) -> List[Tuple[str, List[Row]]]:
          f"{row['ns_per_call']:,.0f} ns per call, +{row['extra_rss_mb']:.1f} MB RSS", "")
         for threads, row in scaling.items()]))
     return sections
+
+
+def short_run_rows(short: Dict[str, Any]) -> List[Row]:
+    """The short-run rows: ``bench_short_runs.py``'s healthy and black-holed loops."""
+    healthy: Dict[str, Any] = short.get("healthy", {})
+    hole: Dict[str, Any] = short.get("black_hole", {})
+    ours, theirs = healthy.get("kaibantrace", {}), healthy.get("posthog", {})
+    ours_hole, theirs_hole = hole.get("kaibantrace", {}), hole.get("posthog", {})
+
+    def delivered(client: Dict[str, Any]) -> str:
+        if "events" not in client:
+            return "-"
+        text = f"{client['delivered']} of {client['events']}"
+        text += ", each once" if client["exactly_once"] else ", **not** each once"
+        after = client.get("last_after_exit_s")
+        if after is None:
+            return text
+        seconds = f"{after:.2f}" if after < 1 else f"{after:.1f}"
+        return text + (f", the last {seconds} s after the last exit" if after >= 0
+                       else ", all before the last exit")
+
+    def delay(client: Dict[str, Any]) -> str:
+        value = client.get("exit_delay_ms")
+        return "-" if value is None else f"{value:,.0f} ms"
+
+    arrived = ours.get("last_after_exit_s")
+    on_time = (None if "exactly_once" not in ours else
+               bool(ours["exactly_once"]) and arrived is not None and arrived <= 15)
+    ours_delay = ours.get("exit_delay_ms")
+    started = ours_hole.get("processes_started")
+    recorded = ours_hole.get("processes_recorded_max", 100)
+    processes = ("-" if started is None else
+                 f"{'at least ' if started >= recorded else ''}{started} delivery "
+                 f"process{'es' if started != 1 else ''}, {ours_hole['connections']} "
+                 f"connection{'s' if ours_hole['connections'] != 1 else ''}")
+    if "connections" in theirs_hole:
+        processes += (f" / {theirs_hole['connections']} connections in "
+                      f"{theirs_hole['runs']} runs")
+    runs = healthy.get("runs", "N")
+    rounds = healthy.get("rounds", 1)
+    return [
+        (f"{rounds} loops of {runs} runs one after another, endpoint healthy: events "
+         "delivered, kaibantrace / PostHog", f"{delivered(ours)} / {delivered(theirs)}",
+         verdict(on_time, "every event exactly once within 15 s of the last exit")),
+        ("the same: exit delay over the same run opted out (median), kaibantrace / PostHog",
+         f"{delay(ours)} / {delay(theirs)}",
+         verdict(None if ours_delay is None else ours_delay <= 10, "at most 10 ms")),
+        ("the same: delivery processes kaibantrace started in each loop",
+         started_in_loops(ours.get("processes_started"), runs), ""),
+        (f"{hole.get('runs', 'N')} runs one after another, endpoint black-holed: "
+         "kaibantrace's delivery processes and connections / PostHog's connections", processes,
+         verdict(None if started is None else started <= 10,
+                 "a handful of delivery processes (at most 10)")),
+        ("the same: exit delay over opted out (median), kaibantrace / PostHog "
+         f"(PostHog: {theirs_hole.get('runs', 'N')} runs)",
+         f"{delay(ours_hole)} / {delay(theirs_hole)}",
+         ""),
+    ]
+
+
+def started_in_loops(started: Any, runs: Any) -> str:
+    """Delivery processes per loop (a list, one per round, or one number)."""
+    if started is None:
+        return "-"
+    counts = started if isinstance(started, list) else [started]
+    return f"{', '.join(str(n) for n in counts)} (for {runs} runs each)"
 
 
 def markdown(figures: Dict[str, Any], command: str) -> str:
@@ -211,7 +282,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for script, extra in (("bench_overhead.py", []),
                               ("bench_delivery.py", ["--only", "exit", "--only", "memory",
                                                      "--only", "delivery"]),
-                              ("bench_host.py", [])):
+                              ("bench_host.py", []),
+                              ("bench_short_runs.py", [])):
             out = os.path.join(scratch, script + ".json")
             status |= run(script, [*extra, *quick], out)
             try:
