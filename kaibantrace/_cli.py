@@ -355,8 +355,11 @@ def _deliver(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     app = _app_of(telemetry, args, decision)
     if app is None:
         raise Failure("no app ID: give --app or set KAIBAN_TELEMETRY_APP_ID")
-    settings = s.replace(app_id=app, endpoint=args.endpoint, opt_out_env=args.opt_out_env,
-                         profile=args.profile)
+    try:
+        settings = s.replace(app_id=app, endpoint=args.endpoint, opt_out_env=args.opt_out_env,
+                             profile=args.profile)
+    except ValueError as exc:  # ConfigurationError: say what is wrong, in one line
+        raise Failure(str(exc).removeprefix("kaibantrace: ")) from None
     url = ingest_url(settings, os.environ)
     if url is None:
         raise Failure("the endpoint is not usable")

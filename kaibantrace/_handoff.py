@@ -45,6 +45,10 @@ from ._state import ensure_private_dir, open_private_file
 
 DELIVERY_BOUND = 30.0  # seconds a delivery process may live, whatever happens
 _POLL = 0.05
+_LOOK_AGAIN = 0.25  # seconds between the delivery process's looks at the outbox
+# How long the outbox stays empty before the delivery process ends: a command run in a
+# loop adds to it every fraction of a second, and one process then serves the loop.
+_LINGER = 2.0
 
 in_delivery_process = False  # set in a delivery process: it never hands off in turn
 
@@ -355,6 +359,8 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
             decision = client.decision()
             return Delivered(0, waiting(directory, app_id) or 0, "telemetry is off" if not
                              decision.enabled else "nothing can be sent from here")
+        poked = time.monotonic()
+        idle_since: Optional[float] = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -366,9 +372,14 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
             if sender.shared_floor - time.time() > left:
                 problem = "the endpoint is backing off for longer than this run may last"
                 break
-            if sender.passes and not client.stats()["in_outbox"]:
-                # Nothing waits. Let go of the lock, then look again: a process that
-                # ended meanwhile found the lock taken and left its signals to us.
+            empty = sender.passes and not client.stats()["in_outbox"]
+            if not empty:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            if empty and idle_since is not None and time.monotonic() - idle_since >= _LINGER:
+                # Nothing has waited for a while. Let go of the lock, then look again: a
+                # process that ended meanwhile found the lock taken and left its signals to us.
                 release(fd)
                 fd = -1
                 if not sender.outbox_count():
@@ -379,6 +390,11 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
                 fd = retaken
                 _write_pid(fd)
                 sender.poke()
+            elif time.monotonic() - poked >= _LOOK_AGAIN:
+                # Rows may be leased by a process that has ended, or added by one that found
+                # this one running: have the poster look again, rather than at its own pace.
+                sender.poke()
+                poked = time.monotonic()
             time.sleep(_POLL)
     finally:
         client.shutdown(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
