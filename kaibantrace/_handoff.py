@@ -6,10 +6,12 @@ could be made and answered, so their signals wait in the outbox. Left for
 when a process ends with signals still waiting for its app and endpoint, its
 exit hook starts one *delivery process* and returns at once:
 
-* the same interpreter, ``python -m kaibantrace deliver``, a command users
-  may run themselves; in a session of its own (a closed terminal does not
-  end it), with standard input and output on the null device, no other
-  descriptor of the parent than the lock below, at low priority;
+* the same interpreter running ``kaibantrace deliver`` (a command users may
+  run themselves) with the program's own module search path, in isolated
+  mode so nothing in the current directory is imported in its place; in a
+  session of its own (a closed terminal does not end it), with standard
+  input and output on the null device, no other descriptor of the parent
+  than the lock below, at low priority;
 * the same environment, so it decides opt-out again before it touches the
   network (a user who opted out meanwhile is honoured);
 * it drains the outbox with the usual leases, backoff and circuit breaker,
@@ -151,8 +153,8 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
     if fd is None:
         return None
     try:
-        argv = [python, "-m", "kaibantrace", "deliver", "--app", app_id, "--endpoint", url,
-                *arguments]
+        argv = [python, "-I", "-c", _BOOT, _search_path(), "deliver", "--app", app_id,
+                "--endpoint", url, *arguments]
         if sys.platform == "win32":  # pragma: no cover
             fd, windows_fd = -1, fd
             return _start_windows(argv, _environment(), windows_fd)
@@ -168,16 +170,25 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
             os.close(fd)  # the child holds its own copy of the lock
 
 
+# ``kaibantrace deliver``, as the program that hands off would import it: with its module
+# search path, given as the first argument. Isolated mode (-I) keeps the working directory
+# and PYTHON* variables out of the path until then, so a ``json.py`` (or another copy of
+# kaibantrace) in the directory the user ran the program from is never imported instead.
+_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
+         "from kaibantrace._cli import main; main()")
+
+
+def _search_path() -> str:
+    import json
+
+    return json.dumps([os.path.abspath(entry) if entry else os.getcwd()
+                       for entry in sys.path if isinstance(entry, str)])
+
+
 def _environment() -> Dict[str, str]:
-    """The parent's environment, with this copy of kaibantrace first on the path, so that
-    ``-m kaibantrace`` finds the same code even when the program put it on ``sys.path``
-    itself."""
-    env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if package_parent not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
-    return env
+    """The program's environment, as it is now: the delivery process reads the same
+    opt-out variables, endpoint, directories and proxy settings."""
+    return dict(os.environ)
 
 
 def _start(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:

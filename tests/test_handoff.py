@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -58,8 +58,10 @@ def state() -> str:
     return os.environ["KAIBAN_TELEMETRY_DIR"]
 
 
-def run_cli(cli: Path, url: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(cli: Path, url: str, cwd: Optional[Path] = None, **env: str
+            ) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, str(cli)], capture_output=True, text=True, timeout=60,
+                          cwd=cwd,
                           env=subprocess_env(**{"KAIBAN_TELEMETRY_APP_ID": APP_ID,
                                                 "KAIBAN_TELEMETRY_ENDPOINT": url,
                                                 "KAIBAN_TELEMETRY_DETACHED": "1", **env}))
@@ -189,6 +191,18 @@ class TestShortRuns:
             assert not any(link.startswith("pipe:") for link in links.values())
         finally:
             wait_for_delivery_end()
+
+    def test_modules_in_the_working_directory_are_not_imported_by_it(
+            self, cli: Path, collector: Collector, tmp_path: Path) -> None:
+        """The user runs the tool from a directory of their own, holding a ``json.py`` and a
+        ``kaibantrace`` package: the delivery process imports neither."""
+        work = tmp_path / "work"
+        (work / "kaibantrace").mkdir(parents=True)
+        (work / "json.py").write_text("raise SystemExit('the wrong json')\n")
+        (work / "kaibantrace" / "__init__.py").write_text("raise SystemExit('the wrong copy')\n")
+        run_cli(cli, collector.url, cwd=work)
+        assert [s["type"] for s in collector.wait_for(2, timeout=15)].count("run_board") == 1
+        wait_for_delivery_end()
 
     @pytest.mark.parametrize("how", ["KAIBAN_TELEMETRY_DETACHED=0", "detached_delivery=False",
                                      "frozen", "KAIBAN_TELEMETRY_OPT_OUT=1"])
