@@ -60,6 +60,7 @@ from ._pipeline import (
     default_parameters,
     encode_body,
     encode_event,
+    snapshot_payload,
 )
 from ._sender import Counters, Encoded, Sender, Target
 from ._state import state_dir
@@ -511,8 +512,9 @@ class Telemetry:
         try:
             accept = self._route()
             if accept is not None:
-                if isinstance(payload, dict):
-                    payload = dict(payload)  # later changes by the caller must not leak in
+                if payload is not None:  # what will be sent, as it is now; never too much of it
+                    payload = snapshot_payload(
+                        payload, refuse_oversized=not (self._settings.strict or _captures))
                 accept(self._raw(name, payload, None, _float_or_none(float_value)))
         except EventError:
             raise

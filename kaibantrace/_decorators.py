@@ -12,6 +12,8 @@ starts (first ``await`` or ``next``), not when the object is created.
 A payload callable receives the call's arguments, bound to the function's
 parameter names with defaults applied (``self``/``cls`` included for methods),
 and runs on the calling thread, because the arguments may change afterwards.
+What it returns may change afterwards too (a list the function goes on
+filling), so the event keeps a snapshot of it, as ``emit`` does.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator
 
 import wrapt
 
+from . import _client
 from ._commands import command_argv, command_of
 from ._errors import EventError
 from ._identity import project_id
 from ._log import logger
-from ._pipeline import CleanPayload, PayloadFailed, Reporter, clean_payload, name_problem
+from ._pipeline import (
+    CleanPayload,
+    PayloadFailed,
+    Reporter,
+    clean_payload,
+    name_problem,
+    snapshot_payload,
+)
 
 if TYPE_CHECKING:
     from ._client import Telemetry
@@ -78,9 +88,10 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
                 signature = signatures[target] = inspect.signature(target)
             bound = signature.bind(*leading, *args, **kwargs)
             bound.apply_defaults()
-            return dynamic(dict(bound.arguments))
+            result = dynamic(dict(bound.arguments))
         except Exception as exc:  # reported by the pipeline, which knows if it is strict
             return PayloadFailed(type(exc).__name__)
+        return snapshot_payload(result, refuse_oversized=not _encoded_at_call(client))
 
     def fire(wrapped: Any, args: Any, kwargs: Any) -> None:
         """Record the event; never lets an error reach the decorated call (strict aside)."""
@@ -116,6 +127,12 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
 
 
 Fire = Callable[[Any, Any, Any], None]
+
+
+def _encoded_at_call(client: Telemetry) -> bool:
+    """Whether the client's events are encoded at the call (strict mode, a capture), where
+    a payload's problems are reported in their usual order rather than refused by size."""
+    return bool(client.settings.strict or _client._captures)
 
 
 def _with_command(client: Telemetry, data: Any, wrapped: Any, parser: Any, args: Any,

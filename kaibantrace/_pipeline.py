@@ -1,9 +1,11 @@
 """From a raw event to a TelemetryDeck signal, in plain steps.
 
 The calling thread only records a raw event (name, payload, session,
-identifier, time); everything here runs later on the sender's thread, or at
-the call in strict mode so that a test fails where the mistake is. The steps,
-top to bottom, are in ``build_signal``:
+identifier, time), with a snapshot of the payload taken by ``snapshot_payload``
+(so the queue holds what will be sent, as it was at the call, and never more
+than that); everything else runs later on the sender's thread, or at the call
+in strict mode so that a test fails where the mistake is. The steps, top to
+bottom, are in ``build_signal``:
 
 1. check the name (decorators checked theirs already; ``emit`` did not);
 2. turn the payload into flat text values as TelemetryDeck's JavaScript SDK does;
@@ -50,6 +52,33 @@ class PayloadFailed:
 
     def __init__(self, error: str) -> None:
         self.error = error
+
+
+class PayloadRefused:
+    """Stands for a payload the caller's thread already knows cannot be sent: not a mapping
+    (``cause`` "payload_type", ``detail`` its type), certainly over 4 KiB ("size"), or
+    failing when read ("unreadable", ``detail`` the exception). Only this small object
+    waits in the queue; the worker reports it as it would the payload, once per cause, and
+    sends the event without payload."""
+
+    __slots__ = ("cause", "detail")
+
+    def __init__(self, cause: str, detail: str = "") -> None:
+        self.cause = cause
+        self.detail = detail
+
+
+class Unsendable:
+    """Stands for a payload value found unsendable at the call (a set, an object, a nested
+    list): the field is dropped on the worker, whose warning names the value's type."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+_OVERSIZED = PayloadRefused("size")
 
 
 class CleanPayload(Dict[str, str]):
@@ -187,6 +216,19 @@ def _convert(value: Any) -> Optional[str]:
     return None
 
 
+def _refuse(name: str, refused: PayloadRefused, reporter: Reporter, strict: bool) -> None:
+    """Report a payload sent without its fields: the same words whether the caller's
+    thread found the problem (``snapshot_payload``) or the worker did."""
+    cause, detail = refused.cause, refused.detail
+    if cause == "size":
+        message = f"payload of {name!r} is over {MAX_PAYLOAD_BYTES} bytes encoded"
+    elif cause == "payload_type":
+        message = f"payload of {name!r} must be a mapping, not {detail}"
+    else:
+        message = f"payload of {name!r} could not be read ({detail})"
+    reporter.problem(cause, name, "", message + "; sent without payload", strict=strict)
+
+
 def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> Dict[str, str]:
     """Flat text payload with bad, reserved and personal fields dropped."""
     if payload is None:
@@ -197,9 +239,11 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
         reporter.problem("payload_callable", name, payload.error, f"payload callable of {name!r} "
                          f"raised {payload.error}; sent without payload", strict=strict)
         return {}
+    if isinstance(payload, PayloadRefused):
+        _refuse(name, payload, reporter, strict)
+        return {}
     if not isinstance(payload, Mapping):
-        reporter.problem("payload_type", name, "", f"payload of {name!r} must be a mapping, "
-                         f"not {type(payload).__name__}; sent without payload", strict=strict)
+        _refuse(name, PayloadRefused("payload_type", type(payload).__name__), reporter, strict)
         return {}
     result: Dict[str, str] = {}
     for key, value in payload.items():
@@ -213,10 +257,11 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
             continue
         if value is None:
             continue
-        text = _field_text(value)
+        text = None if type(value) is Unsendable else _field_text(value)
         if text is None:
+            shown = value.kind if type(value) is Unsendable else type(value).__name__
             reporter.problem("value_type", name, key, f"payload field {key!r} of {name!r} is a "
-                             f"{type(value).__name__}; only text, numbers, booleans, dates and flat "
+                             f"{shown}; only text, numbers, booleans, dates and flat "
                              "lists or mappings of them can be sent; field dropped", strict=strict)
             continue
         if not (key.isascii() and text.isascii()) and not _is_utf8(key, text):
@@ -231,8 +276,7 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
             continue
         result[key] = text
     if result and _encoded_size(result) > MAX_PAYLOAD_BYTES:
-        reporter.problem("size", name, "", f"payload of {name!r} is over {MAX_PAYLOAD_BYTES} bytes "
-                         "encoded; sent without payload", strict=strict)
+        _refuse(name, _OVERSIZED, reporter, strict)
         return {}
     return result
 
@@ -256,6 +300,102 @@ def _encoded_size(fields: Dict[str, str]) -> int:
     if bound <= MAX_PAYLOAD_BYTES:
         return bound
     return len(_compact_json(fields).encode("utf-8"))
+
+
+def snapshot_payload(payload: Any, *, refuse_oversized: bool = True) -> Any:
+    """What a raw event keeps of ``payload``: what will be sent, as it is at the call.
+
+    Runs on the caller's thread for every event with a payload, so it does the
+    least that makes the queue safe to hold: the worker encodes later, and by
+    then the caller may have changed a list it passed, or the queue may hold
+    thousands of payloads too big to send. So:
+
+    * text, numbers, booleans, ``None`` and dates are kept as they are: they
+      cannot change, and their text is made on the worker as before (an int
+      too long to send is kept too: checking every int would cost every call);
+    * anything else (lists, tuples, mappings, objects) is turned now into the
+      text that will be sent, or into ``Unsendable`` when it cannot be;
+    * a payload that certainly cannot fit in ``MAX_PAYLOAD_BYTES`` becomes one
+      shared ``PayloadRefused``: counting the characters of its values costs
+      next to nothing and every character takes at least a byte, so only a
+      payload whose values alone are over the bound pays for a closer look
+      (``_least_size``), and none is kept in memory;
+    * a payload that is not a mapping, or that fails when read, becomes a
+      ``PayloadRefused`` naming why.
+
+    The worker's checks (names, reserved keys, privacy, the exact size) stay
+    where they were, and report what this found in the same words.
+    ``refuse_oversized=False`` is for events encoded at the call anyway
+    (strict mode, a capture): their exact checks then report a payload's
+    problems in their usual order, a privacy problem before its size.
+    """
+    if type(payload) is not dict:  # a plain dict is by far the most common: one test
+        if payload is None or isinstance(payload, (CleanPayload, PayloadFailed, PayloadRefused)):
+            return payload
+        if not isinstance(payload, Mapping):
+            return PayloadRefused("payload_type", type(payload).__name__)
+    chars = 0  # of the values' text: keys come from the program's code, values carry its data
+    try:
+        fields = dict(payload)
+        for value in fields.values():
+            if type(value) is str:
+                chars += len(value)
+            elif type(value) not in _IMMUTABLE and not _is_date(value):
+                chars = _freeze(fields)  # a container: start again, slower
+                break
+    except Exception as exc:  # a mapping of the caller's own that fails when read
+        return PayloadRefused("unreadable", type(exc).__name__)
+    if chars > _MOST_VALUE_CHARS and refuse_oversized and _least_size(fields) > MAX_PAYLOAD_BYTES:
+        return _OVERSIZED
+    return fields
+
+
+def _freeze(fields: Dict[Any, Any]) -> int:
+    """Replace each value that could change by its text, or by ``Unsendable``; the
+    characters of all the values' text."""
+    chars = 0
+    for key, value in fields.items():  # replacing a value does not disturb the iteration
+        kind = type(value)
+        if kind is str:
+            chars += len(value)
+        elif kind not in _IMMUTABLE and not _is_date(value):
+            text = _field_text(value)
+            if text is None:
+                fields[key] = Unsendable(kind.__name__)
+            else:
+                fields[key] = text
+                chars += len(text)
+    return chars
+
+
+# Kept in a snapshot as they are, like text (tested before these) and dates: they cannot
+# change, and their text is short.
+_IMMUTABLE = frozenset({int, float, bool, type(None)})
+# Characters of value text that fit in ``MAX_PAYLOAD_BYTES`` at most: one field, ``{"k":"..."}``.
+_MOST_VALUE_CHARS = MAX_PAYLOAD_BYTES - len('{"k":""}')
+
+
+def _least_size(fields: Dict[Any, Any]) -> int:
+    """The fewest bytes the fields that ``clean_payload`` would keep can take as JSON.
+
+    Fields it drops for their key, their type or invalid Unicode do not count;
+    what it drops as personal data cannot be known without its checks, so such a
+    field counts, and a payload made too big by one is refused as too big.
+    Every kept value is text of at least one character, and ``{"k":"v"}`` adds
+    six characters per field, less a comma, to the key and the value.
+    """
+    total = 1
+    for key, value in fields.items():
+        if (not isinstance(key, str) or not key or key in RESERVED_KEYS
+                or key.lower().startswith("telemetrydeck.")):
+            continue
+        if isinstance(value, str):
+            if not (key.isascii() and value.isascii()) and not _is_utf8(key, value):
+                continue
+            total += len(key) + len(value) + 6
+        elif value is not None and type(value) is not Unsendable:
+            total += len(key) + 7
+    return total
 
 
 class EncodeContext:
