@@ -62,7 +62,7 @@ from ._pipeline import (
     encode_event,
     snapshot_payload,
 )
-from ._sender import Counters, Encoded, Sender, Target
+from ._sender import _SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF, Counters, Encoded, Sender, Target
 from ._state import state_dir
 from ._transport import HttpTransport, Transport
 
@@ -290,7 +290,8 @@ class Telemetry:
                         transport=self._transport or HttpTransport(),
                         counters=self._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
-                        backoff=s.backoff)
+                        backoff=s.backoff,
+                        setup_delay=SETUP_DELAY_WITH_HAND_OFF if self._may_hand_off() else _SETUP_DELAY)
         sender.holding = self._holding
         if not sender.start():
             return None
@@ -408,12 +409,17 @@ class Telemetry:
         self._save_directly(raw)
         self._hand_off()
 
+    def _may_hand_off(self) -> bool:
+        """Whether what is left at exit may go to a delivery process (decided again at exit)."""
+        s = self._settings
+        return (s.detached_delivery and not self._holding and self._transport is None
+                and not _handoff.in_delivery_process and _handoff.allowed(os.environ))
+
     def _hand_off(self) -> Optional[int]:
         """At exit: start a delivery process when signals wait for this client's app and
         endpoint and one could send them (see ``_handoff``); its process ID, if started."""
         s = self._settings
-        if (not s.detached_delivery or self._holding or self._transport is not None
-                or _handoff.in_delivery_process or not _handoff.allowed(os.environ)):
+        if not self._may_hand_off():
             return None
         decision = decide(s, os.environ)
         if not decision.enabled or decision.debug or decision.app_id is None:
@@ -421,6 +427,7 @@ class Telemetry:
         url = ingest_url(s, os.environ)
         sender = self._sender
         outbox = sender.outbox if sender is not None else self._direct_outbox
+        outbox = getattr(outbox, "primary", outbox)  # the file: memory dies with this process
         if url is None or outbox is None or not outbox.durable:
             return None
         try:
