@@ -325,6 +325,7 @@ def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     app_ids = ([_app_of(telemetry, args, decision)] if (args.app or decision.app_id)
                else _outbox.apps_with_outbox(state_dir()))
     totals = {"sent": 0, "left": 0}
+    dropped = 0
     problems: List[str] = []
     for app in filter(None, app_ids):
         assert app is not None
@@ -336,16 +337,21 @@ def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         client = Client(app_id=app, endpoint=s.endpoint, namespace=s.namespace, salt=s.salt,
                         opt_out_env=s.opt_out_env, profile=s.profile, timeout=s.timeout,
                         backoff=s.backoff, transport=telemetry._transport)
-        sent, left, problem = _drain(client, waiting, args)
+        sent, left, lost, problem = _drain(client, waiting, args)
         totals["sent"] += sent
         totals["left"] += left
+        dropped += lost
         if problem:
             problems.append(problem)
     if not args.json:
         print(f"Sent {totals['sent']} signal(s); {totals['left']} still waiting.")
+    reason = f" ({problems[0]})" if problems else ""
+    if dropped:
+        raise Failure(f"{dropped} signal(s) could not be sent and were dropped{reason}"
+                      + (f"; {totals['left']} wait for a later run" if totals["left"] else ""))
     if totals["left"]:
-        raise Failure(f"{totals['left']} signal(s) could not be sent"
-                      + (f" ({problems[0]})" if problems else "") + "; they wait for a later run")
+        raise Failure(f"{totals['left']} signal(s) could not be sent{reason}; they wait for a "
+                      "later run")
     return {"ok": True, **totals}
 
 
@@ -372,12 +378,12 @@ def _deliver(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     return {"ok": not done.problem, "sent": done.sent, "left": done.left, "problem": done.problem or None}
 
 
-def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[int, int, str]:
+def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[int, int, int, str]:
     """Start the client's sender and wait until its outbox is empty or it gives up."""
     client._route()  # starts the sender, which sends what waits in the outbox
     sender = client._sender
     if sender is None:
-        return 0, waiting, "no sender could start"
+        return 0, waiting, 0, "no sender could start"
     sender.ignore_shared_backoff = True  # the user asked: one try now, whoever failed before
     sender.poke()
     show = not args.json and sys.stdout.isatty()
@@ -398,8 +404,7 @@ def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[i
         client.shutdown(timeout=1.0)
     sent = int(client.stats()["sent"])  # type: ignore[call-overload]  # after the last send
     # What is left is read, not computed: a delivery process may have sent some meanwhile.
-    # Dropped ones (a retired endpoint, a refused batch) were not sent either.
     still = _outbox.waiting(state_dir(), str(client.settings.app_id))
-    dropped = sum(client.stats()["dropped"].values())  # type: ignore[attr-defined]
-    left = waiting - sent if still is None else still + dropped
-    return sent, left, sender.last_problem
+    dropped = sum(client.stats()["dropped"].values())  # type: ignore[attr-defined]  # 410, refused
+    left = waiting - sent - dropped if still is None else still
+    return sent, left, dropped, sender.last_problem

@@ -152,6 +152,7 @@ class Telemetry:
         self._undelivered_since_flush = False  # dropped, or saved without a sender, since a flush
         self._cli_seen = False  # the first track_cli call of this process was handled
         self._exited = False  # the exit hook ran: later events are saved for the hand-off
+        self._exit_deadline = 0.0  # monotonic: when the exit budget ran out
         self._holding = False  # this run showed the first-run notice: send nothing
         self._opt_key = _encoded_key(self._settings.opt_out_env)
 
@@ -291,7 +292,7 @@ class Telemetry:
                         counters=self._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
                         backoff=s.backoff,
-                        setup_delay=SETUP_DELAY_WITH_HAND_OFF if self._may_hand_off() else _SETUP_DELAY)
+                        setup_delay=self._setup_delay)
         sender.holding = self._holding
         if not sender.start():
             return None
@@ -404,16 +405,41 @@ class Telemetry:
             self._lose("no_sender")
 
     def _save_after_exit(self, raw: RawEvent) -> None:
-        """After the exit hook: save the event, and start a delivery process for it unless
-        one runs (the one started at exit, if any, looks again before it ends)."""
-        self._save_directly(raw)
+        """After the exit hook: save the event, waiting for another process's transaction
+        no longer than the exit budget allows, then start a delivery process for it unless
+        one runs (one started at exit looks again before it ends)."""
+        sender = self._sender
+        outbox = getattr(sender.outbox, "primary", sender.outbox) if sender is not None else None
+        if outbox is None or not hasattr(outbox, "set_busy_timeout"):
+            self._save_directly(raw)  # no sender here: the first event comes during shutdown
+        else:
+            counters = self._counters
+            counters.taken += 1
+            self._undelivered_since_flush = True
+            try:
+                encoded = self._encode_batch([raw])
+                if encoded is not None and encoded.signals:
+                    outbox.set_busy_timeout(max(0.0, self._exit_deadline - time.monotonic()))
+                    added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
+                    counters.in_outbox += len(encoded.signals) - added.full - added.expired
+                    counters.drop("outbox_full", added.full)
+            except Exception:
+                logger.debug("kaibantrace: could not save an event after exit", exc_info=True)
+                self._lose("unsaved_at_exit")
         self._hand_off()
 
     def _may_hand_off(self) -> bool:
         """Whether what is left at exit may go to a delivery process (decided again at exit)."""
         s = self._settings
         return (s.detached_delivery and not self._holding and self._transport is None
-                and not _handoff.in_delivery_process and _handoff.allowed(os.environ))
+                and not _handoff.in_delivery_process and _handoff.allowed(os.environ)
+                and _handoff.interpreter() is not None)
+
+    def _setup_delay(self, outbox: Outbox) -> float:
+        """How long the poster waits before setting up HTTP (asked on its thread): a short
+        run whose leftovers a delivery process will take need not set it up at all."""
+        durable = getattr(outbox, "primary", outbox).durable
+        return SETUP_DELAY_WITH_HAND_OFF if durable and self._may_hand_off() else _SETUP_DELAY
 
     def _hand_off(self) -> Optional[int]:
         """At exit: start a delivery process when signals wait for this client's app and
@@ -693,13 +719,14 @@ def _register_process_hooks() -> None:
 
 
 def _at_exit() -> None:
-    """Save what is queued, let each sender use what is left of its exit budget (1 s by
+    """Save what is queued, let each sender use what is left of its exit budget (100 ms by
     default, all clients in parallel), then hand what still waits to a delivery process."""
     start = time.monotonic()
     clients = list(_live_clients)
     for client in clients:
         client._closed = True
         client._exited = True
+        client._exit_deadline = start + client._settings.exit_timeout
         client._seen_generation = -1
         sender = client._sender
         if sender is not None:

@@ -113,31 +113,32 @@ def _lock(fd: int, *, blocking: bool) -> bool:
 
 
 def running(directory: str, app_id: str) -> Optional[int]:
-    """The process ID of the app's delivery process when one runs (0 when it runs but its
-    ID cannot be read), else ``None``. Reads only; creates nothing."""
-    path = lock_path(directory, app_id)
+    """The process ID of the app's delivery process when one runs, else ``None``. Reads
+    only, and takes no lock: asking must never make a program's hand-off find the lock
+    taken. A delivery process writes its ID into the lock file and empties it as it ends;
+    an ID left by one that was killed names no live process (or, on Linux, none that is
+    a delivery process)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(lock_path(directory, app_id), "rb") as handle:
+            text = handle.read(32).decode("ascii", "replace").strip()
     except OSError:
         return None
-    try:
-        if sys.platform == "win32":  # pragma: no cover - Windows: a locked byte cannot be read
-            try:
-                os.read(fd, 1)
-                return None
-            except OSError:
-                return 0
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            text = os.read(fd, 32).decode("ascii", "replace").strip()
-            return int(text) if text.isdigit() else 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    if not text.isdigit():
         return None
-    finally:
-        os.close(fd)
+    pid = int(text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # alive, but another user's: not ours to have started
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"deliver" not in handle.read():
+                return None  # the ID was reused by another program
+    except OSError:  # no /proc here (macOS): the live ID is all there is to go by
+        pass
+    return pid
 
 
 def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) -> Optional[int]:
@@ -153,8 +154,8 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
     if fd is None:
         return None
     try:
-        argv = [python, "-I", "-c", _BOOT, _search_path(), "deliver", "--app", app_id,
-                "--endpoint", url, *arguments]
+        argv = [python, *_interpreter_flags(), "-c", _BOOT, _search_path(), "deliver",
+                "--app", app_id, "--endpoint", url, *arguments]
         if sys.platform == "win32":  # pragma: no cover
             fd, windows_fd = -1, fd
             return _start_windows(argv, _environment(), windows_fd)
@@ -171,11 +172,28 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
 
 
 # ``kaibantrace deliver``, as the program that hands off would import it: with its module
-# search path, given as the first argument. Isolated mode (-I) keeps the working directory
-# and PYTHON* variables out of the path until then, so a ``json.py`` (or another copy of
+# search path, given as the first argument. The working directory is kept off the path
+# until then (see ``_interpreter_flags``), so a ``json.py`` (or another copy of
 # kaibantrace) in the directory the user ran the program from is never imported instead.
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
          "from kaibantrace._cli import main; main()")
+
+
+def _interpreter_flags() -> List[str]:
+    """``-P`` (Python 3.11+) keeps the working directory off the module path and the
+    environment as it is. Older Pythons only have isolated mode (``-I``), which also
+    ignores the ``PYTHON*`` variables: the bytecode settings are passed on as flags
+    (``PYTHONHOME`` cannot be; where a program needs it, its delivery process fails to
+    start and what waits is sent by a later run)."""
+    if sys.version_info >= (3, 11):
+        return ["-P"]
+    flags = ["-I"]
+    if sys.dont_write_bytecode:
+        flags.append("-B")
+    prefix = getattr(sys, "pycache_prefix", None)
+    if prefix:
+        flags += ["-X", f"pycache_prefix={prefix}"]
+    return flags
 
 
 def _search_path() -> str:
@@ -192,29 +210,25 @@ def _environment() -> Dict[str, str]:
 
 
 def _start(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:
-    import fcntl
+    # The child finds the lock at descriptor 3 (4 if ours is 3: dup2 onto itself may keep
+    # its close-on-exec flag).
+    target = 4 if lock_fd == 3 else 3
+    argv = [*argv, "--lock-fd", str(target)]
+    if getattr(os, "posix_spawn", None) is not None:
+        try:
+            return _posix_spawn(argv, env, lock_fd, target)
+        except (NotImplementedError, TypeError):  # no setsid in this libc: subprocess can
+            pass
+    import subprocess
 
-    # A copy numbered above the standard descriptors, which the child gets anew.
-    inherited = fcntl.fcntl(lock_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    try:
-        argv = [*argv, "--lock-fd", str(inherited)]
-        if getattr(os, "posix_spawn", None) is not None:
-            try:
-                return _posix_spawn(argv, env, inherited)
-            except (NotImplementedError, TypeError):  # no setsid in this libc: subprocess can
-                pass
-        import subprocess
-
-        child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, close_fds=True, pass_fds=(inherited,),
-                                 start_new_session=True)
-        child.returncode = 0  # never waited for: it outlives us by design, so no warning about it
-        return child.pid
-    finally:
-        os.close(inherited)
+    child = subprocess.Popen([*argv[:-1], str(lock_fd)], env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                             pass_fds=(lock_fd,), start_new_session=True)
+    child.returncode = 0  # never waited for: it outlives us by design, so no warning about it
+    return child.pid
 
 
-def _posix_spawn(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:
+def _posix_spawn(argv: List[str], env: Dict[str, str], lock_fd: int, target: int) -> int:
     """``posix_spawn``: cheaper than ``subprocess`` at exit (no fork of a big process, no
     import). The lock's descriptor is the only one the child keeps besides the null device."""
     devnull = os.devnull
@@ -225,13 +239,12 @@ def _posix_spawn(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:
     ]
     # Descriptors marked inheritable by the program or its parent (a shell's ``3>``, a
     # jobserver's pipe) would keep a pipe open as long as the child lives.
-    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_descriptors() if fd != lock_fd]
-    os.set_inheritable(lock_fd, True)
-    try:
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
-                              setsigmask=(), setsigdef=_default_signals())
-    finally:
-        os.set_inheritable(lock_fd, False)
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_descriptors()]
+    # The lock goes to a number of its own in the child only (dup2 there makes it survive
+    # exec): marked inheritable here, another thread's fork could take it along meanwhile.
+    actions.append((os.POSIX_SPAWN_DUP2, lock_fd, target))
+    return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
+                          setsigmask=(), setsigdef=_default_signals())
 
 
 def _inheritable_descriptors() -> List[int]:
@@ -312,8 +325,9 @@ def adopt_lock(directory: str, app_id: str, fd: Optional[int]) -> Optional[int]:
 def _write_pid(fd: int, pid: Optional[int] = None) -> None:
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(pid or os.getpid()).encode("ascii"), 0)
-    except (OSError, AttributeError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, str(pid or os.getpid()).encode("ascii"))
+    except OSError:
         pass
 
 
@@ -344,10 +358,23 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
     environment and the user's saved choice.
     """
     global in_delivery_process
+    was = in_delivery_process
     in_delivery_process = True
+    try:
+        return _deliver(app_id, url, opt_out_env=opt_out_env, profile=profile, timeout=timeout,
+                        backoff=backoff, bound=bound, lock_fd=lock_fd)
+    finally:
+        in_delivery_process = was
+        if lock_fd is not None:
+            _cancel_alarm()
+
+
+def _deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], timeout: float,
+             backoff: float, bound: float, lock_fd: Optional[int]) -> Delivered:
     deadline = time.monotonic() + bound
-    _end_at_the_latest(bound + 5.0)
-    lower_priority()
+    if lock_fd is not None:  # started by a program's exit: a process of its own to bound
+        _end_at_the_latest(bound + 5.0)
+        lower_priority()
     from ._client import Telemetry
     from ._outbox import waiting
     from ._state import state_dir
@@ -365,6 +392,7 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
         client._route()  # decides opt-out; when on, starts the sender, which sends what waits
         sender = client._sender
         if sender is not None:
+            sender.bound(deadline)  # nothing still under way when the bound comes
             sender.poke()  # this process exists to send: no setup delay
         if sender is None:
             decision = client.decision()
@@ -400,6 +428,7 @@ def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], 
                     break  # the other process started a delivery of its own
                 fd = retaken
                 _write_pid(fd)
+                idle_since = None
                 sender.poke()
             elif time.monotonic() - poked >= _LOOK_AGAIN:
                 # Rows may be leased by a process that has ended, or added by one that found
@@ -423,6 +452,17 @@ def _note_run(directory: str, app_id: str) -> None:
         SqliteOutbox(outbox_path(directory, app_id)).note_delivery_run(os.getpid())
     except Exception:
         logger.debug("kaibantrace: could not note the delivery run", exc_info=True)
+
+
+def _cancel_alarm() -> None:
+    import signal
+
+    alarm = getattr(signal, "alarm", None)
+    if alarm is not None:
+        try:
+            alarm(0)
+        except ValueError:  # not the main thread: none was set
+            pass
 
 
 def _end_at_the_latest(seconds: float) -> None:

@@ -318,7 +318,7 @@ class SqliteOutbox:
             connection = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                          check_same_thread=True)
             # Text that is not UTF-8 (a row another program planted) must not make
-            # every claim fail: it is read with replacement characters, then refused.
+            # every claim fail: it is read with its bad bytes kept apart, then refused.
             connection.text_factory = _lenient_text
             try:
                 self._prepare(connection, check=not self._checked)
@@ -508,7 +508,7 @@ class SqliteOutbox:
 
 
 def _lenient_text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
+    return data.decode("utf-8", "surrogateescape")  # bad bytes become lone surrogates
 
 
 # A signal kaibantrace writes is at most about 5 KiB (a 4 KiB payload and the fixed
@@ -525,6 +525,11 @@ def row_problem(body: str, app_id: str) -> Optional[str]:
     """
     if len(body) > MAX_ROW_CHARS:
         return "too large"
+    if not body.isascii():
+        try:
+            body.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 in the file
+            return "not UTF-8"
     import json
 
     try:

@@ -146,7 +146,7 @@ class Sender:
                  on_retired: Callable[[Target], None],
                  transport: Transport, counters: Counters, batch_size: int,
                  flush_interval: float, max_queue: int, timeout: float, backoff: float,
-                 setup_delay: float = _SETUP_DELAY) -> None:
+                 setup_delay: Callable[[Outbox], float] = lambda outbox: _SETUP_DELAY) -> None:
         self._encode = encode
         self._target = target
         self._open_outbox = open_outbox
@@ -195,6 +195,10 @@ class Sender:
         self._lost = False  # something was dropped since the last flush was answered
         self._in_flight = 0
         self._latency: Optional[float] = None  # of the last request the server answered
+        self._claim_lock = threading.Lock()  # the poster's claim and the exit hook's settling
+        self._settled = False  # the exit hook gave back this process's claim
+        self._bounded = False  # a deadline bounds every request (a delivery process)
+        self._exit_outbox: Optional[Outbox] = None  # opened by the exit hook, the writer not ready
         self._claimed: List[int] = []  # rows of the current claim not yet answered
         self._in_flight_ids: List[int] = []  # rows of the request being sent
         self._in_flight_until = 0.0  # monotonic; when that request times out
@@ -286,7 +290,9 @@ class Sender:
                 left = max(0.0, deadline - time.monotonic())
                 ready = self._outbox_ready.wait(left / 2)
                 outbox = self._outbox if ready else None
-                self._persist(outbox or self._open_outbox(), raws, exiting=True)
+                if outbox is None:  # kept, so the hand-off finds what was saved here
+                    outbox = self._exit_outbox = self._open_outbox()
+                self._persist(outbox, raws, exiting=True)
         self._wake.set()
         self._post_wake.set()
         self._progress.set()
@@ -323,7 +329,7 @@ class Sender:
         have timed out: the server may be accepting them right now, and sending
         them again meanwhile would make duplicates.
         """
-        outbox = self._outbox
+        outbox = self.outbox
         if outbox is None:
             return
         # Signals only memory holds (no outbox file, a full disk, a file locked past the
@@ -333,9 +339,11 @@ class Sender:
             memory = outbox
         if memory is not None:
             self._lose(memory.count_mine(1 << 63), "unsaved_at_exit")
-        in_flight = list(self._in_flight_ids)
-        flying = set(in_flight)
-        rest = [i for i in self._claimed if i not in flying]
+        with self._claim_lock:
+            self._settled = True
+            in_flight = list(self._in_flight_ids)
+            flying = set(in_flight)
+            rest = [i for i in self._claimed if i not in flying]
         try:
             if rest:
                 outbox.release(rest)
@@ -346,8 +354,15 @@ class Sender:
 
     @property
     def outbox(self) -> Optional[Outbox]:
-        """The outbox the writer opened (``None`` before it did)."""
-        return self._outbox
+        """The outbox the writer opened, or the one the exit hook opened when the writer had
+        not yet (``None`` before either did)."""
+        return self._outbox or self._exit_outbox
+
+    def bound(self, deadline: float) -> None:
+        """Send nothing that could still be under way at ``deadline`` (monotonic): a delivery
+        process ending at its bound must not leave a request the server may be accepting."""
+        self._deadline = deadline
+        self._bounded = True
 
     def outbox_count(self) -> int:
         """Signals waiting for this sender's target, other processes' included, read now."""
@@ -557,7 +572,8 @@ class Sender:
         shorter than that never import the HTTP stack at all. A waiting
         ``flush()`` (or ``poke()``) ends it at once.
         """
-        deadline = time.monotonic() + self._setup_delay
+        outbox = self._outbox
+        deadline = time.monotonic() + (self._setup_delay(outbox) if outbox is not None else 0.0)
         while not (self._stopping or self._eager or self._flush_requested or self._markers):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -607,19 +623,30 @@ class Sender:
         if self._circuit_open or self.holding or not self._may_try_now(outbox, target.url):
             return False
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
-        if remaining is not None and (remaining < 0.01 or (self._exiting and not self._fits(remaining))):
+        if remaining is not None and (remaining < 0.01 or (
+                (self._exiting or self._bounded) and not self._fits(remaining))):
             return False
-        timeout = self._timeout if remaining is None else min(self._timeout, remaining)
+        timeout = self._timeout if remaining is None else min(self._timeout, remaining / 2)
         batches = 1 if remaining is not None else _BATCHES_PER_CLAIM
-        # The lease covers every request of the claim, so no other process takes them meanwhile;
-        # a request may take its timeout twice (to connect, then for the answer).
+        if not self._still_wanted(target):
+            return False
+        if self._settled:  # the exit hook gave back what this process held: claim no more
+            return False
+        # The lease covers every request of the claim, so no other process takes them
+        # meanwhile; a request may take its timeout twice (to connect, then to answer).
         rows = self._valid(outbox, target, outbox.claim(
             target.app_id, target.url, self._batch_size * batches, batches * 2 * timeout + 2.0))
         if rows is None:
             return True  # the claim held only rows that must not be sent: claim again
         if not rows:
             return False
-        self._claimed = [row.id for row in rows]
+        with self._claim_lock:  # never held across a call into the outbox: the exit hook waits
+            settled = self._settled
+            if not settled:
+                self._claimed = [row.id for row in rows]
+        if settled:  # the exit hook has settled meanwhile, without these rows
+            outbox.release([row.id for row in rows])
+            return False
         try:
             for start in range(0, len(rows), self._batch_size):
                 if start and (self._stopping or self._circuit_open or self.holding
@@ -628,9 +655,11 @@ class Sender:
                 if not self._post_chunk(outbox, target, rows[start:start + self._batch_size], timeout):
                     return False
         finally:
-            left, self._claimed = self._claimed, []
-            if left:  # not posted (stopping, opted out, a failure): back for anyone to claim
-                outbox.release(left)
+            with self._claim_lock:
+                left, self._claimed = self._claimed, []
+                settled = self._settled
+            if left and not settled:  # not posted: back for anyone to claim (the exit hook
+                outbox.release(left)  # gave them back already if it has settled)
         return len(rows) == self._batch_size * batches
 
     def _valid(self, outbox: Outbox, target: Target, rows: List[Row]) -> Optional[List[Row]]:
@@ -663,10 +692,19 @@ class Sender:
         assert target.url is not None
         ids = [row.id for row in rows]
         body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
-        self._in_flight_ids = ids
-        self._in_flight_until = time.monotonic() + 2 * timeout
-        outcome = self._post(target.url, body, timeout, len(rows))
-        self._in_flight_ids = []
+        with self._claim_lock:
+            self._in_flight_ids = ids
+            self._in_flight_until = time.monotonic() + 2 * timeout
+        try:
+            return self._answered(outbox, target, rows, ids, body,
+                                  self._post(target.url, body, timeout, len(rows)))
+        finally:
+            with self._claim_lock:  # only once the answer is recorded (the rows deleted)
+                self._in_flight_ids = []
+
+    def _answered(self, outbox: Outbox, target: Target, rows: List[Row], ids: List[int],
+                  body: bytes, outcome: Outcome) -> bool:
+        assert target.url is not None
         if outcome.result is Result.SENT:
             self._forget(outbox, ids)
             self._counters.sent += len(rows)
@@ -722,7 +760,8 @@ class Sender:
             outbox.delete(ids)
             self._counters.in_outbox -= len(ids)
         done = set(ids)
-        self._claimed = [i for i in self._claimed if i not in done]
+        with self._claim_lock:
+            self._claimed = [i for i in self._claimed if i not in done]
         self._stalled = False
         self._progress.set()  # the writer may be waiting for room
 

@@ -77,10 +77,12 @@ def run_script(source: str, *args: str, **env: str) -> subprocess.CompletedProce
 
 
 def leave_in_outbox(url: str, count: int = 1) -> None:
-    """Signals waiting for ``url``, as a process that could not send would leave them."""
+    """Signals waiting for ``url``, as a process that could not send would leave them; each
+    has its number in its payload."""
     outbox = SqliteOutbox(outbox_path(state(), APP_ID))
-    body = json.dumps({"appID": APP_ID, "clientUser": "0" * 64, "type": "waiting"})
-    outbox.add(APP_ID, url, [(time.time(), body)] * count)
+    outbox.add(APP_ID, url, [(time.time(), json.dumps({
+        "appID": APP_ID, "clientUser": "0" * 64, "type": "waiting", "payload": {"n": str(n)}}))
+        for n in range(count)])
 
 
 def wait_for_delivery_end(timeout: float = 40.0) -> None:
@@ -256,6 +258,37 @@ class TestDuplicates:
         assert len(counts) == 3000 and max(counts.values()) == 1
 
 
+class TestBound:
+    def test_a_delivery_process_ending_at_its_bound_leaves_no_duplicates(self, collector: Collector) -> None:
+        """It starts no request that could still be under way when its time is up: what it
+        did not send is sent once, by the next one."""
+        collector.respond(200, delay=1.0)  # a second an answer: the bound falls mid-request
+        leave_in_outbox(collector.url, 300)
+        deliver = [sys.executable, "-m", "kaibantrace", "deliver", "--app", APP_ID,
+                   "--endpoint", collector.url, "--json"]
+        first = subprocess.run([*deliver, "--max-time", "2.8"], capture_output=True, text=True,
+                               timeout=60, env=subprocess_env())
+        assert json.loads(first.stdout)["left"] > 0
+        with contextlib.closing(sqlite3.connect(outbox_path(state(), APP_ID))) as db:
+            (leased,) = db.execute("SELECT COUNT(*) FROM signals WHERE lease_until > ?",
+                                   (time.time(),)).fetchone()
+        assert leased == 0  # nothing left that the server may have been accepting
+        subprocess.run(deliver, capture_output=True, text=True, timeout=60, env=subprocess_env())
+        counts = collections.Counter(s["payload"]["n"] for s in collector.wait_for(300, timeout=30))
+        assert len(counts) == 300 and max(counts.values()) == 1
+
+    def test_run_in_the_program_itself_it_leaves_no_alarm_behind(self, collector: Collector) -> None:
+        """``command_line(["deliver"])`` in a host: no kill timer, and later hand-offs still
+        happen."""
+        import signal
+
+        leave_in_outbox(collector.url)
+        assert kaibantrace.command_line(["deliver", "--app", APP_ID, "--endpoint", collector.url,
+                                         "--max-time", "3"]) == 0
+        assert signal.alarm(0) == 0 and _handoff.in_delivery_process is False
+        assert len(collector.signals) == 1
+
+
 class TestSharedBackoff:
     def test_a_new_process_does_not_retry_what_another_found_down(self, collector: Collector) -> None:
         collector.respond(503)
@@ -295,6 +328,30 @@ class TestExit:
             db.execute("ROLLBACK")
             db.close()
         assert float(done.stdout) < 0.6  # the budget is 0.1 s; it used to wait a whole second
+
+    def test_events_after_the_exit_hook_wait_for_the_outbox_no_longer_than_the_budget(self) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint="http://127.0.0.1:9/v2/",
+                                       detached_delivery=False)
+        client.emit("make_the_outbox")
+        client.flush(0.5)
+        client.shutdown()
+        db = sqlite3.connect(outbox_path(state(), APP_ID), isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            done = run_script(
+                "import atexit, sys, time\n"
+                "import kaibantrace\n"
+                f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint='http://127.0.0.1:9/v2/')\n"
+                "def late():\n"
+                "    started = time.perf_counter()\n"
+                "    for i in range(3):\n        c.emit('late')\n"
+                "    print(time.perf_counter() - started)\n"
+                "atexit.register(late)\n"  # before the first event: runs after kaibantrace's hook
+                "c.emit('first')\n", KAIBAN_TELEMETRY_DETACHED="0")
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        assert float(done.stdout) < 1.0  # three events; each used to wait two seconds
 
 
 class TestUserControl:
@@ -359,12 +416,14 @@ class TestPlantedRows:
         good = json.dumps(collector.signals[0], separators=(",", ":"))
         client.shutdown()
         other_app = good.replace(APP_ID, "95BF7A3E-9D86-432D-9633-3526DD3A8977")
-        planted = ["not json at all", other_app, good[:-1] + ',"x":"' + "y" * 5_000_000 + '"}',
-                   good.replace('"good"', '"go\x1eod"'), good, good]
+        planted: List[object] = [
+            "not json at all", other_app, good[:-1] + ',"x":"' + "y" * 5_000_000 + '"}',
+            good.replace('"good"', '"go\x1eod"'), good, good,
+            good.replace('"good"', '"g\xffood"').encode("latin-1")]  # bytes that are not UTF-8
         db = sqlite3.connect(outbox_path(state(), APP_ID), isolation_level=None)
         try:
             db.executemany("INSERT INTO signals (app_id, url, created, body, origin) "
-                           "VALUES (?, ?, ?, ?, ?)",
+                           "VALUES (?, ?, ?, CAST(? AS TEXT), ?)",
                            [(APP_ID.lower(), collector.url, time.time(), body, "planted")
                             for body in planted])
         finally:
@@ -375,7 +434,7 @@ class TestPlantedRows:
             assert reader.flush(10) is False  # something was dropped since the last flush
             types = [s["type"] for s in collector.signals]
             assert sorted(types) == ["after", "good", "good", "good"]  # the first, two planted, one new
-            assert reader.stats()["dropped"]["invalid_row"] == 4  # type: ignore[index]
+            assert reader.stats()["dropped"]["invalid_row"] == 5  # type: ignore[index]
             assert all(s["appID"] == APP_ID for s in collector.signals)
         finally:
             reader.shutdown()
