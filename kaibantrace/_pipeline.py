@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
 
 from ._errors import DropEvent, EventError, PrivacyError
+from ._fork import guard as fork_guard
 from ._identity import Session, hash_user, keyed_identity
 from ._log import logger
 from ._privacy import personal_data_kind
@@ -423,9 +424,13 @@ class EncodeContext:
 
 def default_parameters(ci: bool) -> Dict[str, str]:
     """The coarse, non-personal facts ``default_parameters=True`` adds to every payload."""
-    import platform  # deferred: only authors who ask for these pay for the import
-
-    system = platform.system()
+    if "platform" not in sys.modules:
+        # Deferred, so that only authors who ask for these pay for the import; and
+        # imported under the fork guard, as the writer may be the one importing it: a
+        # fork in the middle would leave a child's ``import platform`` waiting forever.
+        with fork_guard("setup"):
+            __import__("platform")
+    system = sys.modules["platform"].system()
     family = {"Linux": "linux", "Darwin": "macos", "Windows": "windows"}.get(system, "other")
     return {
         "kaibantrace.version": __version__,

@@ -167,6 +167,9 @@ class TestFirstRunNotice:
 
     def test_a_child_forked_on_the_notice_run_sends_nothing_either(
             self, collector: Collector, tmp_path: Path) -> None:
+        """Where no variable names the user, the writer's first privacy check imports
+        ``pwd``; a fork during that import once lost the child's event (see
+        ``TestForkWhileTheWriterImports``, which makes that moment certain)."""
         said = run_cli(collector.url, "run", terminal=True, cwd=tmp_path, FLUSH="1", FORK="1")
         assert "collects anonymous usage data" in said
         assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 3  # the child's event too
@@ -207,6 +210,87 @@ class TestFirstRunNotice:
         assert "collects anonymous usage data" not in said
         assert [s["type"] for s in collector.wait_for(1)] == ["cli_used"]  # no install event
         assert list(Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]).iterdir()) == []
+
+
+# A program that forks while kaibantrace's writer is importing a module: the child would
+# inherit that module's import lock, held by a thread it does not have, and its own
+# writer would wait for it forever. The loader below holds that lock for a second when a
+# thread other than the main one imports MODULE (in ``exec_module``: a finder would hold
+# the interpreter's own import lock, which a fork waits for), and tells the main thread,
+# which forks then. Threads parked in the child take the stacks the parent's threads
+# left, so that no new thread there has the ident of the one that held the lock (which
+# would let it in).
+_FORK_DURING_IMPORT = textwrap.dedent("""
+    import os, sys, threading, time
+
+    entered = threading.Event()
+
+    class SlowLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+
+        def exec_module(self, module):
+            entered.set()
+            time.sleep(1.0)
+            self.loader.exec_module(module)
+
+    class SlowImport:
+        def find_spec(self, name, path=None, target=None):
+            if name != os.environ["MODULE"] or threading.current_thread() is threading.main_thread():
+                return None
+            for finder in sys.meta_path:
+                spec = None if finder is self else finder.find_spec(name, path, target)
+                if spec is not None:
+                    spec.loader = SlowLoader(spec.loader)
+                    return spec
+            return None
+
+    sys.meta_path.insert(0, SlowImport())
+    import kaibantrace
+
+    kaibantrace.configure(app_id=os.environ["APP"], endpoint=os.environ["URL"],
+                          default_parameters=True)
+    kaibantrace.emit("from_parent")
+    assert entered.wait(30), "no thread of kaibantrace imported " + os.environ["MODULE"]
+    pid = os.fork()
+    if pid == 0:
+        parked = threading.Event()
+        for _ in range(4):
+            threading.Thread(target=parked.wait, daemon=True).start()
+        kaibantrace.emit("from_child")
+        print("child", kaibantrace.flush(5), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("parent", kaibantrace.flush(10), flush=True)
+""")
+_USER_VARIABLES = ("LOGNAME", "USER", "LNAME", "USERNAME")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+class TestForkWhileTheWriterImports:
+    def run(self, collector: Collector, module: str, user: Optional[str]) -> None:
+        environ = subprocess_env(APP=APP_ID, URL=collector.url, MODULE=module)
+        for name in _USER_VARIABLES:  # none: the privacy guard asks the password database
+            environ.pop(name, None)
+        if user is not None:
+            environ["USER"] = user
+        done = subprocess.run([sys.executable, "-c", _FORK_DURING_IMPORT], env=environ,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["child", "True", "parent", "True"], done.stderr
+        assert sorted(s["type"] for s in collector.wait_for(2)) == ["from_child", "from_parent"]
+
+    def test_platform_for_the_default_parameters(self, collector: Collector) -> None:
+        self.run(collector, "platform", user="kaibantester")
+
+    @pytest.mark.xfail(strict=True, reason="the writer imports pwd (getpass.getuser, for the "
+                       "privacy guard) outside the fork guard: _sender._WORKER_MODULES must "
+                       "list it")
+    def test_pwd_for_the_privacy_guard(self, collector: Collector) -> None:
+        self.run(collector, "pwd", user=None)
 
 
 class TestInstallEvent:
