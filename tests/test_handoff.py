@@ -323,7 +323,7 @@ class TestExit:
                 f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint='http://127.0.0.1:9/v2/')\n"
                 "c.emit('first')\n"
                 "atexit.register(lambda: times.__setitem__('hook', time.perf_counter()))\n"
-                "for i in range(10):\n    c.emit('e')\n")
+                "for i in range(10):\n    c.emit('e')\n", KAIBAN_TELEMETRY_DETACHED="0")
         finally:
             db.execute("ROLLBACK")
             db.close()
