@@ -21,6 +21,8 @@ import os
 import re
 from typing import Dict, Optional, Tuple
 
+from ._fork import guard as fork_guard
+
 _EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\d])")
 _IPV6_CANDIDATE = re.compile(r"[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[0-9a-z]+)?")
@@ -68,18 +70,22 @@ _UNKNOWN = object()
 def _user_name() -> Optional[str]:
     global _user, _user_known, _host, _words
     if not _user_known:
-        import getpass  # deferred, like the other lookups: a cost only if a payload is checked
-        import socket
+        # Under the fork guard: where no variable names the user, getpass imports pwd and
+        # asks the C library, which holds locks of its own meanwhile; a fork landing then
+        # would leave the child's first check waiting for them forever.
+        with fork_guard("setup"):
+            import getpass  # deferred, like the other lookups: a cost only if a payload is checked
+            import socket
 
-        try:
-            name = getpass.getuser().strip().lower()
-        except Exception:  # no passwd entry, no variables: nothing to compare
-            name = ""
+            try:
+                name = getpass.getuser().strip().lower()
+            except Exception:  # no passwd entry, no variables: nothing to compare
+                name = ""
+            try:
+                host = socket.gethostname().split(".")[0].strip().lower()
+            except OSError:
+                host = ""
         _user = name if len(name) >= 2 and name not in _GENERIC_ACCOUNTS else None
-        try:
-            host = socket.gethostname().split(".")[0].strip().lower()
-        except OSError:
-            host = ""
         _host = host if len(host) >= 3 and host not in ("localhost", "localhost6") else None
         _words = tuple((kind, re.compile(rf"(?<![a-z0-9_]){re.escape(word)}(?![a-z0-9_])"))
                        for kind, word in (("the user name", _user), ("the host name", _host))

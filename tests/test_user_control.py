@@ -310,14 +310,9 @@ class TestForkWhileTheWriterHoldsALock:
 
     # Both seen in the forked child of the notice run, under load: its writer waiting for
     # the import lock of pwd, or for glibc's lock on its list of name-service modules.
-    _PRIVACY_LOOKUP = pytest.mark.xfail(strict=True, reason="the privacy guard imports pwd "
-                                        "and looks the user up outside the fork guard")
-
-    @_PRIVACY_LOOKUP
     def test_importing_pwd_for_the_privacy_guard(self, collector: Collector) -> None:
         self.run(collector, _SLOW_IMPORT, user=None, MODULE="pwd")
 
-    @_PRIVACY_LOOKUP
     def test_looking_the_user_up_for_the_privacy_guard(self, collector: Collector) -> None:
         self.run(collector, _SLOW_LOOKUP, user=None)
 
