@@ -47,7 +47,8 @@ def _local_markers() -> Tuple[str, ...]:
     global _local
     if _local is None:
         markers = []
-        home = os.path.expanduser("~")
+        with fork_guard("setup"):  # without HOME, this reads the password database too
+            home = os.path.expanduser("~")
         if home and home not in ("~", "/", "\\"):
             markers.append(home.replace("\\", "/").rstrip("/").lower())
         _local = tuple(markers)
