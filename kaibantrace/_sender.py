@@ -570,11 +570,14 @@ class Sender:
         and a request could not fit in the exit budget anyway. Where a delivery
         process takes what is left at exit, the wait is longer (a second): runs
         shorter than that never import the HTTP stack at all. A waiting
-        ``flush()`` (or ``poke()``) ends it at once.
+        ``flush()`` (or ``poke()``), or a full batch in the outbox, ends it at once.
         """
         outbox = self._outbox
         deadline = time.monotonic() + (self._setup_delay(outbox) if outbox is not None else 0.0)
-        while not (self._stopping or self._eager or self._flush_requested or self._markers):
+        # A backlog (a full batch written already) is no short run's: it is sent from here,
+        # before the outbox fills up and the writer has to drop the oldest.
+        while not (self._stopping or self._eager or self._flush_requested or self._markers
+                   or self._counters.in_outbox >= self._batch_size):
             left = deadline - time.monotonic()
             if left <= 0:
                 break

@@ -243,6 +243,23 @@ class TestShortRuns:
         assert len(collector.signals) == 2
 
 
+class TestLongerRuns:
+    def test_a_burst_is_sent_from_the_program_itself_without_waiting_to_set_up(
+            self, collector: Collector) -> None:
+        """Where a delivery process could take what is left, the poster waits a second before
+        importing its HTTP stack; not with a backlog, or the outbox would fill meanwhile and
+        drop the oldest."""
+        done = run_script(
+            "import json, sys, time, kaibantrace\n"
+            f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint=sys.argv[1])\n"
+            "for i in range(25000):\n"
+            "    c.emit('burst')\n"
+            "    while c.stats()['pending'] > 5000:\n        time.sleep(0.001)\n"
+            "print(c.flush(60), json.dumps(c.stats()['dropped']))\n", collector.url)
+        assert done.stdout.split() == ["True", "{}"]
+        assert len(collector.signals) == 25000
+
+
 class TestDuplicates:
     def test_a_process_ending_mid_claim_leaves_no_duplicates(self, collector: Collector) -> None:
         """The endpoint answers after 150 ms; the process emits 3,000 events and ends after
