@@ -12,7 +12,9 @@ Five sections, in one run (``--only`` picks some of them):
   and PostHog (``disabled=True``), with the endpoint black-holed (a listening
   socket that never accepts), refusing (a closed port) and healthy. Best of 3.
   Every kaibantrace run gets a fresh ``KAIBAN_TELEMETRY_DIR``; afterwards the
-  benchmark counts the signals left in its outbox.
+  benchmark counts the signals left in its outbox. Delivery processes are
+  turned off here (``KAIBAN_TELEMETRY_DETACHED=0``), so that what is counted
+  is what the run itself left; ``bench_short_runs.py`` measures the hand-off.
 * **memory**: a child emits 1,000,000 events as fast as it can with the
   endpoint down (refused); extra peak RSS, the worst sampled ``emit`` latency,
   and ``stats()``. The worker starts at the first event and, competing for the
@@ -119,7 +121,8 @@ def run_with_state_dir(script: str, args: List[str], *, timeout: float
                        ) -> Tuple[overhead.ExitRun, Optional[int]]:
     """Run ``script`` in a child with a fresh state directory; its result and outbox rows after."""
     with state_dir() as directory:
-        run = overhead.run_child(script, args, {"KAIBAN_TELEMETRY_DIR": directory}, timeout=timeout)
+        run = overhead.run_child(script, args, {"KAIBAN_TELEMETRY_DIR": directory,
+                                                "KAIBAN_TELEMETRY_DETACHED": "0"}, timeout=timeout)
         return run, outbox_rows(directory)
 
 
@@ -190,7 +193,8 @@ def best_wall_ms(runs: Sequence[ExitRun]) -> float:
 def run_kaibantrace_exit(state: ExitState, events: int, env: Mapping[str, str]) -> None:
     with state_dir() as directory:
         run = overhead.run_exit_script(state.kaibantrace_url, events,
-                                       {**env, "KAIBAN_TELEMETRY_DIR": directory}, warm=state.warm)
+                                       {**env, "KAIBAN_TELEMETRY_DIR": directory,
+                                        "KAIBAN_TELEMETRY_DETACHED": "0"}, warm=state.warm)
         state.kaibantrace.append(run)
         state.outbox.append(outbox_rows(directory))
 
