@@ -84,14 +84,7 @@ MEMORY_SAMPLES = (1_000, 10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000)
 FULL = Plan(overhead.FULL, 1_000_000, MEMORY_SAMPLES, 100_000, 500)
 QUICK = Plan(overhead.QUICK, 1_000_000, MEMORY_SAMPLES, 20_000, 200)
 
-missed: List[str] = []
-
-
-def target(ok: bool, message: str) -> None:
-    """Print whether a performance target was met; only ``--strict`` fails the run on a miss."""
-    print(f"  [{'ok' if ok else 'MISSED'}] {message}")
-    if not ok:
-        missed.append(message)
+target = overhead.target
 
 
 def posthog_version() -> Optional[str]:
@@ -744,18 +737,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({k: v for k, v in overhead.results.items() if v}, handle, indent=2)
-    print()
-    if missed:
-        print(f"{len(missed)} target(s) missed:")
-        for message in missed:
-            print(f"  - {message}")
-    if overhead.failures:
-        print(f"{len(overhead.failures)} check(s) failed:")
-        for message in overhead.failures:
-            print(f"  - {message}")
-    if not missed and not overhead.failures:
-        print("every target met, every check passed")
-    return 1 if overhead.failures or (args.strict and missed) else 0
+    return overhead.summarize(args.strict)
 
 
 if __name__ == "__main__":

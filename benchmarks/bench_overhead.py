@@ -112,6 +112,33 @@ def check(ok: bool, message: str) -> None:
         failures.append(message)
 
 
+missed: List[str] = []  # performance targets missed (only ``--strict`` fails on them)
+
+
+def target(ok: bool, message: str) -> None:
+    """Print whether a performance target was met; only ``--strict`` fails the run on a miss."""
+    print(f"  [{'ok' if ok else 'MISSED'}] {message}")
+    if not ok:
+        missed.append(message)
+
+
+def summarize(strict: bool) -> int:
+    """List the missed targets and failed checks; the exit status (1 when a check failed, or
+    a target was missed under ``--strict``)."""
+    print()
+    if missed:
+        print(f"{len(missed)} target(s) missed:")
+        for message in missed:
+            print(f"  - {message}")
+    if failures:
+        print(f"{len(failures)} check(s) failed:")
+        for message in failures:
+            print(f"  - {message}")
+    if not missed and not failures:
+        print("every target met, every check passed")
+    return 1 if failures or (strict and missed) else 0
+
+
 @contextlib.contextmanager
 def environment(values: Mapping[str, Optional[str]]) -> Iterator[None]:
     """Set (a string) or remove (``None``) environment variables for the block."""

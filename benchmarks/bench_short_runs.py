@@ -162,15 +162,8 @@ class Plan:
 FULL = Plan(runs=20, rounds=3, black_hole_runs=200)
 QUICK = Plan(runs=8, rounds=2, black_hole_runs=40)
 
-missed: List[str] = []
+target = overhead.target
 results: Dict[str, Any] = {}
-
-
-def target(ok: bool, message: str) -> None:
-    """Print whether a performance target was met; only ``--strict`` fails the run on a miss."""
-    print(f"  [{'ok' if ok else 'MISSED'}] {message}")
-    if not ok:
-        missed.append(message)
 
 
 # -- running a loop ------------------------------------------------------------
@@ -733,18 +726,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"short_runs": results}, handle, indent=2)
-    print()
-    if missed:
-        print(f"{len(missed)} target(s) missed:")
-        for message in missed:
-            print(f"  - {message}")
-    if overhead.failures:
-        print(f"{len(overhead.failures)} check(s) failed:")
-        for message in overhead.failures:
-            print(f"  - {message}")
-    if not missed and not overhead.failures:
-        print("every target met, every check passed")
-    return 1 if overhead.failures or (args.strict and missed) else 0
+    return overhead.summarize(args.strict)
 
 
 if __name__ == "__main__":

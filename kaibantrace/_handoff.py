@@ -91,13 +91,14 @@ def take_lock(directory: str, app_id: str) -> Optional[int]:
         fd = open_private_file(lock_path(directory, app_id), os.O_RDWR)
     except OSError:
         return None
-    if _lock(fd, blocking=False):
+    if _lock(fd):
         return fd
     os.close(fd)
     return None
 
 
-def _lock(fd: int, *, blocking: bool) -> bool:
+def _lock(fd: int) -> bool:
+    """Take the lock without waiting; whether it was free (or already held through ``fd``)."""
     try:
         if sys.platform == "win32":  # pragma: no cover - Windows
             import msvcrt
@@ -106,7 +107,7 @@ def _lock(fd: int, *, blocking: bool) -> bool:
         else:
             import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError:
         return False
@@ -158,8 +159,8 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
                 "--app", app_id, "--endpoint", url, *arguments]
         if sys.platform == "win32":  # pragma: no cover
             fd, windows_fd = -1, fd
-            return _start_windows(argv, _environment(), windows_fd)
-        pid = _start(argv, _environment(), fd)
+            return _start_windows(argv, dict(os.environ), windows_fd)
+        pid = _start(argv, dict(os.environ), fd)  # the same environment
         lower_priority(pid)  # from the start: starting Python is most of what it costs
         _write_pid(fd, pid)  # so that ``status`` names it before it has started up
         return pid
@@ -201,12 +202,6 @@ def _search_path() -> str:
 
     return json.dumps([os.path.abspath(entry) if entry else os.getcwd()
                        for entry in sys.path if isinstance(entry, str)])
-
-
-def _environment() -> Dict[str, str]:
-    """The program's environment, as it is now: the delivery process reads the same
-    opt-out variables, endpoint, directories and proxy settings."""
-    return dict(os.environ)
 
 
 def _start(argv: List[str], env: Dict[str, str], lock_fd: int) -> int:
@@ -310,7 +305,7 @@ def adopt_lock(directory: str, app_id: str, fd: Optional[int]) -> Optional[int]:
     if fd is not None and sys.platform != "win32":
         try:
             os.set_inheritable(fd, False)
-            if _lock(fd, blocking=False):  # the same lock, already ours: this only checks it
+            if _lock(fd):  # the same lock, already ours: this only checks it
                 _write_pid(fd)
                 return fd
         except OSError:

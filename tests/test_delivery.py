@@ -16,7 +16,6 @@ from typing import Any, Callable
 import pytest
 
 import kaibantrace
-from kaibantrace._transport import HttpTransport
 from kaibantrace.testing import Collector, MemoryTransport
 
 from .conftest import rows_in_outbox, subprocess_env
@@ -351,28 +350,6 @@ class TestConcurrency:
         if pid == 0:
             os._exit(0 if transport.prepared else 1)
         assert _exit_code_of(pid) == 0, "the fork landed while the sender was preparing"
-
-    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-    def test_transport_given_in_code_is_reset_in_the_child(self, make_client: MakeClient,
-                                                           collector: Collector) -> None:
-        """A child never posts through the parent's connections, even on a shared transport."""
-        transport = HttpTransport()
-        client = make_client(transport=transport)
-        client.emit("parent")
-        assert client.flush(10)  # the parent's session and its connection now exist
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                client.emit("child")
-                code = 0 if client.flush(10) else 2
-            finally:
-                os._exit(code)
-        assert _exit_code_of(pid) == 0
-        client.emit("parent_again")
-        assert client.flush(10)
-        assert sorted(s["type"] for s in collector.wait_for(3)) == ["child", "parent", "parent_again"]
 
 
 def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -322,16 +322,25 @@ class TestSharedBackoff:
         assert rows_in_outbox(state()) == 2
 
 
+@contextlib.contextmanager
+def outbox_held_by_another_process() -> Iterator[None]:
+    """The app's outbox exists, and a transaction of another process holds it meanwhile."""
+    client = kaibantrace.Telemetry(app_id=APP_ID, endpoint="http://127.0.0.1:9/v2/",
+                                   detached_delivery=False)
+    client.emit("make_the_outbox")
+    client.flush(0.5)
+    client.shutdown()
+    with contextlib.closing(sqlite3.connect(outbox_path(state(), APP_ID), isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            db.execute("ROLLBACK")
+
+
 class TestExit:
     def test_another_process_holding_the_outbox_delays_exit_by_the_budget_only(self) -> None:
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint="http://127.0.0.1:9/v2/",
-                                       detached_delivery=False)
-        client.emit("make_the_outbox")
-        client.flush(0.5)
-        client.shutdown()
-        db = sqlite3.connect(outbox_path(state(), APP_ID), isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")  # another process's transaction, held
+        with outbox_held_by_another_process():
             done = run_script(
                 "import atexit, sys, time\n"
                 "times = {}\n"
@@ -341,20 +350,10 @@ class TestExit:
                 "c.emit('first')\n"
                 "atexit.register(lambda: times.__setitem__('hook', time.perf_counter()))\n"
                 "for i in range(10):\n    c.emit('e')\n", KAIBAN_TELEMETRY_DETACHED="0")
-        finally:
-            db.execute("ROLLBACK")
-            db.close()
         assert float(done.stdout) < 0.6  # the budget is 0.1 s; it used to wait a whole second
 
     def test_events_after_the_exit_hook_wait_for_the_outbox_no_longer_than_the_budget(self) -> None:
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint="http://127.0.0.1:9/v2/",
-                                       detached_delivery=False)
-        client.emit("make_the_outbox")
-        client.flush(0.5)
-        client.shutdown()
-        db = sqlite3.connect(outbox_path(state(), APP_ID), isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with outbox_held_by_another_process():
             done = run_script(
                 "import atexit, sys, time\n"
                 "import kaibantrace\n"
@@ -365,9 +364,6 @@ class TestExit:
                 "    print(time.perf_counter() - started)\n"
                 "atexit.register(late)\n"  # before the first event: runs after kaibantrace's hook
                 "c.emit('first')\n", KAIBAN_TELEMETRY_DETACHED="0")
-        finally:
-            db.execute("ROLLBACK")
-            db.close()
         assert float(done.stdout) < 1.0  # three events; each used to wait two seconds
 
 
