@@ -385,9 +385,11 @@ class Telemetry:
         self._counters.drop(cause)
         self._undelivered_since_flush = True
 
-    def _save_directly(self, raw: RawEvent) -> None:
+    def _save_directly(self, raw: RawEvent, outbox: Optional[Outbox] = None,
+                       cause: str = "no_sender") -> None:
         """No sender (interpreter shutdown, or a process that cannot start threads): write
-        the event to the outbox here, for the next process that can send to deliver."""
+        the event to ``outbox`` (default: one opened here), for the next process that can
+        send to deliver; ``cause`` counts it when it cannot be saved."""
         counters = self._counters
         counters.taken += 1
         self._undelivered_since_flush = True  # saved, not delivered: a flush must not say otherwise
@@ -395,37 +397,32 @@ class Telemetry:
             encoded = self._encode_batch([raw])
             if encoded is None or not encoded.signals:
                 return
-            if self._direct_outbox is None:
-                self._direct_outbox = self._open_outbox()
-            added = self._direct_outbox.add(encoded.app_id, encoded.url, encoded.signals)
+            if outbox is None:
+                if self._direct_outbox is None:
+                    self._direct_outbox = self._open_outbox()
+                outbox = self._direct_outbox
+            added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
             counters.in_outbox += len(encoded.signals) - added.full - added.expired
             counters.drop("outbox_full", added.full)
         except Exception:
             logger.debug("kaibantrace: could not save an event without a sender", exc_info=True)
-            self._lose("no_sender")
+            self._lose(cause)
 
     def _save_after_exit(self, raw: RawEvent) -> None:
-        """After the exit hook: save the event, waiting for another process's transaction
-        no longer than the exit budget allows, then start a delivery process for it unless
-        one runs (one started at exit looks again before it ends)."""
+        """After the exit hook: save the event (in the sender's outbox file, waiting for another
+        process's transaction no longer than the exit budget allows), then start a delivery
+        process for it unless one runs (one started at exit looks again before it ends)."""
         sender = self._sender
         outbox = getattr(sender.outbox, "primary", sender.outbox) if sender is not None else None
-        if outbox is None or not hasattr(outbox, "set_busy_timeout"):
-            self._save_directly(raw)  # no sender here: the first event comes during shutdown
+        setter = getattr(outbox, "set_busy_timeout", None)
+        if setter is None:  # no sender here: the first event comes during shutdown
+            self._save_directly(raw)
         else:
-            counters = self._counters
-            counters.taken += 1
-            self._undelivered_since_flush = True
             try:
-                encoded = self._encode_batch([raw])
-                if encoded is not None and encoded.signals:
-                    outbox.set_busy_timeout(max(0.0, self._exit_deadline - time.monotonic()))
-                    added = outbox.add(encoded.app_id, encoded.url, encoded.signals)
-                    counters.in_outbox += len(encoded.signals) - added.full - added.expired
-                    counters.drop("outbox_full", added.full)
+                setter(max(0.0, self._exit_deadline - time.monotonic()))
             except Exception:
-                logger.debug("kaibantrace: could not save an event after exit", exc_info=True)
-                self._lose("unsaved_at_exit")
+                logger.debug("kaibantrace: could not bound the wait for the outbox", exc_info=True)
+            self._save_directly(raw, outbox, cause="unsaved_at_exit")
         self._hand_off()
 
     def _may_hand_off(self) -> bool:
