@@ -736,7 +736,7 @@ def _at_exit() -> None:
         if sender is not None:
             sender.join(start + client._settings.exit_timeout)
             try:
-                sender.settle_at_exit()
+                sender.settle_at_exit(grace=client._settings.exit_timeout)
                 client._hand_off()
             except Exception:
                 logger.debug("kaibantrace: could not hand off at exit", exc_info=True)

@@ -201,6 +201,7 @@ class Sender:
         self._exit_outbox: Optional[Outbox] = None  # opened by the exit hook, the writer not ready
         self._claimed: List[int] = []  # rows of the current claim not yet answered
         self._in_flight_ids: List[int] = []  # rows of the request being sent
+        self._in_flight_started = 0.0  # monotonic; when that request started
         self._in_flight_until = 0.0  # monotonic; when that request times out
         self._shared_failures = 0  # failures in a row of every process, as last read
         self._shared_floor = 0.0  # wall clock; another process's backoff ends then
@@ -321,7 +322,19 @@ class Sender:
             ended = ended and not thread.is_alive()
         return ended
 
-    def settle_at_exit(self) -> None:
+    def _await_answer_due(self, grace: float) -> None:
+        """Give a request still in flight at the end of the exit budget up to ``grace`` more
+        seconds, but only while the server's usual answer time says its answer is due: a batch
+        the server accepted and this process could not delete would be sent again. A
+        request to a server that has not answered before, or that hangs, is not waited for."""
+        latency = self._latency
+        if not self._in_flight_ids or latency is None or grace <= 0:
+            return
+        until = min(self._in_flight_started + 2 * latency + 0.01, time.monotonic() + grace)
+        while self._in_flight_ids and time.monotonic() < until:
+            time.sleep(0.002)
+
+    def settle_at_exit(self, grace: float = 0.0) -> None:
         """After the exit budget, on the main thread: give back the rows this process
         claimed and will not post, so the delivery process need not wait for their lease.
 
@@ -332,6 +345,7 @@ class Sender:
         outbox = self.outbox
         if outbox is None:
             return
+        self._await_answer_due(grace)
         # Signals only memory holds (no outbox file, a full disk, a file locked past the
         # exit budget) end with the process: counted, never silently gone.
         memory = getattr(outbox, "memory", None)
@@ -697,7 +711,8 @@ class Sender:
         body = ("[" + ",".join(row.body for row in rows) + "]").encode("utf-8")
         with self._claim_lock:
             self._in_flight_ids = ids
-            self._in_flight_until = time.monotonic() + 2 * timeout
+            self._in_flight_started = time.monotonic()
+            self._in_flight_until = self._in_flight_started + 2 * timeout
         try:
             return self._answered(outbox, target, rows, ids, body,
                                   self._post(target.url, body, timeout, len(rows)))
