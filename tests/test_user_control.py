@@ -266,6 +266,9 @@ _SLOW_IMPORT = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, SlowImport())
+    # Some installs import the module at start-up already (an editable install's path hook
+    # on Python 3.13 imports pwd): forgotten here, so that kaibantrace's thread imports it.
+    sys.modules.pop(os.environ["MODULE"], None)
     import kaibantrace
 """)
 # Looking the user up in the password database, which the privacy guard does where no
