@@ -40,10 +40,11 @@ from ._config import (
     ENV_PROFILE,
     Decision,
     Settings,
+    app_id_of,
+    canonical_app_id,
     decide,
     in_ci,
     ingest_url,
-    is_app_id,
     keyed_with_local_secret,
 )
 from ._errors import DropEvent, EventError
@@ -246,6 +247,10 @@ class Telemetry:
             return None
         if _captures and (decision.enabled or not _captures[-1].respect_opt_out):
             capture = _captures[-1]
+            if decision.app_id is None:
+                # Opted out (the pytest plugin opts the whole run out) yet recorded: the
+                # signals show the app they would be sent as, not an empty appID.
+                decision = decision._replace(app_id=app_id_of(self._settings, os.environ))
             return lambda raw: self._record(raw, capture, decision)
         if not decision.enabled:
             self._purge_outbox_once()
@@ -310,8 +315,9 @@ class Telemetry:
         return Target(app_id, ingest_url(self._settings, os.environ), decision.enabled)
 
     def _app_id_even_if_off(self) -> Optional[str]:
-        app_id = self._settings.app_id or (os.environ.get(ENV_APP_ID) or "").strip()
-        return app_id if is_app_id(app_id) else None
+        """The app ID given in code or the environment, canonical, read even when opted out
+        (to find the outbox to purge, or to name the app in ``status``)."""
+        return canonical_app_id(self._settings.app_id or (os.environ.get(ENV_APP_ID) or "").strip())
 
     def _open_outbox(self) -> Outbox:
         app_id = self._app_id_even_if_off()

@@ -84,9 +84,11 @@ class Settings(NamedTuple):
 def validate(settings: Settings) -> Settings:
     """Check code-given settings, raising ``ConfigurationError`` that names the setting."""
     s = settings
-    _expect(s.app_id is None or is_app_id(s.app_id),
-            "app_id must be a TelemetryDeck app ID, a UUID such as "
-            "'15E9347E-9EE5-4971-A8FB-61D91F3EBA12'")
+    if s.app_id is not None:
+        app_id = canonical_app_id(s.app_id)
+        _expect(app_id is not None, "app_id must be a TelemetryDeck app ID, a UUID such as "
+                "'15E9347E-9EE5-4971-A8FB-61D91F3EBA12'")
+        s = s._replace(app_id=app_id)
     if s.endpoint is not None:
         problem = endpoint_problem(s.endpoint)
         _expect(problem is None, f"endpoint {problem}")
@@ -115,12 +117,28 @@ def validate(settings: Settings) -> Settings:
 
 def is_app_id(value: object) -> bool:
     """Whether ``value`` has the form of a TelemetryDeck app ID (a UUID)."""
+    return canonical_app_id(value) is not None
+
+
+def canonical_app_id(value: object) -> Optional[str]:
+    """``value`` as the one spelling of its app ID, or ``None`` when it is not a UUID.
+
+    The spelling is TelemetryDeck's own: upper-case hex, hyphenated 8-4-4-4-12,
+    as its Swift SDK writes the UUID it parses and its dashboard shows it (and
+    as KaibanJS's IDs are written). Every path that takes an app ID passes it
+    through here, so ``{15e9347e-...}``, ``urn:uuid:15e9347e-...`` and
+    ``15E9347E-...`` name one app: one outbox, one ``status``, one signal
+    ``appID`` that the ingest accepts whichever way the author wrote it.
+    """
     if not isinstance(value, str):
-        return False
+        return None
     # The forms ``uuid.UUID`` reads (braces, ``urn:uuid:``, hyphens anywhere), checked
     # by hand: importing ``uuid`` costs more than a whole decision.
     digits = value.replace("urn:", "").replace("uuid:", "").strip("{}").replace("-", "")
-    return len(digits) == 32 and all(c in _HEX for c in digits)
+    if len(digits) != 32 or not all(c in _HEX for c in digits):
+        return None
+    d = digits.upper()
+    return f"{d[:8]}-{d[8:12]}-{d[12:16]}-{d[16:20]}-{d[20:]}"
 
 
 def _is_int(value: object) -> bool:
@@ -250,21 +268,32 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     if _prefs.saved_choice() == _prefs.DISABLED:
         return Decision(False, SAVED_PREFERENCE, False, None, profile)
     debug = settings.debug if settings.debug is not None else flag_is_set(environ.get(ENV_DEBUG))
-    app_id = settings.app_id
-    if app_id is None:
-        app_id = (environ.get(ENV_APP_ID) or "").strip() or None
-        if app_id is not None and not is_app_id(app_id):
-            _log_bad_env_once(ENV_APP_ID, "is not a UUID")
-            app_id = None
-    if app_id is None and settings.profile == "kaibanjs":
-        # Only a profile chosen in code lends KaibanJS's app ID: an environment
-        # variable must not route another program's signals to KaibanJS.
-        app_id = KAIBANJS_LIBRARY_APP_ID
+    app_id = app_id_of(settings, environ)
     if app_id is not None and not debug:
         url = ingest_url(settings, environ)
         if url is not None and _prefs.is_retired(app_id, url):
             return Decision(False, RETIRED_ENDPOINT, False, None, profile)
     return Decision(True, "default", debug, app_id, profile)
+
+
+def app_id_of(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
+    """The app a client's signals are for, canonical, whether or not it is opted out.
+
+    Code (validated, so canonical already), else ``KAIBAN_TELEMETRY_APP_ID``
+    (a value that is not a UUID is logged once and ignored), else KaibanJS's
+    library app when the KaibanJS profile was chosen in code.
+    """
+    app_id = settings.app_id
+    if app_id is None:
+        raw = (environ.get(ENV_APP_ID) or "").strip()
+        app_id = canonical_app_id(raw) if raw else None
+        if raw and app_id is None:
+            _log_bad_env_once(ENV_APP_ID, "is not a UUID")
+    if app_id is None and settings.profile == "kaibanjs":
+        # Only a profile chosen in code lends KaibanJS's app ID: an environment
+        # variable must not route another program's signals to KaibanJS.
+        app_id = KAIBANJS_LIBRARY_APP_ID
+    return app_id
 
 
 _CI_FLAGS = ("TF_BUILD", "GITHUB_ACTIONS", "APPVEYOR", "CI", "TRAVIS", "CIRCLECI")

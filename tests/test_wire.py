@@ -195,7 +195,7 @@ class TestRequests:
 
     def test_endpoint_from_environment(self, collector: Collector, monkeypatch: Any) -> None:
         """KAIBAN_TELEMETRY_ENDPOINT and KAIBAN_TELEMETRY_APP_ID point a client without arguments."""
-        app = str(uuid.uuid4())
+        app = str(uuid.uuid4()).upper()  # the canonical spelling, as it is sent
         monkeypatch.setenv("KAIBAN_TELEMETRY_ENDPOINT", collector.url)
         monkeypatch.setenv("KAIBAN_TELEMETRY_APP_ID", app)
         client = kaibantrace.Telemetry(flush_interval=0.02)
@@ -226,7 +226,7 @@ class TestRequests:
     def test_two_clients_keep_their_own_app_ids(self, make_client: MakeClient,
                                                 collector: Collector) -> None:
         """Two libraries' clients in one process send under their own app IDs."""
-        other_app = str(uuid.uuid4())
+        other_app = str(uuid.uuid4()).upper()  # the canonical spelling, as it is sent
         a, b = make_client(), make_client(app_id=other_app)
         a.emit("from_a")
         b.emit("from_b")
