@@ -30,8 +30,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Mapping, Optional, Sequence
 
+    from typing_extensions import Unpack
+
     from ._client import F, Telemetry
-    from ._config import Decision, Settings
+    from ._config import Decision, Options, Settings
     from ._identity import Session, SessionScope, project_id
 
 # The rest of the public face is loaded at its first use (PEP 562), so that
@@ -80,14 +82,16 @@ def default_client() -> Telemetry:
     return client
 
 
-def configure(**settings: Any) -> None:
+def configure(**settings: Unpack[Options]) -> None:
     """Configure the default client; a ``None`` value leaves that setting as it is.
 
-    Settings: ``app_id``, ``endpoint``, ``namespace``, ``salt``, ``test_mode``,
-    ``opt_out``, ``opt_out_env``, ``debug``, ``strict``, ``batch_size``,
-    ``flush_interval``, ``max_queue``, ``timeout``, ``exit_timeout``, ``backoff``,
-    ``profile``, ``default_parameters``, ``local_secret``, ``transport``. Raises
-    ``ConfigurationError`` naming a bad value.
+    Settings (typed for type checkers by ``Options``): ``app_id``, ``endpoint``,
+    ``namespace``, ``salt``, ``test_mode``, ``opt_out``, ``opt_out_env``, ``debug``,
+    ``strict``, ``batch_size``, ``flush_interval``, ``max_queue``, ``timeout``,
+    ``exit_timeout``, ``backoff``, ``profile``, ``default_parameters``,
+    ``local_secret``, ``detached_delivery``, ``transport``. Raises
+    ``ConfigurationError`` naming a bad value and ``TypeError`` naming an
+    unknown setting; see ``Telemetry.configure``.
     """
     default_client().configure(**settings)
 

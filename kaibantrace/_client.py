@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from . import _fork, _handoff, _prefs, _sentlog, events
 from ._config import (
@@ -39,6 +39,7 @@ from ._config import (
     ENV_DO_NOT_TRACK,
     ENV_PROFILE,
     Decision,
+    Options,
     Settings,
     app_id_of,
     canonical_app_id,
@@ -66,6 +67,9 @@ from ._pipeline import (
 from ._sender import _SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF, Counters, Encoded, Sender, Target
 from ._state import state_dir
 from ._transport import HttpTransport, Transport
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 Accept = Callable[[RawEvent], None]
 F = TypeVar("F")
@@ -156,25 +160,46 @@ class Telemetry:
         self._exit_deadline = 0.0  # monotonic: when the exit budget ran out
         self._holding = False  # this run showed the first-run notice: send nothing
         self._opt_key = _encoded_key(self._settings.opt_out_env)
+        self._late_transport_warned = False
 
     # -- configuration -----------------------------------------------------
 
-    def configure(self, **settings: Any) -> None:
+    def configure(self, **settings: Unpack[Options]) -> None:
         """Change settings; a ``None`` value leaves that setting as it is.
 
-        Raises ``ConfigurationError`` (a ``ValueError``) naming a bad setting.
-        Settings that shape the sender (``batch_size``, ``flush_interval``,
-        ``max_queue``, ``timeout``, ``backoff``, ``transport``) are read when
-        the sender starts, at the first event.
+        Raises ``ConfigurationError`` (a ``ValueError``) naming a bad value, and
+        ``TypeError`` naming an unknown setting. A running sender takes new
+        ``batch_size``, ``flush_interval``, ``max_queue``, ``timeout`` and
+        ``backoff`` from its next batch, wait or request. A ``transport`` is
+        read when the sender starts, at the first event: one given later is
+        not used, and says so once with a ``RuntimeWarning``.
         """
         transport = settings.pop("transport", None)
         new = self._settings.replace(**settings)
         with self._lock:
             self._settings = new
+            sender = self._sender
             if transport is not None:
+                if sender is not None and transport is not self._transport:
+                    self._warn_late_transport()
                 self._transport = transport
+            if sender is not None:
+                _retune(sender, new)
             self._opt_key = _encoded_key(new.opt_out_env)
         bump_generation()
+
+    def _warn_late_transport(self) -> None:
+        """Say once that a transport came too late. A warning rather than the logger: this
+        is the author's mistake, and the ``kaibantrace`` logger prints nothing unless the
+        host configured logging, which an author trying things out has not."""
+        if self._late_transport_warned:
+            return
+        self._late_transport_warned = True
+        import warnings
+
+        warnings.warn("kaibantrace: a transport given after the first event is not used by the "
+                      "running sender; give it to Telemetry() or configure() before the first "
+                      "event", RuntimeWarning, stacklevel=_caller_outside_kaibantrace())
 
     @property
     def settings(self) -> Settings:
@@ -690,6 +715,36 @@ def _record_retired(target: Target) -> None:
     """After a 410 Gone: this machine never sends this app's signals there again."""
     if target.url is not None:
         _prefs.mark_retired(target.app_id, target.url)
+
+
+# Where a running sender keeps each setting it reads at the moment it uses it.
+_SENDER_ATTRIBUTES = (("batch_size", "_batch_size"), ("flush_interval", "_interval"),
+                      ("max_queue", "_max_queue"), ("timeout", "_timeout"),
+                      ("backoff", "_backoff_start"))
+
+
+def _retune(sender: Sender, settings: Settings) -> None:
+    """Give a running sender new sender settings.
+
+    The sender reads each of these numbers where it uses it (a batch's size at
+    the claim, the interval at the wait, the timeout at the request), so a new
+    value applies from the next one; a number is replaced whole, so its threads
+    see the old value or the new, never a mix. Backoff already grown after
+    failures runs out as it was.
+    """
+    for setting, attribute in _SENDER_ATTRIBUTES:
+        if hasattr(sender, attribute):
+            setattr(sender, attribute, getattr(settings, setting))
+
+
+def _caller_outside_kaibantrace() -> int:
+    """The ``stacklevel`` that names the first caller outside this package."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("kaibantrace"):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 def _float_or_none(value: Any) -> Optional[float]:

@@ -16,10 +16,13 @@ This module reads the environment only when asked; it starts nothing.
 from __future__ import annotations
 
 import re
-from typing import Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Optional, TypedDict
 
 from ._errors import ConfigurationError
 from ._log import logger
+
+if TYPE_CHECKING:
+    from ._transport import Transport
 
 ENV_OPT_OUT = "KAIBAN_TELEMETRY_OPT_OUT"
 ENV_DO_NOT_TRACK = "DO_NOT_TRACK"
@@ -79,6 +82,37 @@ class Settings(NamedTuple):
         if unknown:
             raise TypeError(f"unknown kaibantrace setting(s): {', '.join(sorted(unknown))}")
         return validate(self._replace(**given))  # type: ignore[arg-type]
+
+
+class Options(TypedDict, total=False):
+    """The keyword arguments of ``configure()``: every setting, plus ``transport``.
+
+    One list for type checkers (``**settings: Unpack[Options]``), so a typo such
+    as ``configure(batch_sise=10)`` is an error in the editor, while at run time
+    ``Settings.replace`` still refuses an unknown name. ``None`` leaves a
+    setting as it is. Kept equal to ``Settings``'s fields by a test.
+    """
+
+    app_id: Optional[str]
+    endpoint: Optional[str]
+    namespace: Optional[str]
+    salt: Optional[str]
+    test_mode: Optional[bool]
+    opt_out: Optional[bool]
+    opt_out_env: Optional[str]
+    debug: Optional[bool]
+    strict: Optional[bool]
+    batch_size: Optional[int]
+    flush_interval: Optional[float]
+    max_queue: Optional[int]
+    timeout: Optional[float]
+    exit_timeout: Optional[float]
+    backoff: Optional[float]
+    profile: Optional[str]
+    default_parameters: Optional[bool]
+    local_secret: Optional[bool]
+    detached_delivery: Optional[bool]
+    transport: Optional[Transport]
 
 
 def validate(settings: Settings) -> Settings:

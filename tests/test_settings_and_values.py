@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+from typing import Any, Callable
+
 import pytest
 
 import kaibantrace
 from kaibantrace import events
-from kaibantrace._config import Settings, canonical_app_id, decide
+from kaibantrace._config import Options, Settings, canonical_app_id, decide
 from kaibantrace._outbox import outbox_path
 from kaibantrace._state import state_dir
-from kaibantrace.testing import Collector, capture
+from kaibantrace.testing import Collector, MemoryTransport, capture
 
 from .conftest import APP_ID
+
+MakeClient = Callable[..., kaibantrace.Telemetry]
 
 SPELLINGS = [
     APP_ID,
@@ -100,3 +106,57 @@ class TestCaptureUnderOptOut:
         with capture() as signals:
             kaibantrace.Telemetry().emit("captured")
         assert signals[0]["appID"] == ""
+
+
+class TestTypedConfigure:
+    def test_options_name_every_setting(self) -> None:
+        """The typed keywords of configure() are Settings' fields plus transport, and those
+        of Telemetry() too, so no setting is missing from either."""
+        expected = set(Settings._fields) | {"transport"}
+        assert set(Options.__annotations__) == expected
+        assert set(inspect.signature(kaibantrace.Telemetry).parameters) == expected
+
+    @pytest.mark.parametrize("configure", [kaibantrace.configure,
+                                           kaibantrace.Telemetry().configure])
+    def test_unknown_keyword_is_named_at_run_time(self, configure: Any) -> None:
+        with pytest.raises(TypeError, match="batch_sise"):
+            configure(batch_sise=10)
+
+
+class TestSenderSettingsAfterStart:
+    def test_batch_size_applies_to_the_running_sender(self, make_client: MakeClient,
+                                                      collector: Collector) -> None:
+        """configure(batch_size=...) after the first event sizes the requests that follow."""
+        client = make_client(batch_size=100)
+        client.emit("first")
+        assert client.flush(5)
+        collector.wait_for(1)
+        client.configure(batch_size=2)
+        for number in range(7):
+            client.emit("after", {"n": number})
+        assert client.flush(5)
+        collector.wait_for(8)
+        later = [r for r in collector.requests[1:] if r.status == 200]
+        assert sum(len(r.signals) for r in later) == 7
+        assert max(len(r.signals) for r in later) == 2
+
+    def test_transport_after_the_first_event_warns_once(self, make_client: MakeClient) -> None:
+        """A transport cannot replace the running sender's: the author is told, once."""
+        client = make_client()
+        client.emit("first")
+        with pytest.warns(RuntimeWarning, match="transport given after the first event") as caught:
+            client.configure(transport=MemoryTransport())
+        assert caught[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            client.configure(transport=MemoryTransport())
+
+    def test_transport_before_the_first_event_is_used(self, make_client: MakeClient) -> None:
+        transport = MemoryTransport()
+        client = make_client()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            client.configure(transport=transport)
+        client.emit("first")
+        assert client.flush(5)
+        assert [s["type"] for s in transport.signals] == ["first"]
