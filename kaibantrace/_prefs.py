@@ -11,10 +11,12 @@ In the state directory: ``retired.json``, the endpoints that answered
 410 Gone, which this machine never contacts again.
 
 ``decide`` reads the saved choice and the retired list on every decision, so
-both are cached against the file's ``stat``: a decision costs a ``stat`` call,
-and a change made by another process is seen at the next one. Nothing here
-creates a file unless asked to by the user (the command line) or by a client
-that is sending; an opted-out process only ever reads.
+both are cached against the file's ``lstat``: a decision costs one such call,
+and a change made by another process is seen at the next one. Every file is
+read by ``_state.read_private_file``, which cannot block the host: a FIFO, a
+link or a file of another user under one of these names is refused. Nothing
+here creates a file unless asked to by the user (the command line) or by a
+client that is sending; an opted-out process only ever reads.
 """
 
 from __future__ import annotations
@@ -22,37 +24,60 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ._log import logger
-from ._state import check_private_dir, config_dir, ensure_private_dir, state_dir, write_private_file
+from ._state import (
+    check_private_dir,
+    config_dir,
+    ensure_private_dir,
+    is_private_file,
+    read_private_file,
+    state_dir,
+    write_private_file,
+)
 
 DISABLED = "disabled"
 ENABLED = "enabled"
 
-_cache: Dict[str, Tuple[Tuple[int, int, int], Any]] = {}
+_cache: Dict[str, Tuple[Tuple[int, ...], Any]] = {}
 _secret: Optional[bytes] = None
 _secret_lock = threading.Lock()
+_reported: Set[str] = set()
+
+UNREADABLE = object()
+"""What ``_read_json`` gives for a file that is there but could not be used."""
 
 
 def _read_json(path: str) -> Any:
-    """The file's JSON content, re-read only when its ``stat`` changed; ``None`` if unreadable."""
+    """The file's JSON content, re-read only when its ``lstat`` changed: ``None`` when there
+    is no file, ``UNREADABLE`` when there is one that was refused or is not JSON.
+
+    The read is ``read_private_file``'s, which never blocks: a FIFO, a link or a file of
+    another user under this name is refused, not waited on. The refusal is logged once
+    per file, not at every decision.
+    """
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
     except OSError:
         _cache.pop(path, None)
         return None
-    key = (info.st_mtime_ns, info.st_size, info.st_ino)
+    # The change time too: a chown or chmod changes what may be read, not the content.
+    key = (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino, info.st_mode)
     cached = _cache.get(path)
     if cached is not None and cached[0] == key:
         return cached[1]
     import json  # deferred, as below: most machines have no such file to read
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (OSError, ValueError):
+        value = json.loads(read_private_file(path).decode("utf-8"))
+    except FileNotFoundError:  # removed since the lstat
         value = None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        value = UNREADABLE
+        if path not in _reported:
+            _reported.add(path)
+            logger.warning("kaibantrace: ignoring %s: %s", os.path.basename(path), exc)
     _cache[path] = (key, value)
     return value
 
@@ -68,10 +93,20 @@ def preferences_path() -> str:
 
 
 def saved_choice() -> Optional[str]:
-    """``"disabled"``, ``"enabled"``, or ``None`` when the user saved nothing (or it is unreadable)."""
+    """``"disabled"``, ``"enabled"``, or ``None`` when the user saved nothing.
+
+    A preferences file that is there but says neither (refused, unreadable, not JSON,
+    an unknown value) counts as ``"disabled"``: it may be the user's ``disable``
+    damaged, and when in doubt nothing is sent. Nor can someone who may write into
+    this directory turn telemetry on by putting a file of theirs (or a link) in place
+    of the user's: it is refused, so it can only keep telemetry off. ``enable``,
+    ``disable`` and ``reset`` replace or remove whatever is there.
+    """
     data = _read_json(preferences_path())
+    if data is None:
+        return None
     choice = data.get("telemetry") if isinstance(data, dict) else None
-    return choice if choice in (DISABLED, ENABLED) else None
+    return choice if choice in (DISABLED, ENABLED) else DISABLED
 
 
 def save_choice(choice: str) -> None:
@@ -94,7 +129,9 @@ def notice_path(app_id: str) -> str:
 
 
 def notice_shown(app_id: str) -> bool:
-    return os.path.exists(notice_path(app_id))
+    # Only a plain file of this user counts: anything else there (a link, a FIFO)
+    # must not silence the notice, and is replaced when the notice is shown.
+    return is_private_file(notice_path(app_id))
 
 
 def mark_notice_shown(app_id: str) -> bool:
@@ -113,7 +150,7 @@ def install_path(app_id: str, project: str) -> str:
 
 
 def install_recorded(app_id: str, project: str) -> bool:
-    return os.path.exists(install_path(app_id, project))
+    return is_private_file(install_path(app_id, project))
 
 
 def mark_install(app_id: str, project: str) -> bool:
@@ -143,8 +180,7 @@ def existing_secret() -> Optional[bytes]:
         return _secret
     try:
         check_private_dir(config_dir())  # a secret someone else could have written is no secret
-        with open(secret_path(), encoding="ascii") as handle:
-            return bytes.fromhex(handle.read().strip()) or None
+        return bytes.fromhex(read_private_file(secret_path(), 4096).decode("ascii").strip()) or None
     except (OSError, ValueError):
         return None
 
@@ -202,6 +238,7 @@ def forget_in_memory() -> None:
     with _secret_lock:
         _secret = None
     _cache.clear()
+    _reported.clear()
 
 
 # -- retired endpoints ---------------------------------------------------------------
@@ -211,6 +248,8 @@ def retired_path() -> str:
 
 
 def is_retired(app_id: str, url: str) -> bool:
+    """Whether ``url`` answered 410 Gone for this app. An unusable list retires nothing: the
+    endpoint is asked again, and its next 410 writes a new list in place of that file."""
     data = _read_json(retired_path())
     return isinstance(data, dict) and _marker(app_id.lower(), url) in data
 

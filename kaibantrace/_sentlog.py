@@ -23,9 +23,10 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._log import logger
-from ._state import ensure_private_dir, open_private_file, state_dir
+from ._state import ensure_private_dir, open_private_file, read_private_file, state_dir
 
 MAX_BYTES = 256 * 1024
+READ_LIMIT = 64 * MAX_BYTES  # far above what one write of a claim's requests makes
 NAME = "sent.log"
 
 
@@ -114,15 +115,15 @@ def append(app_id: str, url: str, requests: List[Tuple[bytes, int]]) -> None:
 def read(directory: Optional[str] = None) -> List[Dict[str, Any]]:
     """Every recorded request, oldest first, each with its ``body`` as text; what cannot be
     read (a damaged or cut-off record) is skipped. Reads the one-line records of earlier
-    versions too."""
+    versions too. A log file that is not a plain file of this user, or is larger than
+    ``READ_LIMIT``, is skipped whole: ``status`` reads the log too, and must end."""
     import json
 
     path = log_path(directory)
     records: List[Dict[str, Any]] = []
     for name in (path + ".1", path):
-        try:
-            with open(name, "rb") as handle:
-                lines = handle.read().split(b"\n")
+        try:  # never blocks, never reads without end: see read_private_file
+            lines = read_private_file(name, READ_LIMIT).split(b"\n")
         except OSError:
             continue
         index = 0

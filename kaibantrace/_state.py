@@ -15,6 +15,9 @@ the same folder as the state on macOS, and ``%APPDATA%\\kaibantrace`` on Windows
 
 Nothing here runs at import. ``state_dir()`` only computes the path;
 ``ensure_private_dir()`` creates it (0700) when a file is about to be written.
+``read_private_file()`` is how every small file is read on the host's thread:
+whatever sits under a known name (a FIFO, a link to ``/dev/zero``, a file of
+another user) is refused at once rather than read.
 This module never decides opt-out: callers ask only when telemetry is on, or
 to remove what an opted-out user left behind.
 """
@@ -115,6 +118,54 @@ def open_private_file(path: str, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+READ_LIMIT = 64 * 1024
+"""The most ``read_private_file`` reads by default: kaibantrace's own small files are far
+below it, so anything larger was not written by kaibantrace."""
+
+
+def read_private_file(path: str, limit: int = READ_LIMIT) -> bytes:
+    """The bytes of ``path``, a plain file of this user of at most ``limit`` bytes.
+
+    These files are read on the host's thread (every decision reads the saved choice),
+    so reading must end promptly whatever was put under the name: the file is opened
+    without following a link and without waiting (a FIFO would otherwise block until
+    a writer came, and a link to ``/dev/zero`` would be read without end), and it is
+    read only if it turns out to be a regular file of this user; at most ``limit + 1``
+    bytes are read even if it grows meanwhile. ``FileNotFoundError`` when there is no
+    such file, another ``OSError`` when it is refused or cannot be read.
+    """
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a plain file")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise OSError(f"{path} belongs to another user")
+        if info.st_size > limit:
+            raise OSError(f"{path} is larger than {limit} bytes")
+        data = b""
+        while len(data) <= limit:
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                return data
+            data += chunk
+        raise OSError(f"{path} is larger than {limit} bytes")
+    finally:
+        os.close(fd)
+
+
+def is_private_file(path: str) -> bool:
+    """Whether ``path`` is a plain file of this user, looked at without opening or following it:
+    how a marker file, whose presence is all it says, is checked."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and (not hasattr(os, "getuid") or info.st_uid == os.getuid())
 
 
 def create_private_file(path: str) -> None:
