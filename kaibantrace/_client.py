@@ -56,12 +56,14 @@ from ._outbox import MemoryOutbox, Outbox, open_outbox
 from ._outbox import purge as purge_outbox
 from ._pipeline import (
     EncodeContext,
+    FloatValue,
     RawEvent,
     Reporter,
     build_signal,
     default_parameters,
     encode_body,
     encode_event,
+    float_value_of,
     snapshot_payload,
 )
 from ._sender import _SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF, Counters, Encoded, Sender, Target
@@ -304,7 +306,7 @@ class Telemetry:
         return self._process_session if node is None else node[0]
 
     def _raw(self, name: str, payload: Any, identifier: Optional[str] = None,
-             float_value: Optional[float] = None) -> RawEvent:
+             float_value: FloatValue = None) -> RawEvent:
         return (name, payload, self._session(), identifier, time.time(), float_value)
 
     # -- the sinks ----------------------------------------------------------
@@ -576,7 +578,7 @@ class Telemetry:
                 if payload is not None:  # what will be sent, as it is now; never too much of it
                     payload = snapshot_payload(
                         payload, refuse_oversized=not (self._settings.strict or _captures))
-                accept(self._raw(name, payload, None, _float_or_none(float_value)))
+                accept(self._raw(name, payload, None, float_value_of(float_value)))
         except EventError:
             raise
         except Exception:
@@ -745,16 +747,6 @@ def _caller_outside_kaibantrace() -> int:
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return level
-
-
-def _float_or_none(value: Any) -> Optional[float]:
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond a double's range
-        return None
-    return number if number == number and abs(number) != float("inf") else None
 
 
 # -- process-wide hooks, registered at the first sender start ----------------

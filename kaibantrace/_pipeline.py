@@ -13,8 +13,9 @@ bottom, are in ``build_signal``:
 4. drop the payload if it is over 4 KiB encoded;
 5. hash the identity and assemble the wire object.
 
-A field problem drops that field; a name problem drops the event. Either is
-logged once per cause at WARNING, or raised in strict mode.
+A field problem drops that field, and a ``float_value`` that is not a finite
+number is left out; a name problem drops the event. Each is logged once per
+cause at WARNING, or raised in strict mode.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar, Union
 
 from ._errors import DropEvent, EventError, PrivacyError
 from ._fork import guard as fork_guard
@@ -41,10 +42,25 @@ MAX_PAYLOAD_BYTES = 4096
 RESERVED_KEYS = frozenset({"type", "clientUser", "appID", "sessionID", "floatValue", "platform"})
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 
+
+class FloatRefused:
+    """Stands for a ``float_value`` that cannot be sent (not a number, NaN, infinite, or
+    beyond a double): the event goes without ``floatValue``, and the step that encodes it
+    reports why, once per cause, or raises in strict mode, as for a payload field."""
+
+    __slots__ = ("cause", "shown")
+
+    def __init__(self, cause: str, shown: str) -> None:
+        self.cause = cause
+        self.shown = shown
+
+
+FloatValue = Optional[Union[float, FloatRefused]]
+
 # A raw event, as the calling thread records it. A plain tuple, because making
 # it is the only per-event allocation on the caller's side.
 #   (name, payload, session, identifier or None, unix time, float value or None)
-RawEvent = Tuple[str, Any, Session, Optional[str], float, Optional[float]]
+RawEvent = Tuple[str, Any, Session, Optional[str], float, FloatValue]
 
 class PayloadFailed:
     """Stands for a payload whose callable raised; the event goes without a payload."""
@@ -71,12 +87,15 @@ class PayloadRefused:
 
 class Unsendable:
     """Stands for a payload value found unsendable at the call (a set, an object, a nested
-    list): the field is dropped on the worker, whose warning names the value's type."""
+    list, bytes, a path): the field is dropped on the worker, whose warning names the
+    value's type and why it is refused."""
 
-    __slots__ = ("kind",)
+    __slots__ = ("kind", "privacy", "why")
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, why: str = "", privacy: bool = False) -> None:
         self.kind = kind
+        self.why = why
+        self.privacy = privacy
 
 
 _OVERSIZED = PayloadRefused("size")
@@ -194,6 +213,7 @@ def received_at(timestamp: float) -> str:
 
 
 _SCALARS = (str, int, float)
+_PLAIN = frozenset({str, int, float, bool})
 
 
 def _field_text(value: Any) -> Optional[str]:
@@ -205,8 +225,18 @@ def _field_text(value: Any) -> Optional[str]:
 
 
 def _convert(value: Any) -> Optional[str]:
+    if type(value) in _PLAIN:  # nearly every value: one test, before any other
+        return js_text(value)
+    enum = sys.modules.get("enum")
+    if enum is not None and isinstance(value, enum.Enum):
+        # By value, before the scalars: a member of a ``str`` or ``int`` enum would
+        # otherwise be written as ``Color.RED`` on some Python versions.
+        return _convert(value.value)
     if isinstance(value, _SCALARS) or _is_date(value):
         return js_text(value)
+    number = _number_text(value)
+    if number is not None:
+        return number
     if isinstance(value, (list, tuple)) and all(
             v is None or isinstance(v, (str, int, float, bool)) for v in value):
         return _compact_json(list(value))
@@ -215,6 +245,71 @@ def _convert(value: Any) -> Optional[str]:
             for k, v in value.items()):
         return _compact_json(dict(value))
     return None
+
+
+def _number_text(value: Any) -> Optional[str]:
+    """Text for a ``Decimal``, a ``Fraction`` or another real number type (numpy's), or
+    ``None`` for anything else.
+
+    TelemetryDeck's JavaScript SDK only ever sees JavaScript numbers, which are
+    doubles, so a number that is not whole is sent as the double nearest it is
+    written by ``String(number)``: ``Decimal("1.10")`` → ``"1.1"``,
+    ``Fraction(1, 3)`` → ``"0.3333333333333333"``, the same text as the equal
+    ``float``, so one dashboard value is not split by the type that made it.
+    Whole-number types (``numbers.Integral``) are written as ``int`` is, digit
+    for digit. Their modules are looked up in ``sys.modules``, never imported:
+    a value of a type exists only once its module was.
+    """
+    decimal = sys.modules.get("decimal")
+    if decimal is not None and isinstance(value, decimal.Decimal):
+        return _js_number(float(value))  # a signalling NaN raises ValueError: refused
+    numbers = sys.modules.get("numbers")
+    if numbers is None or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    return _js_number(float(value))
+
+
+def _why_unsendable(value: Any) -> Tuple[str, bool]:
+    """Why a payload value is refused, said so the author can act on it; and whether
+    the reason is privacy (a ``PrivacyError`` in strict mode)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes have no one text form: decode them (and look at what they hold) first", False
+    if hasattr(type(value), "__fspath__"):
+        return "a path names the user's files and folders, which is personal data", True
+    uuid = sys.modules.get("uuid")
+    if uuid is not None and isinstance(value, uuid.UUID):
+        return ("a UUID identifies one thing, person or run; send it as clientUser or "
+                "not at all"), True
+    return ("only text, numbers, booleans, dates, enum members and flat lists or mappings "
+            "of them can be sent"), False
+
+
+def float_value_of(value: Any) -> FloatValue:
+    """What a raw event keeps of ``emit``'s ``float_value``: a finite float, ``None`` when
+    none was given, or ``FloatRefused`` saying why it cannot be sent."""
+    if value is None:
+        return None
+    if type(value) is float:
+        if value - value == 0:  # finite: NaN and infinities give NaN here
+            return value
+        return FloatRefused("float_value_range", _js_number(value))
+    if isinstance(value, bool) or (not isinstance(value, (int, float))
+                                   and _number_text(value) is None):
+        return FloatRefused("float_value_type", type(value).__name__)
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, ArithmeticError):
+        return FloatRefused("float_value_range", "a number beyond a double's range")
+    return float_value_of(number)
+
+
+def _report_float(name: str, refused: FloatRefused, ctx: EncodeContext) -> None:
+    shown = refused.shown
+    what = f"a {shown}" if refused.cause == "float_value_type" else shown
+    ctx.reporter.problem(refused.cause, name, "", f"float_value of {name!r} must be a finite "
+                         f"number, not {what}; sent without floatValue", strict=ctx.strict)
 
 
 def _refuse(name: str, refused: PayloadRefused, reporter: Reporter, strict: bool) -> None:
@@ -260,10 +355,13 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
             continue
         text = None if type(value) is Unsendable else _field_text(value)
         if text is None:
-            shown = value.kind if type(value) is Unsendable else type(value).__name__
+            if type(value) is Unsendable:
+                shown, why, privacy = value.kind, value.why, value.privacy
+            else:
+                shown = type(value).__name__
+                why, privacy = _why_unsendable(value)
             reporter.problem("value_type", name, key, f"payload field {key!r} of {name!r} is a "
-                             f"{shown}; only text, numbers, booleans, dates and flat "
-                             "lists or mappings of them can be sent; field dropped", strict=strict)
+                             f"{shown}; {why}; field dropped", strict=strict, privacy=privacy)
             continue
         if not (key.isascii() and text.isascii()) and not _is_utf8(key, text):
             reporter.problem("encoding", name, "", f"a payload field of {name!r} holds text "
@@ -362,7 +460,7 @@ def _freeze(fields: Dict[Any, Any]) -> int:
         elif kind not in _IMMUTABLE and not _is_date(value):
             text = _field_text(value)
             if text is None:
-                fields[key] = Unsendable(kind.__name__)
+                fields[key] = Unsendable(kind.__name__, *_why_unsendable(value))
             else:
                 fields[key] = text
                 chars += len(text)
@@ -531,7 +629,9 @@ def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     fields = _fields(name, payload, ctx)
     if fields:
         signal["payload"] = fields
-    if float_value is not None:
+    if type(float_value) is FloatRefused:
+        _report_float(name, float_value, ctx)
+    elif float_value is not None:
         signal["floatValue"] = float_value
     if ctx.test_mode:
         signal["isTestMode"] = True
@@ -560,7 +660,9 @@ def _encode(raw: RawEvent, ctx: EncodeContext) -> str:
     fields = _fields(name, payload, ctx)
     if fields:
         text += ',"payload":' + _compact_json(fields)
-    if float_value is not None:
+    if type(float_value) is FloatRefused:
+        _report_float(name, float_value, ctx)
+    elif float_value is not None:
         text += ',"floatValue":' + _compact_json(float_value)
     if ctx.test_mode:
         text += ',"isTestMode":true'

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import decimal
+import enum
+import fractions
 import inspect
+import logging
+import math
+import pathlib
+import subprocess
+import sys
+import textwrap
+import uuid
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Iterator
 
 import pytest
 
 import kaibantrace
-from kaibantrace import events
+from kaibantrace import EventError, PrivacyError, events
 from kaibantrace._config import Options, Settings, canonical_app_id, decide
+from kaibantrace._identity import Session
 from kaibantrace._outbox import outbox_path
+from kaibantrace._pipeline import (
+    EncodeContext,
+    Reporter,
+    build_signal,
+    float_value_of,
+    snapshot_payload,
+)
 from kaibantrace._state import state_dir
 from kaibantrace.testing import Collector, MemoryTransport, capture
 
-from .conftest import APP_ID
+from .conftest import APP_ID, subprocess_env
 
 MakeClient = Callable[..., kaibantrace.Telemetry]
 
@@ -160,3 +178,131 @@ class TestSenderSettingsAfterStart:
         client.emit("first")
         assert client.flush(5)
         assert [s["type"] for s in transport.signals] == ["first"]
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    PAIR = (1, 2)
+    ODD = object()
+
+
+class Level(enum.IntEnum):
+    HIGH = 2
+
+
+class Mode(str, enum.Enum):
+    FAST = "fast"
+
+
+def encoded(payload: Any = None, float_value: Any = None, *, strict: bool = False
+            ) -> Dict[str, Any]:
+    """The signal the pipeline makes of one event with this payload and float value."""
+    raw = ("evt", payload, Session(), None, 1_700_000_000.0, float_value_of(float_value))
+    return build_signal(raw, EncodeContext(APP_ID, "", False, strict, Reporter()))
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.WARNING, logger="kaibantrace"):
+        yield caplog
+
+
+class TestFloatValue:
+    @pytest.mark.parametrize(("given", "sent"), [
+        (2.5, 2.5), (3, 3.0), (decimal.Decimal("1.5"), 1.5), (fractions.Fraction(1, 4), 0.25)])
+    def test_numbers_are_sent(self, given: Any, sent: float) -> None:
+        assert encoded(float_value=given)["floatValue"] == sent
+
+    @pytest.mark.parametrize(("given", "said"), [
+        ("3", "not a str"), (True, "not a bool"), (math.nan, "not NaN"),
+        (math.inf, "not Infinity"), (-math.inf, "not -Infinity"), (10**400, "beyond a double"),
+        (decimal.Decimal("NaN"), "not NaN")])
+    def test_what_is_not_a_finite_number_is_left_out_with_a_warning(
+            self, given: Any, said: str, logged: pytest.LogCaptureFixture) -> None:
+        """The event is sent without floatValue, and the author is told why."""
+        assert "floatValue" not in encoded(float_value=given)
+        (message,) = logged.messages
+        assert "float_value of 'evt' must be a finite number" in message and said in message
+
+    def test_warned_once_per_cause(self, make_client: MakeClient, collector: Collector,
+                                   logged: pytest.LogCaptureFixture) -> None:
+        client = make_client()
+        for value in ("3", "4", math.nan, math.nan, 2.0):
+            client.emit("measured", float_value=value)
+        assert client.flush(5)
+        signals = collector.wait_for(5)
+        assert [s.get("floatValue") for s in signals] == [None, None, None, None, 2.0]
+        assert len(logged.messages) == 2
+
+    @pytest.mark.parametrize("given", ["3", math.nan, True])
+    def test_strict_mode_raises_at_the_call(self, given: Any, make_client: MakeClient) -> None:
+        client = make_client(strict=True)
+        with pytest.raises(EventError, match="float_value of 'measured'"):
+            client.emit("measured", float_value=given)
+        with capture() as signals, pytest.raises(EventError, match="finite number"):
+            kaibantrace.Telemetry(app_id=APP_ID).emit("measured", float_value=given)
+        assert signals == []
+
+
+class TestPayloadValues:
+    @pytest.mark.parametrize(("value", "text"), [
+        (decimal.Decimal("1.10"), "1.1"),  # as the equal double prints in JavaScript
+        (decimal.Decimal("2"), "2"),
+        (decimal.Decimal("-0"), "0"),
+        (decimal.Decimal("1e21"), "1e+21"),
+        (decimal.Decimal("NaN"), "NaN"),
+        (fractions.Fraction(1, 3), "0.3333333333333333"),
+        (fractions.Fraction(6, 3), "2"),
+        (Colour.RED, "red"),
+        (Colour.PAIR, "[1,2]"),
+        (Level.HIGH, "2"),
+        (Mode.FAST, "fast"),
+    ])
+    def test_numbers_and_enum_members_are_sent(self, value: Any, text: str) -> None:
+        """Decimal and Fraction as the JavaScript SDK would write the equal number; enum
+        members by their value, whatever else the enum derives from."""
+        assert encoded({"v": value})["payload"] == {"v": text}
+        assert snapshot_payload({"v": value}) == {"v": text}  # the text is made at the call
+
+    @pytest.mark.parametrize(("value", "shown", "why", "error"), [
+        (b"abc", "bytes", "bytes have no one text form", EventError),
+        (bytearray(b"abc"), "bytearray", "bytes have no one text form", EventError),
+        (pathlib.PurePosixPath("/home/alice/notes.txt"), "PurePosixPath", "a path names the user's files",
+         PrivacyError),
+        (uuid.UUID(APP_ID), "UUID", "a UUID identifies one thing", PrivacyError),
+        (Colour.ODD, "Colour", "only text, numbers, booleans, dates, enum members", EventError),
+    ])
+    def test_refused_values_say_why(self, value: Any, shown: str, why: str, error: type,
+                                    logged: pytest.LogCaptureFixture) -> None:
+        """The field is dropped with a warning naming the type and the reason, whether it
+        was found at the call (a snapshot) or on the worker; strict mode raises."""
+        assert "payload" not in encoded({"v": value})
+        assert "payload" not in encoded(snapshot_payload({"v": value}))
+        first, second = logged.messages
+        assert first == second
+        assert f"'v' of 'evt' is a {shown}; {why}" in first
+        with pytest.raises(error, match=why):
+            encoded({"v": value}, strict=True)
+        if error is EventError:  # not a privacy refusal
+            with pytest.raises(EventError) as raised:
+                encoded({"v": value}, strict=True)
+            assert not isinstance(raised.value, PrivacyError)
+
+    def test_recognised_without_importing_their_modules(self) -> None:
+        """Sending events imports none of decimal, fractions, numbers, uuid or pathlib."""
+        code = textwrap.dedent("""
+            import sys
+            watched = ("decimal", "fractions", "numbers", "uuid", "pathlib")
+            before = {name for name in watched if name in sys.modules}
+            import kaibantrace
+            from kaibantrace import _client
+            sink = _client.Capture(strict=False, respect_opt_out=False)
+            _client._captures.append(sink)  # what testing.capture() does; testing imports uuid
+            kaibantrace.emit("evt", {"s": "x", "i": 1, "f": 1.5, "b": True, "o": object()},
+                             float_value=2)
+            assert sink.signals[0]["payload"] == {"s": "x", "i": "1", "f": "1.5", "b": "true"}
+            print(sorted({name for name in watched if name in sys.modules} - before))
+        """)
+        result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                                capture_output=True, text=True, timeout=60, check=True)
+        assert result.stdout.strip() == "[]"
