@@ -2,7 +2,9 @@
 
 ``kaibantrace status|enable|disable|reset|log|project-id|flush`` (also
 ``python -m kaibantrace``). Output is for people by default; ``--json`` prints
-one JSON value for scripts. Exit status: 0 success, 2 usage error (argparse's
+one JSON value for scripts. Neither ever carries a control or format character
+from a payload, a file or the environment: the text is escaped (``printable``),
+the JSON ASCII-only. Exit status: 0 success, 2 usage error (argparse's
 own), 1 failure with a one-line reason on stderr.
 
 ``command_line(argv, client=..., prog=...)`` runs the same commands for any
@@ -57,12 +59,54 @@ def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telem
     except Exception as exc:  # a one-line reason, never a traceback
         reason = str(exc) if isinstance(exc, Failure) else f"unexpected error: {exc!r}"
         if args.json:
-            print(json.dumps({"ok": False, "error": reason}))
-        print(f"{prog}: {reason}", file=sys.stderr)
+            _say_json({"ok": False, "error": reason})
+        print(printable(f"{prog}: {reason}"), file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result, indent=None if args.command == "log" else 2))
+        _say_json(result, indent=None if args.command == "log" else 2)
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on written as an escape.
+
+    What is shown comes partly from files and payloads that others may have written
+    (the sent log holds the host's event values as they were sent), and a terminal
+    obeys control characters: an ESC or a C1 CSI starts a command, a bidi override
+    or a zero-width character makes the line read other than it is. So every
+    control, format, surrogate, private-use or unassigned character, and the line
+    and paragraph separators, becomes ``\\uNNNN`` (``\\UNNNNNNNN`` above the BMP). In
+    a request body, which is JSON, the ``\\u`` form is a JSON escape of the same
+    character, so the line shown still decodes to what was sent.
+    """
+    if text.isprintable():  # none of those categories: the common case, at C speed
+        return text
+    import unicodedata
+
+    return "".join(_escape(char) if unicodedata.category(char) in _UNPRINTABLE else char
+                   for char in text)
+
+
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _say(text: str = "", *, start: str = "", end: str = "\n", flush: bool = False) -> None:
+    """Print one line for the user, made ``printable``: every line of output comes here.
+    ``start`` and ``end`` are this module's own control characters, left as they are."""
+    sys.stdout.write(start + printable(text) + end)
+    if flush:
+        sys.stdout.flush()
+
+
+def _say_json(value: Any, indent: Optional[int] = None) -> None:
+    """Print ``value`` as JSON, which needs no ``printable``: ``ensure_ascii`` escapes every
+    character outside printable ASCII (DEL too), and the line breaks of ``indent`` are ours."""
+    sys.stdout.write(json.dumps(value, indent=indent, ensure_ascii=True) + "\n")
 
 
 def main() -> None:
@@ -198,20 +242,20 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         state = "on" if decision.enabled else "off"
         if decision.enabled and decision.debug:
             state = "on, debug mode (printed, never sent)"
-        print(f"Telemetry is {state}.")
-        print(f"  decided by:  {_describe(decision.decided_by, args)}")
-        print(f"  app:         {app_id or '(none configured)'}")
-        print(f"  profile:     {decision.profile}")
-        print(f"  waiting:     {pending} signal(s) in the outbox")
-        print(f"  last sent:   {last or 'never (from this machine)'}")
+        _say(f"Telemetry is {state}.")
+        _say(f"  decided by:  {_describe(decision.decided_by, args)}")
+        _say(f"  app:         {app_id or '(none configured)'}")
+        _say(f"  profile:     {decision.profile}")
+        _say(f"  waiting:     {pending} signal(s) in the outbox")
+        _say(f"  last sent:   {last or 'never (from this machine)'}")
         for app, pid in delivering.items():
             shown = f"process {pid}" if pid else "a process"
-            print(f"  delivering:  {shown} is sending what waits"
+            _say(f"  delivering:  {shown} is sending what waits"
                   + (f" for app {app}" if len(apps) > 1 else ""))
-        print(f"  state dir:   {directory}")
-        print(f"  config dir:  {config_dir()}")
+        _say(f"  state dir:   {directory}")
+        _say(f"  config dir:  {config_dir()}")
         if in_ci(os.environ):
-            print("  CI:          yes (no notice, no files that identify this machine)")
+            _say("  CI:          yes (no notice, no files that identify this machine)")
     return result
 
 
@@ -220,9 +264,9 @@ def _enable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     decision = telemetry.decision()
     if not args.json:
         if decision.enabled:
-            print(f"Telemetry is enabled. Turn it off again with `{args.prog} disable`.")
+            _say(f"Telemetry is enabled. Turn it off again with `{args.prog} disable`.")
         else:
-            print(f"Saved. Telemetry stays off, though: {_describe(decision.decided_by, args)} "
+            _say(f"Saved. Telemetry stays off, though: {_describe(decision.decided_by, args)} "
                   "still says so, and an opt-out always wins.")
     return {"ok": True, "saved": _prefs.ENABLED, "enabled": decision.enabled,
             "decided_by": decision.decided_by}
@@ -236,8 +280,8 @@ def _disable(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         removed += _outbox.waiting(directory, app) or 0
         _outbox.purge(directory, app)
     if not args.json:
-        print("Telemetry is disabled for every program that uses kaibantrace on this machine.")
-        print(f"Deleted {removed} signal(s) that were waiting to be sent. "
+        _say("Telemetry is disabled for every program that uses kaibantrace on this machine.")
+        _say(f"Deleted {removed} signal(s) that were waiting to be sent. "
               f"`{args.prog} enable` turns it back on.")
     return {"ok": True, "saved": _prefs.DISABLED, "enabled": False, "deleted": removed}
 
@@ -257,13 +301,13 @@ def _reset(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     decision = telemetry.decision()
     if not args.json:
         if removed:
-            print(f"Forgot {', '.join(removed)}: the saved choice, the first-run notices, the "
+            _say(f"Forgot {', '.join(removed)}: the saved choice, the first-run notices, the "
                   "install markers and the local secret, whichever existed.")
-            print("A new secret is made at the next send; the notice shows again on a terminal.")
+            _say("A new secret is made at the next send; the notice shows again on a terminal.")
         else:
-            print("Nothing to forget: no saved choice, notice or install marker, or local secret.")
+            _say("Nothing to forget: no saved choice, notice or install marker, or local secret.")
         state = "on" if decision.enabled else "off"
-        print(f"Telemetry is now {state} ({_describe(decision.decided_by, args)}).")
+        _say(f"Telemetry is now {state} ({_describe(decision.decided_by, args)}).")
     return {"ok": True, "removed": removed, "enabled": decision.enabled,
             "decided_by": decision.decided_by}
 
@@ -275,11 +319,11 @@ def _log(telemetry: Telemetry, args: argparse.Namespace) -> Any:
     shown = records[-args.limit:] if args.limit else []
     if not args.json:
         if not shown:
-            print("Nothing has been sent from this machine (or the log was cleared).")
+            _say("Nothing has been sent from this machine (or the log was cleared).")
         for record in shown:
-            print(f"{record.get('sent_at')}  {record.get('signals')} signal(s) for app "
+            _say(f"{record.get('sent_at')}  {record.get('signals')} signal(s) for app "
                   f"{record.get('app_id')} to {record.get('url')}")
-            print(f"  {record['body']}")
+            _say(f"  {record['body']}")
     return shown
 
 
@@ -303,12 +347,12 @@ def _project_id(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any
         else:
             why_none = "not known yet: this machine's secret is made at the first send"
     if not args.json:
-        print(f"project ID:  {identifier}  (KaibanJS's formula; never sent)")
+        _say(f"project ID:  {identifier}  (KaibanJS's formula; never sent)")
         if sent is not None:
             how = "keyed with this machine's secret, then hashed" if keyed else "hashed"
-            print(f"sent as:     {sent}  ({how})")
+            _say(f"sent as:     {sent}  ({how})")
         else:
-            print(f"sent as:     {why_none}")
+            _say(f"sent as:     {why_none}")
     return {"project_id": identifier, "sent_as": sent, "keyed_with_local_secret": keyed,
             "enabled": decision.enabled}
 
@@ -344,7 +388,7 @@ def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         if problem:
             problems.append(problem)
     if not args.json:
-        print(f"Sent {totals['sent']} signal(s); {totals['left']} still waiting.")
+        _say(f"Sent {totals['sent']} signal(s); {totals['left']} still waiting.")
     reason = f" ({problems[0]})" if problems else ""
     if dropped:
         raise Failure(f"{dropped} signal(s) could not be sent and were dropped{reason}"
@@ -373,7 +417,7 @@ def _deliver(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
                             timeout=args.timeout or s.timeout, backoff=args.backoff or s.backoff,
                             bound=args.max_time, lock_fd=args.lock_fd)
     if not args.json:
-        print(f"Sent {done.sent} signal(s); {done.left} still waiting"
+        _say(f"Sent {done.sent} signal(s); {done.left} still waiting"
               + (f" ({done.problem})." if done.problem else "."))
     return {"ok": not done.problem, "sent": done.sent, "left": done.left, "problem": done.problem or None}
 
@@ -393,14 +437,14 @@ def _drain(client: Telemetry, waiting: int, args: argparse.Namespace) -> Tuple[i
             stats = client.stats()
             left = int(stats["in_outbox"])  # type: ignore[call-overload]
             if show:
-                print(f"\rSending for app {client.settings.app_id}: {stats['sent']} of {waiting}",
-                      end="", flush=True)
+                _say(f"Sending for app {client.settings.app_id}: {stats['sent']} of {waiting}",
+                     start="\r", end="", flush=True)
             if sender.passes and (left == 0 or sender.circuit_open):
                 break
             time.sleep(0.05)
     finally:
         if show:
-            print()
+            _say()
         client.shutdown(timeout=1.0)
     sent = int(client.stats()["sent"])  # type: ignore[call-overload]  # after the last send
     # What is left is read, not computed: a delivery process may have sent some meanwhile.
