@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ._client import F, Telemetry
+    from ._commands import telemetry_commands
     from ._config import Decision, Options, Settings
     from ._identity import Session, SessionScope, project_id
 
@@ -46,6 +47,7 @@ _LAZY = {
     "Session": "_identity",
     "SessionScope": "_identity",
     "project_id": "_identity",
+    "telemetry_commands": "_commands",
 }
 
 
@@ -165,6 +167,7 @@ __all__ = [
     "project_id",
     "session",
     "shutdown",
+    "telemetry_commands",
     "track",
     "track_cli",
 ]

@@ -68,6 +68,38 @@ def command_of(target: Any, parser: Any, argv: Sequence[str]) -> Optional[str]:
                 break
             path.append(token)
             node = _as_click(children[token])
+            if _is_ours(node):
+                return OWN_COMMANDS
         return " ".join(path) or None
     except Exception:  # naming the command is a nicety; it must never break the CLI
         return None
+
+
+# -- kaibantrace's own commands, mounted in a CLI -------------------------------------
+
+OWN_COMMANDS = "\0kaibantrace"  # what command_of answers for a path through them
+_MARK = "__kaibantrace_commands__"
+
+
+def telemetry_commands(target: Any) -> Any:
+    """Mark ``target`` as the mount point of kaibantrace's commands in a CLI.
+
+    ``target`` is the function of a click or typer command that passes its
+    arguments to ``kaibantrace.command_line``, or the argparse sub-parser that
+    does. A run of those commands (``mytool telemetry status``) is then no use
+    of the tool: ``track_cli`` records nothing for it, not even an install.
+    Returns ``target`` itself, so it can be used as a decorator.
+    """
+    try:
+        setattr(target, _MARK, True)
+    except (AttributeError, TypeError):
+        raise TypeError(f"kaibantrace: telemetry_commands() cannot mark a "
+                        f"{type(target).__name__}") from None
+    return target
+
+
+def _is_ours(node: Any) -> bool:
+    if getattr(node, _MARK, False) is True:
+        return True
+    callback = getattr(node, "callback", None)  # click; typer's copies the function's attributes
+    return callback is not None and getattr(callback, _MARK, False) is True

@@ -4,10 +4,12 @@ Everything that can be wrong with a decorator's arguments is checked here, at
 decoration time, where the author sees the traceback: the name, and a static
 payload (which is cleaned and privacy-checked once, so calls reuse it).
 
-The wrappers use ``wrapt`` so signatures, docstrings and ``inspect`` answers
-stay those of the decorated function. Coroutine functions, generators and
-async generators each get their own wrapper, so the event fires when the work
-starts (first ``await`` or ``next``), not when the object is created.
+The decorated callable is replaced by a ``Tracked`` proxy (``_wrappers``), which
+keeps everything about it (signature, docstring, ``inspect`` answers, pickling,
+the caller seen from inside it) and records the event when it is called.
+Coroutine functions, generators and async generators return an object of the
+same kind that records the event when the work starts (first ``await`` or
+``next``), not when the object is created.
 
 A payload callable receives the call's arguments, bound to the function's
 parameter names with defaults applied (``self``/``cls`` included for methods),
@@ -18,13 +20,13 @@ filling), so the event keeps a snapshot of it, as ``emit`` does.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator, Mapping, Optional, Tuple
 
-import wrapt
-
 from . import _client
-from ._commands import command_argv, command_of
+from ._clihooks import TrackedCli
+from ._commands import OWN_COMMANDS, command_argv, command_of
 from ._errors import EventError
 from ._identity import project_id
 from ._log import logger
@@ -36,6 +38,7 @@ from ._pipeline import (
     name_problem,
     snapshot_payload,
 )
+from ._wrappers import Start, Tracked, call_with_caller_globals
 
 if TYPE_CHECKING:
     from ._client import Telemetry
@@ -97,13 +100,16 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
         """Record the event; never lets an error reach the decorated call (strict aside)."""
         try:
             if cli:
+                command = _command_of(wrapped, parser, args, kwargs)
+                if command is _OURS:
+                    return  # the CLI's own ``telemetry`` commands are not a use of the CLI
                 client._cli_run_starts()  # the first-run notice and the install event
             accept = client._route()
             if accept is None:
                 return
             data = static if dynamic is None else payload_for(wrapped, args, kwargs)
             if cli:
-                data = _with_command(client, data, wrapped, parser, args, kwargs)
+                data = _with_command(client, data, command)
             accept(client._raw(event, data, project_id() if cli else None))
         except EventError:  # only raised in strict mode, which wants it at the call
             raise
@@ -116,12 +122,19 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
             raise TypeError(f"kaibantrace: @track({event!r}) needs a function or method, "
                             f"not {type(func).__name__}")
         if inspect.iscoroutinefunction(target):
-            return _coroutine_wrapper(fire)(func)
-        if inspect.isasyncgenfunction(target):
-            return _async_generator_wrapper(fire)(func)
-        if inspect.isgeneratorfunction(target):
-            return _generator_wrapper(fire)(func)
-        return _plain_wrapper(fire, client, event, static, dynamic, cli)(func)
+            start = _starting_at_first_step(_coroutine, fire)
+        elif inspect.isasyncgenfunction(target):
+            start = _starting_at_first_step(_async_generator, fire)
+        elif inspect.isgeneratorfunction(target):
+            start = _starting_at_first_step(_generator, fire)
+        elif dynamic is None and not cli:
+            start = _static_start(client, event, static)
+        else:
+            def start(wrapped: Any, depth: int) -> Any:
+                return call_with_caller_globals(fire, wrapped, depth)
+        if cli:
+            return TrackedCli(func, start, fire)
+        return Tracked(func, start)
 
     return decorate
 
@@ -135,13 +148,20 @@ def _encoded_at_call(client: Telemetry) -> bool:
     return bool(client.settings.strict or _client._captures)
 
 
-def _with_command(client: Telemetry, data: Any, wrapped: Any, parser: Any, args: Any,
-                  kwargs: Any) -> Any:
+_OURS = object()  # the command that runs is one of kaibantrace's own
+
+
+def _command_of(wrapped: Any, parser: Any, args: Any, kwargs: Any) -> Any:
+    """The sub-command that runs, ``_OURS`` for kaibantrace's own commands, or ``None``."""
+    command = command_of(wrapped, parser, command_argv(args, kwargs))
+    return _OURS if command is OWN_COMMANDS else command
+
+
+def _with_command(client: Telemetry, data: Any, command: Optional[str]) -> Any:
     """The payload plus ``command``, the sub-command that runs (not in the KaibanJS profile,
     whose signals carry no payload); the author's own ``command`` field wins."""
     if client.decision().profile == "kaibanjs":
         return data
-    command = command_of(wrapped, parser, command_argv(args, kwargs))
     if command is None or (isinstance(data, Mapping) and "command" in data):
         return data
     if data is None:
@@ -151,36 +171,34 @@ def _with_command(client: Telemetry, data: Any, wrapped: Any, parser: Any, args:
     return data  # a failed payload callable: reported as it is
 
 
-def _plain_wrapper(fire: Fire, client: Telemetry, event: str, static: Any,
-                   dynamic: Any, cli: bool) -> Any:
-    if dynamic is None and not cli:
-        # The common case, kept short: a static payload and session identity.
-        route = client._route
-        raw = client._raw
+def _static_start(client: Telemetry, event: str, static: Any) -> Start:
+    """The common case, kept short: a static payload and session identity. The event is
+    recorded before the function runs, and the function is then called by Python itself."""
+    route = client._route
+    raw = client._raw
 
-        @wrapt.decorator
-        def fast(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            try:
-                accept = route()
-                if accept is not None:
-                    accept(raw(event, static))
-            except EventError:
-                raise
-            except Exception:
-                logger.debug("kaibantrace: could not record %r", event, exc_info=True)
-            return wrapped(*args, **kwargs)
+    def start(wrapped: Any, depth: int) -> Any:
+        try:
+            accept = route()
+            if accept is not None:
+                accept(raw(event, static))
+        except EventError:
+            raise
+        except Exception:
+            logger.debug("kaibantrace: could not record %r", event, exc_info=True)
+        return wrapped
 
-        return fast
-
-    @wrapt.decorator
-    def plain(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        fire(wrapped, args, kwargs)
-        return wrapped(*args, **kwargs)
-
-    return plain
+    return start
 
 
-# The three wrappers below call the decorated function at once, so a bad
+def _starting_at_first_step(make: Callable[[Fire, Any, Any, Any], Any], fire: Fire) -> Start:
+    def start(wrapped: Any, depth: int) -> Any:
+        return functools.partial(make, fire, wrapped)
+
+    return start
+
+
+# The three starters below call the decorated function at once, so a bad
 # argument raises at the call as it would undecorated, and return an object of
 # the same kind, named like the original, that fires the event at its first step.
 
@@ -191,63 +209,51 @@ def _named(outer: Any, inner: Any) -> Any:
     return outer
 
 
-def _coroutine_wrapper(fire: Fire) -> Any:
-    @wrapt.decorator
-    def coroutine(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        inner = wrapped(*args, **kwargs)
+def _coroutine(fire: Fire, wrapped: Any, *args: Any, **kwargs: Any) -> Any:
+    inner = wrapped(*args, **kwargs)
 
-        async def run() -> Any:
-            fire(wrapped, args, kwargs)
-            return await inner
+    async def run() -> Any:
+        fire(wrapped, args, kwargs)
+        return await inner
 
-        return _named(run(), inner)
-
-    return coroutine
+    return _named(run(), inner)
 
 
-def _generator_wrapper(fire: Fire) -> Any:
-    @wrapt.decorator
-    def generator(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        inner = wrapped(*args, **kwargs)
+def _generator(fire: Fire, wrapped: Any, *args: Any, **kwargs: Any) -> Any:
+    inner = wrapped(*args, **kwargs)
 
-        def run() -> Generator[Any, Any, Any]:
-            fire(wrapped, args, kwargs)
-            return (yield from inner)
+    def run() -> Generator[Any, Any, Any]:
+        fire(wrapped, args, kwargs)
+        return (yield from inner)
 
-        return _named(run(), inner)
-
-    return generator
+    return _named(run(), inner)
 
 
-def _async_generator_wrapper(fire: Fire) -> Any:
-    @wrapt.decorator
-    def async_generator(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        inner = wrapped(*args, **kwargs)
+def _async_generator(fire: Fire, wrapped: Any, *args: Any, **kwargs: Any) -> Any:
+    inner = wrapped(*args, **kwargs)
 
-        async def run() -> AsyncGenerator[Any, Any]:
-            fire(wrapped, args, kwargs)
-            # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
+    async def run() -> AsyncGenerator[Any, Any]:
+        fire(wrapped, args, kwargs)
+        # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
+        try:
+            value = await inner.__anext__()
+        except StopAsyncIteration:
+            return
+        while True:
             try:
-                value = await inner.__anext__()
-            except StopAsyncIteration:
-                return
-            while True:
+                sent = yield value
+            except GeneratorExit:
+                await inner.aclose()
+                raise
+            except BaseException as exc:
                 try:
-                    sent = yield value
-                except GeneratorExit:
-                    await inner.aclose()
-                    raise
-                except BaseException as exc:
-                    try:
-                        value = await inner.athrow(exc)
-                    except StopAsyncIteration:
-                        return
-                else:
-                    try:
-                        value = await inner.asend(sent)
-                    except StopAsyncIteration:
-                        return
+                    value = await inner.athrow(exc)
+                except StopAsyncIteration:
+                    return
+            else:
+                try:
+                    value = await inner.asend(sent)
+                except StopAsyncIteration:
+                    return
 
-        return _named(run(), inner)
-
-    return async_generator
+    return _named(run(), inner)

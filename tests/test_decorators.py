@@ -32,6 +32,20 @@ class TestCallableKinds:
         assert inspect.signature(add) == inspect.signature(add.__wrapped__)
         assert list(inspect.signature(add).parameters) == ["a", "b"]
 
+    def test_reading_call_is_not_calling(self) -> None:
+        """``hasattr(f, "__call__")`` and ``f.__call__`` record nothing; calling what
+        ``f.__call__`` gave records the call, once."""
+        @kaibantrace.track("plain")
+        def double(a: int) -> int:
+            return a * 2
+
+        with capture() as signals:
+            call = double.__call__
+            assert hasattr(double, "__call__") and callable(double)
+            assert types(signals) == []
+            assert call(4) == 8
+        assert types(signals) == ["plain"]
+
     def test_exceptions_pass_through(self) -> None:
         """The decorated function's exception reaches the caller unchanged, after the event."""
         @kaibantrace.track("boom")

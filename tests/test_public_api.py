@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import textwrap
 
 import kaibantrace
 
@@ -15,7 +16,7 @@ PUBLIC = {
     "ConfigurationError", "Decision", "EventError", "KaibanTraceError", "PrivacyError",
     "Session", "SessionScope", "Settings", "Telemetry", "__version__", "command_line", "configure",
     "default_client", "emit", "events", "flush", "project_id", "session", "shutdown",
-    "track", "track_cli",
+    "telemetry_commands", "track", "track_cli",
 }
 
 
@@ -61,3 +62,36 @@ class TestImport:
         assert new and all(name.startswith("kaibantrace.") or name == "kaibantrace"
                            for name in new), new
         assert "kaibantrace._client" not in new
+
+    def test_a_first_track_loads_wrapt_and_its_own_modules_only(self) -> None:
+        """Opted out, a first ``@track`` and call load ``wrapt`` (with what the installed
+        wrapt imports, as the README's table says for each wrapt series), kaibantrace's own
+        modules and ``contextvars``; never SQLite or any HTTP code."""
+        code = textwrap.dedent("""
+            import json, sys
+            import kaibantrace
+            before = set(sys.modules)
+            import wrapt
+            by_wrapt = set(sys.modules) - before
+            @kaibantrace.track("used")
+            def work():
+                return 1
+            work()
+            rest = set(sys.modules) - before - by_wrapt
+            from importlib.metadata import version
+            print(json.dumps([version("wrapt"), sorted(by_wrapt), sorted(rest),
+                              sorted(set(sys.modules) & {"sqlite3", "requests", "urllib3",
+                                                         "http.client", "hashlib"})]))
+        """)
+        out = subprocess.run([sys.executable, "-c", code],
+                             env=subprocess_env(KAIBAN_TELEMETRY_OPT_OUT="1"),
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        wrapt_version, by_wrapt, rest, heavy = json.loads(out)
+        assert heavy == []
+        assert all(name.startswith("kaibantrace.") or name in ("contextvars", "_contextvars")
+                   for name in rest), rest
+        series = tuple(int(part) for part in wrapt_version.split(".")[:2])
+        # The README's "What importing costs" table, row by row.
+        assert ("socket" in by_wrapt) == (series >= (2, 0)), (wrapt_version, by_wrapt)
+        assert ("asyncio" in by_wrapt) == (series >= (2, 2)), (wrapt_version, by_wrapt)
+        assert ("ssl" in by_wrapt) == (series >= (2, 2)), (wrapt_version, by_wrapt)

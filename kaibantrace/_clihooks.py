@@ -1,0 +1,118 @@
+"""``track_cli`` on a click or typer application: counted however it is started.
+
+A click application is started by calling it (``cli()``), but also by its
+``main`` method, which is what click's ``CliRunner`` calls, and so what every
+test of a click application runs. A typer application's ``CliRunner`` does not
+call the application at all: it asks typer for the click command the
+application becomes and runs that command's ``main``.
+
+So the tracked proxy of a CLI answers three more names than a tracked
+function does, each only for the kind of object that has it:
+
+* ``main`` of a click command: the same method, recording the event first;
+* ``info``, ``registered_callback`` and ``registered_commands`` of a typer
+  application: copies in which the class of the click command typer builds is
+  a subclass whose ``main`` records the event first. The application itself
+  is never changed, and calling it records the event once, as before.
+
+Whatever goes wrong here, the attribute is answered as it is, untracked: a
+CLI must never fail because of its telemetry.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict
+
+from ._log import logger
+from ._wrappers import Start, Tracked, _get, lookup
+
+Fire = Callable[[Any, Any, Any], None]
+
+_TYPER_NAMES = frozenset({"info", "registered_callback", "registered_commands"})
+
+
+
+class TrackedCli(Tracked):
+    """A tracked CLI entry point: a function, a click command or a typer application."""
+
+    def __init__(self, wrapped: Any, start: Start, fire: Fire) -> None:
+        super().__init__(wrapped, start)
+        self._self_fire = fire
+        self._self_classes: Dict[type, type] = {}
+
+    def __getattribute__(self, name: str) -> Any:
+        if name != "main" and name not in _TYPER_NAMES:
+            return super().__getattribute__(name)
+        value = lookup(self, name)
+        try:
+            return _tracked_attribute(self, name, value)
+        except Exception:
+            logger.debug("kaibantrace: could not track %s of the CLI", name, exc_info=True)
+            return value
+
+
+def _tracked_attribute(proxy: Any, name: str, value: Any) -> Any:
+    wrapped = _get(proxy, "__wrapped__")
+    fire = _get(proxy, "_self_fire")
+    if name == "main":
+        if callable(value) and hasattr(wrapped, "make_context"):  # a click command
+            return functools.partial(_main, fire, wrapped)
+        return value
+    if not _is_typer(wrapped):
+        return value
+    from typer.core import TyperCommand, TyperGroup  # type: ignore[import-not-found,unused-ignore]
+
+    if name == "info":
+        return _with_class(value, proxy, TyperGroup)
+    if name == "registered_callback":
+        return None if value is None else _with_class(value, proxy, TyperGroup, only_if_set=True)
+    if len(value) == 1 and not wrapped.registered_groups and not _typer_has_callback(wrapped):
+        return [_with_class(value[0], proxy, TyperCommand)]  # an application of one command
+    return value
+
+
+def _main(fire: Fire, command: Any, *args: Any, **kwargs: Any) -> Any:
+    fire(command, args, kwargs)
+    return command.main(*args, **kwargs)
+
+
+def _is_typer(value: Any) -> bool:
+    kind = type(value)
+    return kind.__name__ == "Typer" and kind.__module__.startswith("typer")
+
+
+def _typer_has_callback(app: Any) -> bool:
+    return bool(app.registered_callback) or _given(app.info.callback) is not None
+
+
+def _given(value: Any) -> Any:
+    """A typer setting's value, or ``None`` when it is still typer's placeholder default."""
+    return None if type(value).__name__ == "DefaultPlaceholder" else value
+
+
+def _with_class(info: Any, proxy: Any, default: type, *, only_if_set: bool = False) -> Any:
+    """A copy of typer's ``info`` whose ``cls`` records the event in ``main``."""
+    base = _given(info.cls)
+    if base is None:
+        if only_if_set:
+            return info
+        base = default
+    classes = _get(proxy, "_self_classes")
+    tracked = classes.get(base)
+    if tracked is None:
+        tracked = classes[base] = _recording_subclass(base, _get(proxy, "_self_fire"))
+    import copy  # only for a typer application, which has loaded far more than this
+
+    duplicate = copy.copy(info)
+    duplicate.cls = tracked
+    return duplicate
+
+
+def _recording_subclass(base: type, fire: Fire) -> type:
+    def main(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fire(self, args, kwargs)
+        return base.main(self, *args, **kwargs)  # type: ignore[attr-defined]
+
+    return type(base.__name__, (base,), {"main": main, "__module__": base.__module__,
+                                        "__qualname__": base.__qualname__})
