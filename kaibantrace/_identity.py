@@ -19,7 +19,9 @@ import functools
 import os
 import threading
 from types import TracebackType
-from typing import Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Mapping, Optional, Tuple, Type, TypeVar
+
+R = TypeVar("R")
 
 _id_lock = threading.Lock()
 
@@ -64,7 +66,9 @@ class SessionScope:
     UUID. The current session lives in a ``ContextVar``, so asyncio tasks
     created in the block inherit it and concurrent tasks or threads with their
     own block never see each other's ID. One scope object may even be entered
-    by several tasks at once.
+    by several tasks at once. A thread does not inherit it (Python starts a
+    thread with empty context variables): hand the thread ``scope.wrap(fn)``,
+    or ``contextvars.copy_context().run`` and ``fn``.
     """
 
     __slots__ = ("_session", "_var")
@@ -92,6 +96,24 @@ class SessionScope:
 
     async def __aenter__(self) -> Session:
         return self.__enter__()
+
+    # Python gives a new thread empty context variables, not the starting thread's:
+    # a thread started inside the block is outside it. These carry the block over.
+
+    def run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Call ``fn(*args, **kwargs)`` inside this session, from any thread."""
+        with self:
+            return fn(*args, **kwargs)
+
+    def wrap(self, fn: Callable[..., R]) -> Callable[..., R]:
+        """``fn``, made to run inside this session wherever it is called: give it to
+        ``threading.Thread(target=...)`` or ``executor.submit`` as it is."""
+        @functools.wraps(fn)
+        def in_session(*args: Any, **kwargs: Any) -> R:
+            with self:
+                return fn(*args, **kwargs)
+
+        return in_session
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]],
                         exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:

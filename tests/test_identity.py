@@ -147,6 +147,50 @@ class TestSessions:
         outside = asyncio.run(main())
         assert outside == [client._session().id] * 2
 
+    def test_a_thread_started_in_a_block_is_outside_it(self) -> None:
+        """Python starts threads with empty context variables: the block does not follow."""
+        client = kaibantrace.default_client()
+        seen: list[str] = []
+        with kaibantrace.session() as s:
+            thread = threading.Thread(target=lambda: seen.append(client._session().id))
+            thread.start()
+            thread.join(10)
+        assert seen == [client._process_session.id] != [s.id]
+
+    def test_wrap_and_run_carry_the_session_into_threads(self) -> None:
+        """``scope.wrap(fn)`` and ``scope.run`` make ``fn`` run in the block's session, in a
+        ``threading.Thread`` and in a ``ThreadPoolExecutor``, and leave the worker as it was."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = kaibantrace.default_client()
+
+        def session_id(label: str) -> tuple[str, str]:
+            return label, client._session().id
+
+        seen: list[tuple[str, str]] = []
+        scope = kaibantrace.session()
+        with scope as s:
+            thread = threading.Thread(target=lambda: seen.append(scope.wrap(session_id)("thread")))
+            thread.start()
+            thread.join(10)
+            with ThreadPoolExecutor(2) as pool:
+                seen.append(pool.submit(scope.wrap(session_id), "wrap").result(10))
+                seen.append(pool.submit(scope.run, session_id, "run").result(10))
+                seen.append(pool.submit(session_id, "plain").result(10))
+        assert seen[:3] == [("thread", s.id), ("wrap", s.id), ("run", s.id)]
+        assert seen[3] == ("plain", client._process_session.id)
+        assert scope.wrap(session_id).__name__ == "session_id"
+
+    def test_copy_context_carries_the_session_into_threads(self) -> None:
+        """The standard library's way works too: the context, copied, run in the thread."""
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = kaibantrace.default_client()
+        with kaibantrace.session() as s, ThreadPoolExecutor(1) as pool:
+            context = contextvars.copy_context()
+            assert pool.submit(context.run, lambda: client._session().id).result(10) == s.id
+
     def test_outside_sessions_share_the_process_session(self) -> None:
         """Outside any session() every event shares one process-wide ID."""
         client = kaibantrace.default_client()
