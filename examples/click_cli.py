@@ -49,6 +49,7 @@ def migrate(target: str) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@kaibantrace.telemetry_commands  # running these is not a use of the tool: nothing is recorded
 def telemetry(args: List[str]) -> None:
     """See or change this tool's telemetry: status, disable, enable, log..."""
     click.get_current_context().exit(
@@ -59,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo = _demo.Demo(local_app_id=CLI_APP_ID)
     kaibantrace.configure(**demo.settings)
     try:
-        cli(args=argv, standalone_mode=False)  # call the decorated group itself, not .main()
+        cli.main(args=argv, standalone_mode=False)  # or cli(...): both are counted
     finally:
         kaibantrace.flush(timeout=2.0)  # a CLI exits right away: let the signal leave
         print()

@@ -6,7 +6,9 @@ variables it honours.
 
 ``track_cli`` wraps the typer app and records one event per run with the
 sub-command as ``command``, named from the app's own commands, so argument
-values are never sent.
+values are never sent. ``typer.testing.CliRunner().invoke(tracked, [...])`` is
+counted too. ``telemetry status|disable|log`` are kaibantrace's own commands,
+mounted here and never counted.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def run(name: str = "my-board") -> None:
 def migrate(target: str) -> None:
     """Migrate to TARGET."""
     print(f"Migrated to {target} (pretend).")
+
+
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@kaibantrace.telemetry_commands  # running these is not a use of the tool: nothing is recorded
+def telemetry(ctx: typer.Context) -> None:
+    """See or change this tool's telemetry: status, disable, enable, log..."""
+    raise typer.Exit(kaibantrace.command_line(ctx.args, prog="typer_cli.py telemetry"))
 
 
 tracked = kaibantrace.track_cli("cli_used")(app)
