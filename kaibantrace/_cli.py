@@ -5,7 +5,9 @@
 one JSON value for scripts. Neither ever carries a control or format character
 from a payload, a file or the environment: the text is escaped (``printable``),
 the JSON ASCII-only. Exit status: 0 success, 2 usage error (argparse's
-own), 1 failure with a one-line reason on stderr.
+own), 1 failure with a one-line reason on stderr, 141 (what a shell reports for
+a program ended by SIGPIPE) with nothing said when the reader of the output
+went away, as in ``kaibantrace log | head -1``.
 
 ``command_line(argv, client=..., prog=...)`` runs the same commands for any
 client, so a CLI author can offer ``mytool telemetry status`` that reports on
@@ -39,13 +41,39 @@ SOURCES = {
 }
 
 
+OUTPUT_GONE = 141
+"""The exit status when stdout's reader went away: 128 + SIGPIPE, what a shell reports for
+``cat`` or ``grep`` in the same place, so a script that allows it for them allows it here."""
+
+
 class Failure(Exception):
     """A command that could not do its job; the message is the one-line reason."""
 
 
+class _OutputGone(Exception):
+    """Writing to stdout met a broken pipe: no one reads what the command says any more."""
+
+
 def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telemetry] = None,
                  prog: str = "kaibantrace") -> int:
-    """Run one ``kaibantrace`` command; the exit status (0, 1, or 2 for a usage error)."""
+    """Run one ``kaibantrace`` command; the exit status (0, 1, 2 for a usage error, or
+    ``OUTPUT_GONE``).
+
+    When the reader of stdout has gone (``| head -1``), the command stops without a word
+    or a traceback, and stdout's descriptor is pointed at the null device: what is left
+    in its buffer would otherwise fail again when Python flushes it at exit. Only then
+    is the author's stdout touched, when the program mounts these commands in its own.
+    """
+    try:
+        status = _run(argv, client, prog)
+        _write("", flush=True)  # here, not at exit: a broken pipe is then seen and handled
+        return status
+    except _OutputGone:
+        _discard_stdout()
+        return OUTPUT_GONE
+
+
+def _run(argv: Optional[Sequence[str]], client: Optional[Telemetry], prog: str) -> int:
     from . import default_client
 
     telemetry = client if client is not None else default_client()
@@ -56,11 +84,20 @@ def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telem
         return int(stop.code or 0)
     try:
         result: Dict[str, Any] = args.run(telemetry, args)
+    except _OutputGone:
+        raise
     except Exception as exc:  # a one-line reason, never a traceback
         reason = str(exc) if isinstance(exc, Failure) else f"unexpected error: {exc!r}"
+        try:
+            print(printable(f"{prog}: {reason}"), file=sys.stderr)
+        except BrokenPipeError:  # no one to tell: the status says it
+            pass
         if args.json:
-            _say_json({"ok": False, "error": reason})
-        print(printable(f"{prog}: {reason}"), file=sys.stderr)
+            try:  # flushed here: a failure is 1 even when no one reads stdout any more
+                _say_json({"ok": False, "error": reason})
+                _write("", flush=True)
+            except _OutputGone:
+                _discard_stdout()
         return 1
     if args.json:
         _say_json(result, indent=None if args.command == "log" else 2)
@@ -98,19 +135,43 @@ def _escape(char: str) -> str:
 def _say(text: str = "", *, start: str = "", end: str = "\n", flush: bool = False) -> None:
     """Print one line for the user, made ``printable``: every line of output comes here.
     ``start`` and ``end`` are this module's own control characters, left as they are."""
-    sys.stdout.write(start + printable(text) + end)
-    if flush:
-        sys.stdout.flush()
+    _write(start + printable(text) + end, flush=flush)
 
 
 def _say_json(value: Any, indent: Optional[int] = None) -> None:
     """Print ``value`` as JSON, which needs no ``printable``: ``ensure_ascii`` escapes every
     character outside printable ASCII (DEL too), and the line breaks of ``indent`` are ours."""
-    sys.stdout.write(json.dumps(value, indent=indent, ensure_ascii=True) + "\n")
+    _write(json.dumps(value, indent=indent, ensure_ascii=True) + "\n")
+
+
+def _write(text: str, *, flush: bool = False) -> None:
+    """Write to stdout, where a broken pipe becomes ``_OutputGone``: raised only from here,
+    it can only mean that stdout's reader went away, never a socket's."""
+    try:
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise _OutputGone from None
+
+
+def _discard_stdout() -> None:
+    """Point stdout's descriptor at the null device, so that the interpreter's last flush
+    of what is still buffered succeeds rather than print a second broken-pipe error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (replaced, or closed)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def main() -> None:
-    """The ``kaibantrace`` console script."""
+    """The ``kaibantrace`` console script; ``command_line`` already ends quietly on a broken
+    pipe, so nothing is left for the interpreter to report at exit."""
     sys.exit(command_line())
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 from typing import List
 
+import pytest
+
 import kaibantrace
 from kaibantrace import _sentlog
-from kaibantrace._cli import printable
+from kaibantrace._cli import OUTPUT_GONE, printable
 from kaibantrace.testing import Collector
 
-from .conftest import APP_ID
+from .conftest import APP_ID, subprocess_env
 from .test_command_line import as_json, kaibantrace_command
 
 # Characters a terminal obeys or that make a line read other than it is: ESC and BEL (C0),
@@ -119,3 +124,94 @@ class TestEscaping:
         assert_clean(done.stderr, ["\x1b", "\u202e"])
         assert len(done.stderr.splitlines()) == 1
         assert os.path.exists(blocker)
+
+
+def run_into_closed_pipe(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the command with stdout a pipe whose only reader is already gone: its first
+    write meets a broken pipe, every time."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([sys.executable, "-m", "kaibantrace", *args], stdout=writer,
+                              stderr=subprocess.PIPE, env=subprocess_env(**env), text=True,
+                              timeout=60)
+    finally:
+        os.close(writer)
+
+
+def start_long_log() -> subprocess.Popen[bytes]:
+    """``kaibantrace log`` started with about 450 KB to write, far more than a pipe holds:
+    a reader that leaves after the first line leaves it writing into a broken pipe."""
+    body = b'[{"type":"' + b"x" * 3000 + b'"}]'
+    for i in range(150):
+        _sentlog.append(APP_ID, f"https://ingest.example/{i}", [(body, 1)])
+    return subprocess.Popen([sys.executable, "-m", "kaibantrace", "log", "--limit", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+
+
+class TestReaderGoneAway:
+    def test_status_json_ends_quietly(self) -> None:
+        done = run_into_closed_pipe("status", "--json")
+        assert (done.returncode, done.stderr) == (OUTPUT_GONE, "")
+
+    def test_a_failure_still_says_why_on_stderr(self) -> None:
+        """A command that failed says so (status 1, the reason on stderr) even when its
+        JSON report has no reader."""
+        done = run_into_closed_pipe("flush", "--json", KAIBAN_TELEMETRY_OPT_OUT="1")
+        assert done.returncode == 1
+        assert done.stderr == "kaibantrace: telemetry is off (the KAIBAN_TELEMETRY_OPT_OUT " \
+            "environment variable); nothing is sent\n"
+
+    def test_log_whose_reader_leaves_after_one_line(self) -> None:
+        """Like ``kaibantrace log | head -1``: the reader takes the first line and leaves while
+        the command still has far more to write than a pipe holds."""
+        child = start_long_log()
+        assert child.stdout is not None and child.stderr is not None
+        first = child.stdout.readline()
+        child.stdout.close()
+        error = child.stderr.read()
+        child.stderr.close()
+        assert child.wait(60) == OUTPUT_GONE and error == b""
+        assert first.startswith(b"20") and b"signal(s) for app" in first
+
+    def test_through_head(self) -> None:
+        """The case reported, with a real ``head -1`` reading the output of ``log``."""
+        if shutil.which("head") is None:
+            pytest.skip("no head(1) here")
+        child = start_long_log()
+        assert child.stdout is not None
+        head = subprocess.run(["head", "-1"], stdin=child.stdout, capture_output=True, timeout=60)
+        child.stdout.close()
+        _, error = child.communicate(timeout=60)
+        assert head.stdout.count(b"\n") == 1 and error == b""
+        assert child.returncode == OUTPUT_GONE
+
+    def test_mounted_command_line_returns_instead_of_raising(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An author's CLI calling command_line() gets a status, not a BrokenPipeError; only
+        then is its stdout, whose reader is gone, pointed at the null device."""
+        reader, writer = os.pipe()
+        os.close(reader)
+        with os.fdopen(writer, "w") as broken:
+            monkeypatch.setattr(sys, "stdout", broken)
+            assert kaibantrace.command_line(["status", "--json"]) == OUTPUT_GONE
+            broken.write("later output of the author's program\n")
+            broken.flush()  # goes to the null device: no second error
+            assert os.path.samestat(os.fstat(broken.fileno()), os.stat(os.devnull))
+
+    def test_stdout_that_still_works_is_left_alone(self, capsys: pytest.CaptureFixture[str]) -> None:
+        reader, writer = os.pipe()
+        try:
+            with os.fdopen(os.dup(writer), "w") as healthy, pytest.MonkeyPatch.context() as patch:
+                patch.setattr(sys, "stdout", healthy)
+                assert kaibantrace.command_line(["status", "--json"]) == 0
+                assert not os.path.samestat(os.fstat(healthy.fileno()), os.stat(os.devnull))
+            os.close(writer)
+            with os.fdopen(reader, "rb") as output:
+                assert json.loads(output.read())["enabled"] is True
+        finally:
+            for fd in (reader, writer):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
