@@ -91,7 +91,7 @@ def configure(**settings: Unpack[Options]) -> None:
     ``namespace``, ``salt``, ``test_mode``, ``opt_out``, ``opt_out_env``, ``debug``,
     ``strict``, ``batch_size``, ``flush_interval``, ``max_queue``, ``timeout``,
     ``exit_timeout``, ``backoff``, ``profile``, ``default_parameters``,
-    ``local_secret``, ``detached_delivery``, ``transport``. Raises
+    ``local_secret``, ``detached_delivery``, ``max_per_minute``, ``transport``. Raises
     ``ConfigurationError`` naming a bad value and ``TypeError`` naming an
     unknown setting; see ``Telemetry.configure``.
     """

@@ -16,6 +16,11 @@ when the client is opted out. The answers are:
 * no app ID: drop (logged once at DEBUG);
 * capture: encode now and record in memory (``kaibantrace.testing.capture``).
 
+Every answer but a capture stands behind the client's budget (``_budget``):
+at most ``max_per_minute`` signals of each event name a minute, the rest
+counted rather than queued, so a tracked function in a tight loop costs a
+dictionary look-up per call, not a queued event.
+
 Process-wide duties (exit flush, fork) are registered once, when the first
 sender starts, so an opted-out process registers nothing either.
 """
@@ -33,6 +38,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from . import _fork, _handoff, _prefs, _sentlog, events
+from ._budget import Budget
 from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
@@ -124,7 +130,7 @@ class Telemetry:
                  timeout: Optional[float] = None, exit_timeout: Optional[float] = None,
                  backoff: Optional[float] = None, profile: Optional[str] = None,
                  default_parameters: Optional[bool] = None, local_secret: Optional[bool] = None,
-                 detached_delivery: Optional[bool] = None,
+                 detached_delivery: Optional[bool] = None, max_per_minute: Optional[int] = None,
                  transport: Optional[Transport] = None) -> None:
         self._settings = Settings().replace(
             app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
@@ -132,7 +138,8 @@ class Telemetry:
             strict=strict, batch_size=batch_size, flush_interval=flush_interval,
             max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout,
             backoff=backoff, profile=profile, default_parameters=default_parameters,
-            local_secret=local_secret, detached_delivery=detached_delivery)
+            local_secret=local_secret, detached_delivery=detached_delivery,
+            max_per_minute=max_per_minute)
         self._transport = transport
         self._number = next(_client_ids)
         self._session_var: contextvars.ContextVar[Optional[SessionNode]] = contextvars.ContextVar(
@@ -146,6 +153,7 @@ class Telemetry:
     def _reset_state(self) -> None:
         self._process_session = Session()
         self._counters = Counters()
+        self._budget = Budget(self._settings.max_per_minute)
         self._sender: Optional[Sender] = None
         self._closed = False
         self._seen_generation = -1
@@ -187,6 +195,7 @@ class Telemetry:
                 self._transport = transport
             if sender is not None:
                 _retune(sender, new)
+            self._budget.set_rate(new.max_per_minute)
             self._opt_key = _encoded_key(new.opt_out_env)
         bump_generation()
 
@@ -225,12 +234,17 @@ class Telemetry:
 
         ``queued`` (accepted so far), ``pending`` (waiting in the queue),
         ``in_flight`` (in the request being sent), ``sent``, ``retried``,
-        ``requests``, and ``dropped`` by cause.
+        ``requests``, ``dropped`` by cause, and ``held_back``: events the
+        budget (``max_per_minute``) kept from being sent, which are not lost
+        so much as counted, on the next signal of their name.
         """
         sender = self._sender
         if sender is None:
-            return self._counters.snapshot()
-        return self._counters.snapshot(sender.pending, sender.in_flight)
+            stats = self._counters.snapshot()
+        else:
+            stats = self._counters.snapshot(sender.pending, sender.in_flight)
+        stats["held_back"] = self._budget.held_back
+        return stats
 
     # -- the hot path --------------------------------------------------------
 
@@ -269,10 +283,12 @@ class Telemetry:
         if self._exited and decision.enabled and not decision.debug and decision.app_id:
             # An atexit handler that runs after ours (registered before our first
             # event) still emits: saved for the delivery process, never lost.
-            return self._save_after_exit
+            return self._limited(self._save_after_exit, decision)
         if self._closed:
             return None
         if _captures and (decision.enabled or not _captures[-1].respect_opt_out):
+            # A capture records every event, the budget aside: tests of an author's code
+            # want to see each call's event, and a capture holds nothing for long.
             capture = _captures[-1]
             if decision.app_id is None:
                 # Opted out (the pytest plugin opts the whole run out) yet recorded: the
@@ -283,23 +299,42 @@ class Telemetry:
             self._purge_outbox_once()
             return None
         if decision.debug:
-            return lambda raw: self._print_debug(raw, decision)
+            return self._limited(lambda raw: self._print_debug(raw, decision), decision)
         if decision.app_id is None:
-            return self._no_app_id
+            return self._limited(self._no_app_id, decision)
         sender = self._sender or self._start_sender()
         if sender is None:  # the interpreter is exiting, or threads are refused here
             exiting = not threading.main_thread().is_alive()
-            return self._save_after_exit if exiting else self._save_directly
+            return self._limited(self._save_after_exit if exiting else self._save_directly,
+                                 decision)
         if self._settings.strict:
-            def checked(raw: RawEvent) -> None:
+            def checked(raw: RawEvent) -> bool:
                 try:
                     self._encode_now(raw, decision, strict=True)
                 except DropEvent as drop:
                     self._lose(drop.cause)
-                    return
-                sender.accept(raw)
-            return checked
-        return sender.accept
+                    return False
+                return True
+            return self._limited(sender.accept, decision, checked)
+        return self._limited(sender.accept, decision)
+
+    def _limited(self, accept: Accept, decision: Decision,
+                 check: Optional[Callable[[RawEvent], bool]] = None) -> Accept:
+        """``accept`` behind this client's budget (see ``_budget``), unless it has none.
+
+        The budget stands before every way out of the process (the sender, a
+        direct save, debug output), so what debug mode prints is what would be
+        sent; only captures see every event.
+        """
+        if not self._settings.max_per_minute:
+            if check is None:
+                return accept
+
+            def checked_only(raw: RawEvent) -> None:
+                if check(raw):
+                    accept(raw)
+            return checked_only
+        return self._budget.limit(accept, carry=decision.profile != "kaibanjs", check=check)
 
     def _session(self) -> Session:
         node = self._session_var.get()
@@ -394,7 +429,9 @@ class Telemetry:
                 # event, so an unwritable directory never makes every run an install.
                 if accept is not None and _prefs.mark_install(app_id, project):
                     name = events.INSTALL if decision.profile == "kaibanjs" else "install"
-                    accept(self._raw(name, None, project))
+                    raw = self._raw(name, None, project)
+                    self._budget.grant(name, raw[4])  # once per project: never held back
+                    accept(raw)
         except Exception:
             logger.debug("kaibantrace: first-run handling failed", exc_info=True)
 

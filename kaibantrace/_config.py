@@ -74,6 +74,7 @@ class Settings(NamedTuple):
     default_parameters: bool = False
     local_secret: Optional[bool] = None
     detached_delivery: bool = True
+    max_per_minute: int = 60
 
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
@@ -112,6 +113,7 @@ class Options(TypedDict, total=False):
     default_parameters: Optional[bool]
     local_secret: Optional[bool]
     detached_delivery: Optional[bool]
+    max_per_minute: Optional[int]
     transport: Optional[Transport]
 
 
@@ -142,6 +144,9 @@ def validate(settings: Settings) -> Settings:
     _expect(_is_int(s.batch_size) and 1 <= s.batch_size <= 100,
             "batch_size must be an integer from 1 to 100 (TelemetryDeck's limit per request)")
     _expect(_is_int(s.max_queue) and s.max_queue >= 1, "max_queue must be a positive integer")
+    _expect(_is_int(s.max_per_minute) and s.max_per_minute >= 0,
+            "max_per_minute must be a whole number of signals per event name per minute, "
+            "or 0 for no limit")
     for name in ("flush_interval", "timeout", "exit_timeout", "backoff"):
         value = getattr(s, name)
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 60,

@@ -251,7 +251,7 @@ class TestLongerRuns:
         drop the oldest."""
         done = run_script(
             "import json, sys, time, kaibantrace\n"
-            f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint=sys.argv[1])\n"
+            f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint=sys.argv[1], max_per_minute=0)\n"
             "for i in range(25000):\n"
             "    c.emit('burst')\n"
             "    while c.stats()['pending'] > 5000:\n        time.sleep(0.001)\n"
@@ -266,7 +266,8 @@ class TestDuplicates:
         a second, mid-claim. Every event arrives exactly once."""
         collector.respond(200, delay=0.15)
         run_script("import sys, time, kaibantrace\n"
-                   f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint=sys.argv[1])\n"
+                   f"c = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint=sys.argv[1], "
+                   "max_per_minute=0)\n"
                    "for i in range(3000):\n    c.emit('e', {'i': i})\n"
                    "time.sleep(1.0)\n", collector.url)
         collector.wait_for(3000, timeout=40)
@@ -371,7 +372,7 @@ class TestUserControl:
     def test_disable_stops_sending_within_one_request(self, collector: Collector) -> None:
         collector.respond(200, delay=0.2)
         client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=collector.url, batch_size=10,
-                                       flush_interval=0.01)
+                                       flush_interval=0.01, max_per_minute=0)
         try:
             for i in range(500):
                 client.emit("e", {"i": i})

@@ -341,7 +341,7 @@ _FULL_DISK = textwrap.dedent("""
                 except OSError as exc:
                     assert exc.errno == errno.ENOSPC, exc
 
-    client = kaibantrace.Telemetry(app_id=app, endpoint=url)
+    client = kaibantrace.Telemetry(app_id=app, endpoint=url, max_per_minute=0)  # a burst
     if when == "while running":
         client.emit("before_full")
         assert client.flush(10)  # the outbox file is open and working

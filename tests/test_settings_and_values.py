@@ -14,7 +14,7 @@ import sys
 import textwrap
 import uuid
 import warnings
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
@@ -227,7 +227,8 @@ class TestFloatValue:
     def test_warned_once_per_cause(self, make_client: MakeClient, collector: Collector,
                                    logged: pytest.LogCaptureFixture) -> None:
         client = make_client()
-        for value in ("3", "4", math.nan, math.nan, 2.0):
+        values: List[Any] = ["3", "4", math.nan, math.nan, 2.0]  # what a program may pass
+        for value in values:
             client.emit("measured", float_value=value)
         assert client.flush(5)
         signals = collector.wait_for(5)
