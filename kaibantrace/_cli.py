@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _handoff, _outbox, _prefs, _sentlog
-from ._config import PROFILES, Decision, decide, in_ci, ingest_url, is_app_id, keyed_with_local_secret
+from ._config import PROFILES, Decision, canonical_app_id, decide, in_ci, ingest_url, keyed_with_local_secret
 from ._handoff import DELIVERY_BOUND
 from ._identity import hash_user, keyed_identity, project_id
 from ._state import config_dir, state_dir
@@ -229,9 +229,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _app_id_argument(text: str) -> str:
-    if not is_app_id(text):
+    """The app ID in its one spelling, so ``--app`` finds an outbox however it is written."""
+    app_id = canonical_app_id(text)
+    if app_id is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TelemetryDeck app ID (a UUID)")
-    return text
+    return app_id
 
 
 def _seconds_argument(text: str) -> float:
@@ -376,7 +378,7 @@ def _reset(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
 def _log(telemetry: Telemetry, args: argparse.Namespace) -> Any:
     records = _sentlog.read()
     if args.app:
-        records = [r for r in records if str(r.get("app_id", "")).lower() == args.app.lower()]
+        records = [r for r in records if canonical_app_id(r.get("app_id")) == args.app]
     shown = records[-args.limit:] if args.limit else []
     if not args.json:
         if not shown:

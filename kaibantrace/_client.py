@@ -756,24 +756,11 @@ def _record_retired(target: Target) -> None:
         _prefs.mark_retired(target.app_id, target.url)
 
 
-# Where a running sender keeps each setting it reads at the moment it uses it.
-_SENDER_ATTRIBUTES = (("batch_size", "_batch_size"), ("flush_interval", "_interval"),
-                      ("max_queue", "_max_queue"), ("timeout", "_timeout"),
-                      ("backoff", "_backoff_start"))
-
-
 def _retune(sender: Sender, settings: Settings) -> None:
-    """Give a running sender new sender settings.
-
-    The sender reads each of these numbers where it uses it (a batch's size at
-    the claim, the interval at the wait, the timeout at the request), so a new
-    value applies from the next one; a number is replaced whole, so its threads
-    see the old value or the new, never a mix. Backoff already grown after
-    failures runs out as it was.
-    """
-    for setting, attribute in _SENDER_ATTRIBUTES:
-        if hasattr(sender, attribute):
-            setattr(sender, attribute, getattr(settings, setting))
+    """Give a running sender the sender settings of ``settings``."""
+    sender.retune(batch_size=settings.batch_size, flush_interval=settings.flush_interval,
+                  max_queue=settings.max_queue, timeout=settings.timeout,
+                  backoff=settings.backoff)
 
 
 def _caller_outside_kaibantrace() -> int:

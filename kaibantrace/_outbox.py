@@ -44,7 +44,7 @@ from typing import (
     Tuple,
 )
 
-from ._config import is_app_id
+from ._config import canonical_app_id
 from ._fork import guarded
 from ._log import logger
 from ._state import create_private_file, ensure_private_dir
@@ -120,7 +120,8 @@ class Outbox(Protocol):
 
 
 def outbox_path(directory: str, app_id: str) -> str:
-    return os.path.join(directory, f"outbox-{app_id.lower()}.sqlite3")
+    """The app's outbox file, one per app however its ID was written."""
+    return os.path.join(directory, f"outbox-{(canonical_app_id(app_id) or app_id).lower()}.sqlite3")
 
 
 def purge(directory: str, app_id: str) -> bool:
@@ -154,7 +155,8 @@ def apps_with_outbox(directory: str) -> List[str]:
         return []
     apps = (name[len("outbox-"):-len(".sqlite3")] for name in names
             if name.startswith("outbox-") and name.endswith(".sqlite3"))
-    return sorted(app for app in apps if is_app_id(app))  # other files are not ours
+    # Named in lower case (as written before app IDs had one spelling), shown canonical.
+    return sorted(filter(None, map(canonical_app_id, apps)))  # other files are not ours
 
 
 def waiting(directory: str, app_id: str) -> Optional[int]:

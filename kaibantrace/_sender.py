@@ -155,11 +155,8 @@ class Sender:
         self._on_retired = on_retired
         self.transport = transport
         self._counters = counters
-        self._batch_size = batch_size
-        self._interval = flush_interval
-        self._max_queue = max_queue
-        self._timeout = timeout
-        self._backoff_start = backoff
+        self.retune(batch_size=batch_size, flush_interval=flush_interval, max_queue=max_queue,
+                    timeout=timeout, backoff=backoff)
         self._setup_delay = setup_delay
         self._eager = False  # set up and send now, without the setup delay
         self._pid = os.getpid()
@@ -210,6 +207,22 @@ class Sender:
         self._poster: Optional[threading.Thread] = None
 
     # -- any thread --------------------------------------------------------
+
+    def retune(self, *, batch_size: int, flush_interval: float, max_queue: int, timeout: float,
+               backoff: float) -> None:
+        """Take new sender settings, also while running.
+
+        Each number is read where it is used (a batch's size at the claim, the
+        interval at the wait, the timeout at the request), so a new value
+        applies from the next one; each is replaced whole, so the threads see
+        the old value or the new, never a mix. A backoff already grown after
+        failures runs out as it was.
+        """
+        self._batch_size = batch_size
+        self._interval = flush_interval
+        self._max_queue = max_queue
+        self._timeout = timeout
+        self._backoff_start = backoff
 
     def start(self) -> bool:
         """Start both threads; ``False`` when no thread can be started (interpreter exit)."""

@@ -70,8 +70,15 @@ class TestStatus:
     def test_counts_what_waits_in_the_outbox(self, refused_url: str) -> None:
         leave_signals(refused_url, 7)
         report = as_json(kaibantrace_command("status", "--json"))
-        assert report["pending"] == 7 and report["pending_by_app"] == {APP_ID.lower(): 7}
+        assert report["pending"] == 7 and report["pending_by_app"] == {APP_ID.upper(): 7}
 
+    @pytest.mark.parametrize("spelling", [APP_ID.lower(), APP_ID.upper(), "{%s}" % APP_ID,
+                                          "urn:uuid:" + APP_ID])
+    def test_app_option_finds_the_outbox_however_the_id_is_written(self, spelling: str,
+                                                                    refused_url: str) -> None:
+        leave_signals(refused_url, 3)
+        report = as_json(kaibantrace_command("status", "--json", "--app", spelling))
+        assert report["pending_by_app"] == {APP_ID.upper(): 3}
 
     def test_app_option_decides_for_that_app(self) -> None:
         """An endpoint retired for one app is reported for that app, not for another."""
