@@ -350,7 +350,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
     app_id, url, events = sys.argv[1], sys.argv[2], int(sys.argv[3])
     sample_at = {int(n) for n in sys.argv[4].split(",")}
-    client = kaibantrace.Telemetry(app_id=app_id, endpoint=url)
+    client = kaibantrace.Telemetry(app_id=app_id, endpoint=url, max_per_minute=0)
     emit, payload, clock = client.emit, {"agents": 3}, time.perf_counter_ns
     samples, bursts = [], []
 
@@ -467,7 +467,7 @@ DELIVERY_SCRIPT = textwrap.dedent("""
     import kaibantrace
 
     app_id, url, events, high_water = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    client = kaibantrace.Telemetry(app_id=app_id, endpoint=url)
+    client = kaibantrace.Telemetry(app_id=app_id, endpoint=url, max_per_minute=0)
     emit, payload = client.emit, {"agents": 3}
     waits = 0
     start = time.perf_counter()
@@ -555,7 +555,7 @@ def bench_calls(plan: Plan, with_posthog: bool) -> None:
         directory = stack.enter_context(state_dir())
         url, stop_collector = stack.enter_context(overhead.collector_process())
         env = {"KAIBAN_TELEMETRY_DIR": directory}
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url)
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url, max_per_minute=0)
         flushed: List[bool] = []
 
         def flush() -> None:
@@ -627,7 +627,7 @@ TRANSPORT_SCRIPT = textwrap.dedent("""
 
     app_id, url, per_round, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     memory = MemoryTransport()  # the encoder's own 100-signal body, as the sender posts it
-    maker = kaibantrace.Telemetry(app_id=app_id, transport=memory, batch_size=100)
+    maker = kaibantrace.Telemetry(app_id=app_id, transport=memory, batch_size=100, max_per_minute=0)
     for n in range(100):
         maker.emit("workflow_started", {"agents": n % 7, "model": "gpt-4o-mini"})
     maker.flush(30)

@@ -158,7 +158,7 @@ def bench_host(pairs: int) -> None:
     print(f"\n== host slowdown: a CPU-bound loop emitting {RATE:,} events/s for 1 s, then "
           f"until all are delivered; {pairs} pairs of rounds ==")
     with collector_process(SINK_SCRIPT) as (url, stop):
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url)
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url, max_per_minute=0)
         client.emit("warm-up")  # the worker starts, imports and connects before measuring
         client.flush(30)
         ratios: List[float] = []
@@ -217,7 +217,7 @@ SCALING_CHILD = textwrap.dedent("""
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     threads, per_thread, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    client = kaibantrace.Telemetry(app_id=sys.argv[5], endpoint=sys.argv[4])
+    client = kaibantrace.Telemetry(app_id=sys.argv[5], endpoint=sys.argv[4], max_per_minute=0)
     client.emit("warm-up")
     client.flush(30)
     before = rss_mb()

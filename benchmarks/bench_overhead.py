@@ -438,9 +438,19 @@ def reference_cases() -> List[Case]:
 
 
 def kaibantrace_cases(client: kaibantrace.Telemetry, flush: Callable[[], None]) -> List[Case]:
-    """One client in each state; the enabled rounds end with an untimed ``flush()``."""
+    """One client in each state; the enabled rounds end with an untimed ``flush()``.
+
+    ``client`` queues every call (no signal budget), so the enabled rows are the cost of an
+    event that is sent; the "over its budget" row is a hot loop with the default budget,
+    where all but the first calls of a minute are only counted."""
     tracked = client.track("workflow_started")(noop)
     batch = client.settings.batch_size
+    from kaibantrace.testing import MemoryTransport
+
+    # Its own app and a transport in memory: what it lets through is not the enabled
+    # client's, whose deliveries the checks below count.
+    budgeted = kaibantrace.Telemetry(app_id="0F5A5C1E-0000-4000-8000-00000000B0D6",
+                                     transport=MemoryTransport())
     return [
         Case("kaibantrace, KAIBAN_TELEMETRY_OPT_OUT=1", tracked, env=OPTED_OUT, key="opted_out"),
         Case("kaibantrace, enabled (queues, worker sends)", tracked, after_round=flush,
@@ -452,6 +462,9 @@ def kaibantrace_cases(client: kaibantrace.Telemetry, flush: Callable[[], None]) 
         Case(f"kaibantrace, enabled, rounds of {batch - 1} (worker idle)", tracked,
              after_round=flush, calls=batch - 1, queues=True),
         Case("kaibantrace, DO_NOT_TRACK=1", tracked, env={"DO_NOT_TRACK": "1"}),
+        Case("kaibantrace, enabled, a hot loop over its signal budget",
+             budgeted.track("workflow_started")(noop), cleanup=budgeted.shutdown,
+             key="over_budget"),
     ]
 
 
@@ -459,7 +472,7 @@ def bench_calls(config: Config) -> None:
     print(f"\n== per-call cost on the calling thread: best of {config.repeats} rounds of "
           f"{config.calls:,} calls ==")
     with collector_process() as (url, stop_collector):
-        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url)
+        client = kaibantrace.Telemetry(app_id=APP_ID, endpoint=url, max_per_minute=0)
         flushed: List[bool] = []
         cases = reference_cases() + kaibantrace_cases(
             client, lambda: flushed.append(client.flush(timeout=60)))
@@ -631,7 +644,7 @@ EXIT_SCRIPT = textwrap.dedent("""
     atexit.register(report)
     import kaibantrace
 
-    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2], max_per_minute=0)
 
     @client.track("workflow_started")
     def work():
