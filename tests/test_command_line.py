@@ -72,7 +72,7 @@ class TestStatus:
         report = as_json(kaibantrace_command("status", "--json"))
         assert report["pending"] == 7 and report["pending_by_app"] == {APP_ID.upper(): 7}
 
-    @pytest.mark.parametrize("spelling", [APP_ID.lower(), APP_ID.upper(), "{%s}" % APP_ID,
+    @pytest.mark.parametrize("spelling", [APP_ID.lower(), APP_ID.upper(), "{" + APP_ID + "}",
                                           "urn:uuid:" + APP_ID])
     def test_app_option_finds_the_outbox_however_the_id_is_written(self, spelling: str,
                                                                     refused_url: str) -> None:
