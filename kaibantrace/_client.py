@@ -790,11 +790,38 @@ def _register_process_hooks() -> None:
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(before=_fork.before_fork, after_in_parent=_fork.after_fork_in_parent,
                             after_in_child=_after_fork_in_child)
+    _exit_with_the_worker(None)
+
+
+# A process that multiprocessing forked (a Pool or ProcessPoolExecutor worker) ends with
+# os._exit(), so atexit hooks never run there: what its tracked functions recorded would
+# be lost. multiprocessing runs its own "finalizers" just before that exit; the exit hook
+# becomes one of them. Its registry is emptied when a forked worker starts, after the fork
+# hooks ran, so a fork asks to be called again once the worker has started.
+_mp_marker = type("_WorkerExit", (), {})()  # what multiprocessing keeps a weak reference to
+_exit_done = False
+
+
+def _exit_with_the_worker(_: object) -> None:
+    util = sys.modules.get("multiprocessing.util")
+    process = sys.modules.get("multiprocessing.process")
+    if util is None or process is None:
+        return  # not a multiprocessing worker: nothing else ends it with os._exit()
+    try:
+        if process.parent_process() is not None:  # a worker (the main process has atexit)
+            util.Finalize(None, _at_exit, exitpriority=0)
+    except Exception:
+        logger.debug("kaibantrace: could not join the worker's exit", exc_info=True)
 
 
 def _at_exit() -> None:
     """Save what is queued, let each sender use what is left of its exit budget (100 ms by
-    default, all clients in parallel), then hand what still waits to a delivery process."""
+    default, all clients in parallel), then hand what still waits to a delivery process.
+    Once per process, whether atexit or multiprocessing's worker exit calls it."""
+    global _exit_done
+    if _exit_done:
+        return
+    _exit_done = True
     start = time.monotonic()
     clients = list(_live_clients)
     for client in clients:
@@ -820,7 +847,14 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _hooks_lock
+    global _hooks_lock, _exit_done
+    _exit_done = False
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:  # perhaps a multiprocessing worker: see _exit_with_the_worker
+        try:
+            util.register_after_fork(_mp_marker, _exit_with_the_worker)
+        except Exception:
+            logger.debug("kaibantrace: could not join the worker's exit", exc_info=True)
     _fork.after_fork_in_child()
     identity_after_fork()
     _hooks_lock = threading.Lock()

@@ -338,34 +338,68 @@ class TestCallersModule:
 class TestProcesses:
     INPUTS = [1, 2, 3]
 
+    @pytest.fixture(autouse=True)
+    def fresh_forkserver(self) -> Iterator[None]:
+        """The forkserver is started once and keeps the environment of the test that started
+        it (another test's collector and state directory): each test gets its own."""
+        yield
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            from multiprocessing import forkserver
+
+            forkserver._forkserver._stop()  # type: ignore[attr-defined]
+
     def expected(self) -> Dict[str, List[int]]:
         """The results, computed by the tracked callables in this process (which emits)."""
         return {"square": [targets.square(x) for x in self.INPUTS],
                 "double": [targets.Team.double(x) for x in self.INPUTS],
                 "sized": [targets.Team.sized(x) for x in self.INPUTS]}
 
-    def check(self, setup: Setup, results: Dict[str, List[int]]) -> None:
+    def check(self, setup: Setup, results: Dict[str, List[int]], *, children_end: bool) -> None:
+        """The results are right; the parent's events arrive, and so do the children's when
+        the workers ended by themselves (``children_end``). Workers ended by
+        ``Pool.terminate()`` are killed, and may lose what they had not written yet."""
         assert results == self.expected()
         n = len(self.INPUTS)
-        # The parent's events arrive; the children's may, each at most once.
-        setup.delivered({"square": n, "double": n, "sized": n},
-                        children={"square": n, "double": n, "sized": n})
+        if children_end:  # saved by each worker as it ends, sent by the parent's flush
+            setup.delivered({"square": 2 * n, "double": 2 * n, "sized": 2 * n})
+        else:
+            setup.delivered({"square": n, "double": n, "sized": n},
+                            children={"square": n, "double": n, "sized": n})
+
+    def pool_map(self, pool: Any) -> Dict[str, List[int]]:
+        return {"square": list(pool.map(targets.square, self.INPUTS)),
+                "double": list(pool.map(targets.Team.double, self.INPUTS)),
+                "sized": list(pool.map(targets.Team.sized, self.INPUTS))}
 
     @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
     def test_multiprocessing_pool_map(self, setup: Setup, method: str) -> None:
-        """Pool.map runs a tracked function, staticmethod and classmethod in child processes."""
+        """Pool.map runs a tracked function, staticmethod and classmethod in child processes;
+        leaving the ``with`` block terminates the workers."""
         if method not in multiprocessing.get_all_start_methods():
             pytest.skip(f"no {method} start method here")
         with multiprocessing.get_context(method).Pool(2) as pool:
-            results = {"square": pool.map(targets.square, self.INPUTS),
-                       "double": pool.map(targets.Team.double, self.INPUTS),
-                       "sized": pool.map(targets.Team.sized, self.INPUTS)}
-        self.check(setup, results)
+            results = self.pool_map(pool)
+        self.check(setup, results, children_end=False)
 
-    def test_process_pool_executor_map(self, setup: Setup) -> None:
-        """ProcessPoolExecutor.map runs a tracked function, staticmethod and classmethod."""
-        with ProcessPoolExecutor(2) as pool:
-            results = {"square": list(pool.map(targets.square, self.INPUTS)),
-                       "double": list(pool.map(targets.Team.double, self.INPUTS)),
-                       "sized": list(pool.map(targets.Team.sized, self.INPUTS))}
-        self.check(setup, results)
+    @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+    def test_a_closed_pool_delivers_what_its_workers_recorded(self, setup: Setup,
+                                                              method: str) -> None:
+        """Workers that end by themselves (``close()`` and ``join()``) keep every event, also
+        forked ones, which end with ``os._exit()`` and so skip atexit hooks."""
+        if method not in multiprocessing.get_all_start_methods():
+            pytest.skip(f"no {method} start method here")
+        pool = multiprocessing.get_context(method).Pool(2)
+        try:
+            results = self.pool_map(pool)
+        finally:
+            pool.close()
+            pool.join()
+        self.check(setup, results, children_end=True)
+
+    @pytest.mark.parametrize("method", ["fork", "spawn"])
+    def test_process_pool_executor_map(self, setup: Setup, method: str) -> None:
+        """ProcessPoolExecutor.map runs a tracked function, staticmethod and classmethod, and
+        every event its workers recorded arrives."""
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method)) as pool:
+            results = self.pool_map(pool)
+        self.check(setup, results, children_end=True)
