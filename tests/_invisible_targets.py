@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import sys
 from types import FrameType
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Type
@@ -165,3 +166,19 @@ def make_enum(name: str, members: str, module: Optional[str] = None) -> Type[enu
     if module is None:
         module = sys._getframe(1).f_globals["__name__"]
     return enum.Enum(name, members, module=module)  # type: ignore[return-value]
+
+
+def run(func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)`` with its work done: a coroutine awaited, a generator or an async
+    generator drained into a list (what a worker process hands back)."""
+    result = func(*args)
+    if inspect.iscoroutine(result):
+        return asyncio.run(result)
+    if inspect.isgenerator(result):
+        return list(result)
+    if inspect.isasyncgen(result):
+        async def drain() -> Any:
+            return [item async for item in result]
+
+        return asyncio.run(drain())
+    return result

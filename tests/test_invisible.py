@@ -348,28 +348,33 @@ class TestProcesses:
 
             forkserver._forkserver._stop()  # type: ignore[attr-defined]
 
-    def expected(self) -> Dict[str, List[int]]:
-        """The results, computed by the tracked callables in this process (which emits)."""
-        return {"square": [targets.square(x) for x in self.INPUTS],
-                "double": [targets.Team.double(x) for x in self.INPUTS],
-                "sized": [targets.Team.sized(x) for x in self.INPUTS]}
+    # Every kind, handed to the worker by pickling: a function, a bound method, a classmethod,
+    # a staticmethod, and coroutine, generator and async generator functions (whose work
+    # targets.run does in the worker).
+    CALLABLES = {"square": targets.square, "scale": targets.Team(3).scale,
+                 "sized": targets.Team.sized, "double": targets.Team.double,
+                 "halve": functools.partial(targets.run, targets.halve),
+                 "countdown": functools.partial(targets.run, targets.countdown),
+                 "ticks": functools.partial(targets.run, targets.ticks)}
 
-    def check(self, setup: Setup, results: Dict[str, List[int]], *, children_end: bool) -> None:
+    def expected(self) -> Dict[str, List[Any]]:
+        """The results, computed by the tracked callables in this process (which emits)."""
+        return {name: [func(x) for x in self.INPUTS] for name, func in self.CALLABLES.items()}
+
+    def check(self, setup: Setup, results: Dict[str, List[Any]], *, children_end: bool) -> None:
         """The results are right; the parent's events arrive, and so do the children's when
         the workers ended by themselves (``children_end``). Workers ended by
         ``Pool.terminate()`` are killed, and may lose what they had not written yet."""
         assert results == self.expected()
         n = len(self.INPUTS)
         if children_end:  # saved by each worker as it ends, sent by the parent's flush
-            setup.delivered({"square": 2 * n, "double": 2 * n, "sized": 2 * n})
+            setup.delivered({name: 2 * n for name in self.CALLABLES})
         else:
-            setup.delivered({"square": n, "double": n, "sized": n},
-                            children={"square": n, "double": n, "sized": n})
+            setup.delivered({name: n for name in self.CALLABLES},
+                            children={name: n for name in self.CALLABLES})
 
-    def pool_map(self, pool: Any) -> Dict[str, List[int]]:
-        return {"square": list(pool.map(targets.square, self.INPUTS)),
-                "double": list(pool.map(targets.Team.double, self.INPUTS)),
-                "sized": list(pool.map(targets.Team.sized, self.INPUTS))}
+    def pool_map(self, pool: Any) -> Dict[str, List[Any]]:
+        return {name: list(pool.map(func, self.INPUTS)) for name, func in self.CALLABLES.items()}
 
     @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
     def test_multiprocessing_pool_map(self, setup: Setup, method: str) -> None:
