@@ -11,9 +11,11 @@ function does, each only for the kind of object that has it:
 
 * ``main`` of a click command: the same method, recording the event first;
 * ``info``, ``registered_callback`` and ``registered_commands`` of a typer
-  application: copies in which the class of the click command typer builds is
-  a subclass whose ``main`` records the event first. The application itself
-  is never changed, and calling it records the event once, as before.
+  application: the same objects seen through a view whose ``cls``, the class
+  of the click command typer builds, is a subclass whose ``main`` records the
+  event first. Every other read and write reaches the real object, so the
+  application itself is never changed, and calling it records the event once,
+  as before.
 
 Whatever goes wrong here, the attribute is answered as it is, untracked: a
 CLI must never fail because of its telemetry.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import functools
 from typing import Any, Callable, Dict
+
+import wrapt
 
 from ._log import logger
 from ._wrappers import Start, Tracked, _get, lookup
@@ -68,7 +72,7 @@ def _tracked_attribute(proxy: Any, name: str, value: Any) -> Any:
     if name == "registered_callback":
         return None if value is None else _with_class(value, proxy, TyperGroup, only_if_set=True)
     if len(value) == 1 and not wrapped.registered_groups and not _typer_has_callback(wrapped):
-        return [_with_class(value[0], proxy, TyperCommand)]  # an application of one command
+        return _FirstWithClass(value, lambda item: _with_class(item, proxy, TyperCommand))
     return value
 
 
@@ -92,7 +96,7 @@ def _given(value: Any) -> Any:
 
 
 def _with_class(info: Any, proxy: Any, default: type, *, only_if_set: bool = False) -> Any:
-    """A copy of typer's ``info`` whose ``cls`` records the event in ``main``."""
+    """typer's ``info`` as it is, but with a ``cls`` that records the event in ``main``."""
     base = _given(info.cls)
     if base is None:
         if only_if_set:
@@ -102,11 +106,37 @@ def _with_class(info: Any, proxy: Any, default: type, *, only_if_set: bool = Fal
     tracked = classes.get(base)
     if tracked is None:
         tracked = classes[base] = _recording_subclass(base, _get(proxy, "_self_fire"))
-    import copy  # only for a typer application, which has loaded far more than this
+    return _WithClass(info, tracked)
 
-    duplicate = copy.copy(info)
-    duplicate.cls = tracked
-    return duplicate
+
+class _WithClass(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
+    """One of typer's info objects seen through: every read and write reaches it, so the
+    author's ``app.info.help = ...`` still counts, but ``cls`` reads the recording class."""
+
+    def __init__(self, info: Any, cls: type) -> None:
+        super().__init__(info)
+        self._self_cls = cls
+
+    @property
+    def cls(self) -> Any:
+        return self._self_cls
+
+    @cls.setter
+    def cls(self, value: Any) -> None:
+        self.__wrapped__.cls = value
+
+
+class _FirstWithClass(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
+    """The application's list of commands, itself, whose first item typer reads with the
+    recording class when it makes an application of one command."""
+
+    def __init__(self, commands: Any, cls_of: Any) -> None:
+        super().__init__(commands)
+        self._self_cls_of = cls_of
+
+    def __getitem__(self, index: Any) -> Any:
+        item = self.__wrapped__[index]
+        return self._self_cls_of(item) if index == 0 else item
 
 
 def _recording_subclass(base: type, fire: Fire) -> type:

@@ -9,7 +9,7 @@ keeps everything about it (signature, docstring, ``inspect`` answers, pickling,
 the caller seen from inside it) and records the event when it is called.
 Coroutine functions, generators and async generators return an object of the
 same kind that records the event when the work starts (first ``await`` or
-``next``), not when the object is created.
+``next``), not when the object is created (``_firststep``).
 
 A payload callable receives the call's arguments, bound to the function's
 parameter names with defaults applied (``self``/``cls`` included for methods),
@@ -20,14 +20,14 @@ filling), so the event keeps a snapshot of it, as ``emit`` does.
 
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Generator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from . import _client
 from ._clihooks import TrackedCli
 from ._commands import OWN_COMMANDS, command_argv, command_of
 from ._errors import EventError
+from ._firststep import first_step_start
 from ._identity import project_id
 from ._log import logger
 from ._pipeline import (
@@ -55,10 +55,18 @@ def check_name(name: object) -> str:
     raise error(f"kaibantrace: event name {name!r} {problem}")
 
 
-def _underlying(func: Any) -> Any:
-    """The plain function behind staticmethod/classmethod objects and other decorators."""
-    func = getattr(func, "__func__", func)
-    return inspect.unwrap(func)
+def _kind(func: Any) -> Optional[str]:
+    """What calling ``func`` returns, when the event waits for its first step: decided from
+    ``func`` itself (a staticmethod's or classmethod's function), never from what it wraps,
+    since a decorator such as ``contextmanager`` makes a generator function something else."""
+    func = func.__func__ if isinstance(func, (staticmethod, classmethod)) else func
+    if inspect.iscoroutinefunction(func):
+        return "coroutine"
+    if inspect.isasyncgenfunction(func):
+        return "async generator"
+    if inspect.isgeneratorfunction(func):
+        return "generator"
+    return None
 
 
 def make_decorator(client: Telemetry, name: object, payload: Any, *,
@@ -117,16 +125,15 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
             logger.debug("kaibantrace: could not record %r", event, exc_info=True)
 
     def decorate(func: Any) -> Any:
-        target = _underlying(func)
-        if not callable(func) and not isinstance(func, (staticmethod, classmethod)):
+        if inspect.isclass(func) or (
+                not callable(func) and not isinstance(func, (staticmethod, classmethod))):
+            what = "a class (track its __init__, or a function that makes it)" \
+                if inspect.isclass(func) else type(func).__name__
             raise TypeError(f"kaibantrace: @track({event!r}) needs a function or method, "
-                            f"not {type(func).__name__}")
-        if inspect.iscoroutinefunction(target):
-            start = _starting_at_first_step(_coroutine, fire)
-        elif inspect.isasyncgenfunction(target):
-            start = _starting_at_first_step(_async_generator, fire)
-        elif inspect.isgeneratorfunction(target):
-            start = _starting_at_first_step(_generator, fire)
+                            f"not {what}")
+        kind = _kind(func)
+        if kind is not None:
+            start = first_step_start(kind, fire)
         elif dynamic is None and not cli:
             start = _static_start(client, event, static)
         else:
@@ -189,71 +196,3 @@ def _static_start(client: Telemetry, event: str, static: Any) -> Start:
         return wrapped
 
     return start
-
-
-def _starting_at_first_step(make: Callable[[Fire, Any, Any, Any], Any], fire: Fire) -> Start:
-    def start(wrapped: Any, depth: int) -> Any:
-        return functools.partial(make, fire, wrapped)
-
-    return start
-
-
-# The three starters below call the decorated function at once, so a bad
-# argument raises at the call as it would undecorated, and return an object of
-# the same kind, named like the original, that fires the event at its first step.
-
-
-def _named(outer: Any, inner: Any) -> Any:
-    outer.__name__ = inner.__name__
-    outer.__qualname__ = inner.__qualname__
-    return outer
-
-
-def _coroutine(fire: Fire, wrapped: Any, *args: Any, **kwargs: Any) -> Any:
-    inner = wrapped(*args, **kwargs)
-
-    async def run() -> Any:
-        fire(wrapped, args, kwargs)
-        return await inner
-
-    return _named(run(), inner)
-
-
-def _generator(fire: Fire, wrapped: Any, *args: Any, **kwargs: Any) -> Any:
-    inner = wrapped(*args, **kwargs)
-
-    def run() -> Generator[Any, Any, Any]:
-        fire(wrapped, args, kwargs)
-        return (yield from inner)
-
-    return _named(run(), inner)
-
-
-def _async_generator(fire: Fire, wrapped: Any, *args: Any, **kwargs: Any) -> Any:
-    inner = wrapped(*args, **kwargs)
-
-    async def run() -> AsyncGenerator[Any, Any]:
-        fire(wrapped, args, kwargs)
-        # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
-        try:
-            value = await inner.__anext__()
-        except StopAsyncIteration:
-            return
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                await inner.aclose()
-                raise
-            except BaseException as exc:
-                try:
-                    value = await inner.athrow(exc)
-                except StopAsyncIteration:
-                    return
-            else:
-                try:
-                    value = await inner.asend(sent)
-                except StopAsyncIteration:
-                    return
-
-    return _named(run(), inner)

@@ -31,13 +31,23 @@ class _Logger:
             self._real = real
         return real
 
+    # Logging never raises into the host: at interpreter shutdown even the import of
+    # ``logging`` fails (a tracked ``__del__`` may run then), and a line is not worth a
+    # traceback on the user's terminal.
+
     def debug(self, message: str, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("stacklevel", 2)
-        self._logger().debug(message, *args, **kwargs)
+        kwargs.setdefault("stacklevel", 3)
+        self._log("debug", message, args, kwargs)
 
     def warning(self, message: str, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("stacklevel", 2)
-        self._logger().warning(message, *args, **kwargs)
+        kwargs.setdefault("stacklevel", 3)
+        self._log("warning", message, args, kwargs)
+
+    def _log(self, level: str, message: str, args: Any, kwargs: Any) -> None:
+        try:
+            getattr(self._logger(), level)(message, *args, **kwargs)
+        except Exception:
+            pass
 
 
 logger = _Logger()

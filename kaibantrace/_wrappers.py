@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from types import FunctionType
+from types import FunctionType, MethodType
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import wrapt
@@ -63,12 +63,35 @@ class Tracked(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
     def __init__(self, wrapped: Any, start: Start) -> None:
         super().__init__(wrapped)
         self._self_start = start
-        self._self_static: Optional[Tracked] = None
+        self._self_static: Optional[Tracked] = None  # a staticmethod's function, tracked
+        self._self_function: Optional[Tracked] = None  # a classmethod's function, tracked
 
     def __getattribute__(self, name: str) -> Any:
         if name == "__call__":  # read, not called: call through the proxy when it is
             return functools.partial(_call, self)
+        if name in _NOT_OF_A_FUNCTION:  # the function's own answer, not the proxy's forwarding
+            return getattr(_get(self, "__wrapped__"), name)
         return _get(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "__wrapped__":
+            # functools.wraps applied over a tracked function sets this: it belongs to the
+            # function, as without telemetry; the proxy goes on calling what it tracks.
+            setattr(_get(self, "__wrapped__"), name, value)
+        else:
+            wrapt.ObjectProxy.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return repr(_get(self, "__wrapped__"))
+
+    def __set_name__(self, owner: Any, name: str) -> None:
+        wrapped = _get(self, "__wrapped__")
+        hook = getattr(type(wrapped), "__set_name__", None)
+        if hook is not None:
+            hook(wrapped, owner, name)
+        if name in _IMPLICIT_CLASSMETHODS and isinstance(wrapped, FunctionType):
+            # Python makes these classmethods only when the class body holds a plain function.
+            setattr(owner, name, classmethod(self))
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         wrapped = _get(self, "__wrapped__")
@@ -81,10 +104,16 @@ class Tracked(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
         if not _is_bound_method(bound):  # a staticmethod: the same function each time
             static = _get(self, "_self_static")
             if static is None or _get(static, "__wrapped__") is not bound:
-                static = type(self)(bound, _get(self, "_self_start"))
+                static = Tracked(bound, _get(self, "_self_start"))
                 self._self_static = static
             return static
-        return type(self)(bound, _get(self, "_self_start"))
+        if bound.__func__ is wrapped:  # a method: its __func__ is this proxy
+            return TrackedMethod(self, bound.__self__)
+        function = _get(self, "_self_function")  # a classmethod: its function, tracked
+        if function is None or _get(function, "__wrapped__") is not bound.__func__:
+            function = Tracked(bound.__func__, _get(self, "_self_start"))
+            self._self_function = function
+        return TrackedMethod(function, bound.__self__)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         wrapped = _get(self, "__wrapped__")
@@ -111,6 +140,43 @@ class Tracked(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
         return self
 
 
+class TrackedMethod(Tracked):
+    """A tracked method bound to its object, made as a bound method is made: from its
+    function (the tracked one, which ``__func__`` gives back) and the object, so that code
+    which rebuilds methods that way (``weakref.WeakMethod``) rebuilds a tracked one."""
+
+    def __init__(self, function: Any, instance: Any) -> None:
+        if not issubclass(type(function), Tracked):
+            raise TypeError("TrackedMethod() needs a tracked function")
+        super().__init__(MethodType(_get(function, "__wrapped__"), instance),
+                         _get(function, "_self_start"))
+        self._self_function = function
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "__func__":
+            return _get(self, "_self_function")
+        return Tracked.__getattribute__(self, name)
+
+
+# What wrapt's proxy answers for any object and a function has not (iteration, numbers,
+# context managers...): left out, so that isinstance(f, Iterable), hasattr(f, "__enter__")
+# and the typing protocols answer as for the function.
+def _a_function() -> None:
+    pass
+
+
+_NOT_OF_A_FUNCTION = frozenset(
+    name for name in dir(wrapt.ObjectProxy)
+    if name.startswith("__") and not hasattr(_a_function, name) and name not in {
+        "__bool__", "__copy__", "__deepcopy__", "__getattr__", "__wrapped__",
+        "__object_proxy__", "__self_setattr__", "__mro_entries__", "__fspath__"})
+for _name in _NOT_OF_A_FUNCTION:
+    setattr(Tracked, _name, None)
+del _name
+
+_IMPLICIT_CLASSMETHODS = ("__init_subclass__", "__class_getitem__")
+
+
 def lookup(proxy: Any, name: str) -> Any:
     """An attribute of the proxy as ``getattr`` finds it, also where ``wrapt`` runs without
     its C extension, whose proxies find the wrapped object's attributes in ``__getattr__``."""
@@ -123,7 +189,7 @@ def lookup(proxy: Any, name: str) -> Any:
         return fallback(proxy, name)
 
 
-def _call(proxy: Any, *args: Any, **kwargs: Any) -> Any:
+def _call(proxy: Any, /, *args: Any, **kwargs: Any) -> Any:
     return proxy(*args, **kwargs)
 
 
@@ -140,24 +206,32 @@ def _through(_before: Any, _target: Any, /, *args: Any, **kwargs: Any) -> Any:
     return _target(*args, **kwargs)
 
 
-_runners: Dict[int, Tuple[Dict[str, Any], Any]] = {}
+_runners: Dict[Tuple[int, int], Tuple[Dict[str, Any], Any]] = {}
 _RUNNERS_KEPT = 256
+
+
+def in_caller_globals(template: Any, depth: int = 1) -> Any:
+    """``template`` (a function using only its arguments and builtins) made anew with the
+    globals of the frame ``depth`` levels above the function calling this one, so that its
+    frame reports that caller's module."""
+    try:
+        module_globals = sys._getframe(depth + 1).f_globals
+    except ValueError:  # called from the top of a thread: no caller to imitate
+        return template
+    key = (id(template), id(module_globals))
+    entry = _runners.get(key)
+    if entry is None or entry[0] is not module_globals:
+        if len(_runners) >= _RUNNERS_KEPT:
+            _runners.clear()  # code run by exec() with fresh globals each time: keep it bounded
+        code = template.__code__
+        runner = FunctionType(code, module_globals, code.co_name)
+        runner.__qualname__ = template.__qualname__
+        entry = _runners[key] = (module_globals, runner)
+    return entry[1]
 
 
 def call_with_caller_globals(before: Callable[[Any, Any, Any], Any], target: Any,
                              depth: int) -> Any:
     """A callable that runs ``before(target, args, kwargs)`` then ``target``, whose one frame
     carries the globals of the frame ``depth`` levels above this function's caller."""
-    try:
-        module_globals = sys._getframe(depth + 1).f_globals
-    except ValueError:  # called from the top of a thread: no caller to imitate
-        return functools.partial(_through, before, target)
-    entry = _runners.get(id(module_globals))
-    if entry is None or entry[0] is not module_globals:
-        if len(_runners) >= _RUNNERS_KEPT:
-            _runners.clear()  # code run by exec() with fresh globals each time: keep it bounded
-        code = _through.__code__
-        runner = FunctionType(code, module_globals, code.co_name)
-        runner.__qualname__ = _through.__qualname__
-        entry = _runners[id(module_globals)] = (module_globals, runner)
-    return functools.partial(entry[1], before, target)
+    return functools.partial(in_caller_globals(_through, depth + 1), before, target)

@@ -1,0 +1,124 @@
+"""Coroutine functions, generators and async generators: the event at the first step.
+
+Calling a tracked coroutine function (or generator, or async generator
+function) calls the function at once, so a bad argument raises at the call as
+it would untracked, and returns an object of the same kind, named like the
+original's, whose first step records the event and then hands every step on to
+the original's object.
+
+That object's code is one of the templates below, run under the *caller's*
+globals (see ``_wrappers.in_caller_globals``): inside the tracked body, the frame
+above belongs to the caller's module, so ``warnings.warn(stacklevel=2)`` is
+attributed, and filtered, as without telemetry. The templates use only their
+arguments and builtins, so they run unchanged under any module's globals.
+
+A coroutine that is closed before its first step (a task cancelled before it
+ran) must not leave an un-awaited coroutine behind to warn about it: the one
+made at the call, to check the arguments, is closed at once, and the one that
+runs is made at the first step.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import CoroutineType, FunctionType
+from typing import Any, AsyncGenerator, Callable, Generator
+
+from ._wrappers import Start, in_caller_globals
+
+Fire = Callable[[Any, Any, Any], None]
+
+_ITERABLE_COROUTINE = 0x100  # inspect.CO_ITERABLE_COROUTINE, what types.coroutine sets
+
+
+async def _coroutine_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, /) -> Any:
+    fire(wrapped, args, kwargs)
+    return await wrapped(*args, **kwargs)
+
+
+async def _awaitable_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, inner: Any, /) -> Any:
+    fire(wrapped, args, kwargs)
+    return await inner
+
+
+def _generator_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
+                     ) -> Generator[Any, Any, Any]:
+    fire(wrapped, args, kwargs)
+    return (yield from inner)
+
+
+async def _async_generator_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
+                                 ) -> AsyncGenerator[Any, Any]:
+    fire(wrapped, args, kwargs)
+    # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
+    try:
+        value = await inner.__anext__()
+    except StopAsyncIteration:
+        return
+    while True:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            try:
+                await inner.aclose()
+            except RuntimeError:  # being closed already (asyncio closes every one at shutdown)
+                pass
+            raise
+        except BaseException as exc:
+            try:
+                value = await inner.athrow(exc)
+            except StopAsyncIteration:
+                return
+        else:
+            try:
+                value = await inner.asend(sent)
+            except StopAsyncIteration:
+                return
+
+
+# A generator-based coroutine (types.coroutine) stays awaitable when tracked.
+_awaitable_generator_steps = FunctionType(
+    _generator_steps.__code__.replace(
+        co_flags=_generator_steps.__code__.co_flags | _ITERABLE_COROUTINE),
+    globals(), _generator_steps.__name__)
+
+
+def _named(outer: Any, inner: Any) -> Any:
+    outer.__name__ = inner.__name__
+    outer.__qualname__ = inner.__qualname__
+    return outer
+
+
+def _coroutine(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
+    inner = wrapped(*args, **kwargs)  # checks the arguments, as the call would
+    steps = in_caller_globals(_coroutine_steps if type(inner) is CoroutineType
+                              else _awaitable_steps)
+    if type(inner) is CoroutineType:
+        inner.close()  # made again at the first step: never left un-awaited
+        return _named(steps(fire, wrapped, args, kwargs), inner)
+    return _named(steps(fire, wrapped, args, kwargs, inner), inner)
+
+
+def _generator(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
+    inner = wrapped(*args, **kwargs)
+    code = getattr(inner, "gi_code", None)
+    awaitable = code is not None and code.co_flags & _ITERABLE_COROUTINE
+    steps = in_caller_globals(_awaitable_generator_steps if awaitable else _generator_steps)
+    return _named(steps(fire, wrapped, args, kwargs, inner), inner)
+
+
+def _async_generator(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
+    inner = wrapped(*args, **kwargs)
+    return _named(in_caller_globals(_async_generator_steps)(fire, wrapped, args, kwargs, inner),
+                  inner)
+
+
+def first_step_start(kind: str, fire: Fire) -> Start:
+    """The ``Start`` of a tracked coroutine function, generator or async generator function."""
+    make = {"coroutine": _coroutine, "generator": _generator,
+            "async generator": _async_generator}[kind]
+
+    def start(wrapped: Any, depth: int) -> Any:
+        return functools.partial(make, fire, wrapped)
+
+    return start
