@@ -107,13 +107,16 @@ class Tracked(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
                 static = Tracked(bound, _get(self, "_self_start"))
                 self._self_static = static
             return static
-        if bound.__func__ is wrapped:  # a method: its __func__ is this proxy
-            return TrackedMethod(self, bound.__self__)
+        # A real bound method of the tracked function, as Python binds a function: its
+        # __func__ is this proxy, so calling it records the event, and pickling, copying,
+        # comparing it and weakref.WeakMethod work as for any method.
+        if bound.__func__ is wrapped:
+            return MethodType(self, bound.__self__)
         function = _get(self, "_self_function")  # a classmethod: its function, tracked
         if function is None or _get(function, "__wrapped__") is not bound.__func__:
             function = Tracked(bound.__func__, _get(self, "_self_start"))
             self._self_function = function
-        return TrackedMethod(function, bound.__self__)
+        return MethodType(function, bound.__self__)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         wrapped = _get(self, "__wrapped__")
@@ -138,24 +141,6 @@ class Tracked(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-ignore]
             # As Python deep-copies a bound method: the same method of a copy of its object.
             return getattr(copy.deepcopy(wrapped.__self__, memo), wrapped.__func__.__name__)
         return self
-
-
-class TrackedMethod(Tracked):
-    """A tracked method bound to its object, made as a bound method is made: from its
-    function (the tracked one, which ``__func__`` gives back) and the object, so that code
-    which rebuilds methods that way (``weakref.WeakMethod``) rebuilds a tracked one."""
-
-    def __init__(self, function: Any, instance: Any) -> None:
-        if not issubclass(type(function), Tracked):
-            raise TypeError("TrackedMethod() needs a tracked function")
-        super().__init__(MethodType(_get(function, "__wrapped__"), instance),
-                         _get(function, "_self_start"))
-        self._self_function = function
-
-    def __getattribute__(self, name: str) -> Any:
-        if name == "__func__":
-            return _get(self, "_self_function")
-        return Tracked.__getattribute__(self, name)
 
 
 # What wrapt's proxy answers for any object and a function has not (iteration, numbers,
