@@ -1,12 +1,60 @@
-"""The privacy guard: refuse payload text that looks like personal data.
+"""The privacy guard: refuse payload text that looks like personal data or a secret.
 
-A field is refused when its key or value contains an e-mail address, an IPv4
-or IPv6 address, the user's home directory (so any absolute path under it),
-the user's login name or this machine's host name as a word of its own
-(unless it is a shared service account such as ``root`` or ``runner``), a
-MAC address, or a long token-like secret. The
-text is checked as written, URL-decoded, lower-cased, and with either kind of
-path separator, so simple disguises do not get through.
+A text (a payload key, a payload value, an event name) is refused when it
+contains any of these:
+
+* an e-mail address: ``local@domain.tld``;
+* an IPv4 address (each part at most 255), an IPv6 address, or a MAC address
+  (six hex pairs joined by ``:`` or ``-``);
+* this machine's home directory, so any absolute path under it;
+* this machine's login name or host name (its first label) as a word of its
+  own, i.e. not inside a longer word of letters, digits and ``_``. A name too
+  short to be refused on its own (a login name of one character, a host name
+  of one or two such as ``vm``) is refused only as either side of an ``@``
+  (``ops@vm``). Shared service accounts (``root``, ``runner``, ``ubuntu`` and
+  the like) and ``localhost`` name no person and are never refused as names;
+* a token-like secret: a run of 24 or more characters of ``A-Z a-z 0-9 _ + / = -``
+  that mixes upper case, lower case and digits, or that starts with a known
+  prefix (``sk-``, ``ghp_``, ``xoxb-``, ``glpat-``, ``eyJ`` ...);
+* an AWS access key ID: ``AKIA`` or ``ASIA`` and 16 upper-case letters or
+  digits, 20 characters in all;
+* a run of exactly 32, 40 or 64 hexadecimal digits not joined to other
+  letters or digits (the length of an MD5, SHA-1 or SHA-256 hex digest, and of
+  many API keys), in either case, unless all of them are decimal digits. So a 32-character hex value such as
+  ``0123456789abcdef0123456789abcdef`` is refused, whatever it means: the
+  guard cannot tell a harmless digest from a key. (kaibantrace's own hashed
+  fields, ``clientUser`` among them, are made after the guard and never
+  pass through it.) Runs of other lengths, such as a short commit ID, pass;
+* a credential pair: ``password``, ``passwd``, ``pwd``, ``secret``, ``token``,
+  ``api_key``/``apikey``/``api-key`` or ``access_key``/``accesskey``/
+  ``access-key``, in any case, possibly quoted and possibly the last part of a
+  longer name joined by ``_``, ``-`` or ``.`` (``access_token``,
+  ``client_secret``), followed by ``=`` or ``:`` and a non-empty value: in
+  text, in a URL's query string, in the JSON of a mapping value. A name that
+  only contains one of these words passes: ``tokens=12``, ``max_tokens=4096``,
+  ``token_count=42``, ``secret_scanning: on``; so does an empty value
+  (``password=``). A payload key is checked apart from its value, so a field
+  ``{"password": "x"}`` is not refused by this rule.
+
+Each text is checked as written, URL-decoded (twice), lower-cased, and with
+``/`` for ``\\``, so simple disguises do not get through.
+
+What passes: everything else, in particular versions (``v2.0.0-rc.1``),
+counts, times and ISO dates, durations, command and feature names, model names
+(``gpt-4o-mini``), language codes, OS names and words such as ``true``.
+``tests/test_privacy_guard.py`` keeps a list of such values that must pass.
+Harmless values the rules above do refuse: a version of four dotted parts of at
+most 255 (``1.2.3.4``, an IPv4 address), any 32-, 40- or 64-digit hex run (a
+commit ID in full), and a name of 24 or more characters without dots that mixes
+cases and digits (``mistralai/Mixtral-8x7B-Instruct-v0.1``, a token run).
+
+Bounded work: every check runs in time linear in the text, and only the first
+``MAX_CHECKED_CHARS`` characters of a text are checked at all. A longer text
+can never be sent: the pipeline refuses any payload over 4096 bytes encoded,
+every character takes at least one byte, and an event name has at most 128
+characters. So the unchecked tail of such a text is never sent; the checked
+start still lets personal data there be reported as such rather than only as
+an oversized payload.
 
 The guard only answers "refuse, and why". Dropping the field and logging a
 warning that names the key (never the value) is the pipeline's job.
@@ -23,13 +71,33 @@ from typing import Dict, Optional, Tuple
 
 from ._fork import guard as fork_guard
 
-_EMAIL = re.compile(r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
+# Characters of a text that are checked; at least the pipeline's MAX_PAYLOAD_BYTES (a
+# text longer than that cannot be sent), which cannot be imported here (it imports us).
+MAX_CHECKED_CHARS = 4096
+
+# Python's regular expressions backtrack, so each pattern below is written so that no
+# start position can make it scan far: each begins at a fixed character or behind a
+# look-behind that only the first character of a run passes, and repeats are bounded
+# or end where the next part cannot begin.
+
+# An "@" with a local-part character before it and "label.label" after it. Anchoring
+# on the "@" matters: "[chars]+@" searched from every position of a long run of
+# those characters rescans the run each time (quadratic time).
+_EMAIL = re.compile(r"(?<=[a-z0-9._%+-])@[a-z0-9-]+\.[a-z0-9-]")
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\d])")
 _IPV6_CANDIDATE = re.compile(r"[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[0-9a-z]+)?")
 _MAC = re.compile(r"(?<![0-9a-f])[0-9a-f]{2}([:-])(?:[0-9a-f]{2}\1){4}[0-9a-f]{2}(?![0-9a-f])")
-_TOKEN_RUN = re.compile(r"[A-Za-z0-9_+/=-]{24,}")
+_TOKEN_CHARS = "A-Za-z0-9_+/=-"
+_TOKEN_RUN = re.compile(rf"(?<![{_TOKEN_CHARS}])[{_TOKEN_CHARS}]{{24,}}")
 _SECRET_PREFIXES = ("sk-", "sk_live_", "pk_live_", "ghp_", "gho_", "ghs_", "github_pat_",
                     "xoxb-", "xoxp-", "akia", "eyj", "glpat-", "hf_")
+_AWS_KEY_ID = re.compile(r"(?<![A-Za-z0-9])A[KS]IA[A-Z0-9]{16}(?![A-Za-z0-9])")
+# Hex runs of 32 to 64 digits; only the lengths in _HEX_LENGTHS are refused.
+_HEX_RUN = re.compile(r"(?<![0-9a-z])[0-9a-f]{32,64}(?![0-9a-z])")
+_HEX_LENGTHS = frozenset({32, 40, 64})
+_CREDENTIAL = re.compile(
+    r"(?<![a-z0-9])(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)"
+    r"[\"']?[ \t]{0,4}[=:][ \t]{0,4}[\"']?[^\s\"'&;,)}\]]")
 
 # Shared service accounts name no person, and their names are common words
 # ("app", "runner", "node") that would refuse ordinary values.
@@ -58,7 +126,7 @@ def _local_markers() -> Tuple[str, ...]:
 _user: Optional[str] = None
 _user_known = False
 _host: Optional[str] = None
-_words: Tuple[Tuple[str, re.Pattern[str]], ...] = ()  # (kind, the user or host name as a word)
+_words: Tuple[Tuple[str, re.Pattern[str]], ...] = ()  # (kind, the user or host name's pattern)
 
 # Verdicts on short texts, which repeat a lot (keys, enum-like values): at most
 # this many are kept, and all are forgotten when the machine's markers are.
@@ -66,6 +134,15 @@ _CACHE_SIZE = 4096
 _CACHEABLE_LENGTH = 256
 _verdicts: Dict[str, Optional[str]] = {}
 _UNKNOWN = object()
+
+
+def _name_pattern(name: str, shortest_word: int) -> re.Pattern[str]:
+    """``name`` as a word of its own, or, when shorter than ``shortest_word`` (too
+    likely to be an ordinary word), only as either side of ``word@word``."""
+    escaped = re.escape(name)
+    if len(name) >= shortest_word:
+        return re.compile(rf"(?<![a-z0-9_]){escaped}(?![a-z0-9_])")
+    return re.compile(rf"(?<![a-z0-9_.-]){escaped}@[a-z0-9_-]|[a-z0-9_.-]@{escaped}(?![a-z0-9_-])")
 
 
 def _user_name() -> Optional[str]:
@@ -86,10 +163,11 @@ def _user_name() -> Optional[str]:
                 host = socket.gethostname().split(".")[0].strip().lower()
             except OSError:
                 host = ""
-        _user = name if len(name) >= 2 and name not in _GENERIC_ACCOUNTS else None
-        _host = host if len(host) >= 3 and host not in ("localhost", "localhost6") else None
-        _words = tuple((kind, re.compile(rf"(?<![a-z0-9_]){re.escape(word)}(?![a-z0-9_])"))
-                       for kind, word in (("the user name", _user), ("the host name", _host))
+        _user = name if name and name not in _GENERIC_ACCOUNTS else None
+        _host = host if host and host not in ("localhost", "localhost6") else None
+        _words = tuple((kind, _name_pattern(word, shortest))
+                       for kind, word, shortest in (("the user name", _user, 2),
+                                                    ("the host name", _host, 3))
                        if word is not None)
         _user_known = True
     return _user
@@ -102,25 +180,14 @@ def forget_local_markers() -> None:
     _verdicts.clear()
 
 
-def _variants(text: str) -> Tuple[str, ...]:
-    """The text lower-cased, URL-decoded (twice), and with ``/`` for ``\\``, each once."""
-    lowered = text.lower()
-    if "%" in lowered:
-        from urllib.parse import unquote
-
-        decoded = unquote(unquote(lowered))
-    else:
-        decoded = lowered
-    slashed = decoded.replace("\\", "/")
-    if decoded == lowered:
-        return (lowered,) if slashed == lowered else (lowered, slashed)
-    return (lowered, decoded) if slashed == decoded else (lowered, decoded, slashed)
-
-
 def personal_data_kind(text: str) -> Optional[str]:
-    """What kind of personal data ``text`` seems to hold, or ``None``."""
+    """What kind of personal data or secret ``text`` seems to hold, or ``None``.
+
+    Only the first ``MAX_CHECKED_CHARS`` characters are checked (see the module's
+    docstring: a longer text cannot be sent)."""
     if not text:
         return None
+    text = text[:MAX_CHECKED_CHARS]
     cacheable = len(text) <= _CACHEABLE_LENGTH
     if cacheable:
         verdict = _verdicts.get(text, _UNKNOWN)
@@ -135,14 +202,35 @@ def personal_data_kind(text: str) -> Optional[str]:
 
 
 def _check(text: str) -> Optional[str]:
-    for variant in _variants(text):
+    """The verdict on all of ``text``, in time linear in its length."""
+    originals: Tuple[str, ...] = (text,)
+    if "%" in text:
+        from urllib.parse import unquote  # linear: it splits the text at each "%"
+
+        decoded = unquote(unquote(text))
+        if decoded != text:
+            originals = (text, decoded)
+    for variant in _variants(originals):
         kind = _kind(variant)
         if kind is not None:
             return kind
-    return _secret_kind(text)
+    for original in originals:
+        kind = _secret_kind(original)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _variants(originals: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The texts lower-cased (decoded first, so that "%41" is "a" too), and the last
+    of them with ``/`` for ``\\``, each once."""
+    lowered = tuple(dict.fromkeys(original.lower() for original in originals))
+    slashed = lowered[-1].replace("\\", "/")
+    return lowered if slashed == lowered[-1] else (*lowered, slashed)
 
 
 def _kind(text: str) -> Optional[str]:
+    """Checks on lower-cased text."""
     if "@" in text and _EMAIL.search(text):
         return "an e-mail address"
     for home in _local_markers():
@@ -168,6 +256,12 @@ def _kind(text: str) -> Optional[str]:
                 except ValueError:
                     continue
                 return "an IP address"
+    if ("=" in text or ":" in text) and _CREDENTIAL.search(text):
+        return "a password or token"
+    for match in _HEX_RUN.finditer(text):
+        run = match.group(0)
+        if len(run) in _HEX_LENGTHS and not run.isdigit():
+            return "a hex key or digest"
     return None
 
 
@@ -179,6 +273,7 @@ def _trimmed(candidate: str) -> Tuple[str, ...]:
 
 
 def _secret_kind(text: str) -> Optional[str]:
+    """Checks on text as written, where case tells a token from a word."""
     for match in _TOKEN_RUN.finditer(text):
         run = match.group(0)
         if run.lower().startswith(_SECRET_PREFIXES):
@@ -188,4 +283,6 @@ def _secret_kind(text: str) -> Optional[str]:
         has_digit = any(c.isdigit() for c in run)
         if has_upper and has_lower and has_digit:
             return "a secret token"
+    if "IA" in text and _AWS_KEY_ID.search(text):
+        return "an access key ID"
     return None
