@@ -30,7 +30,7 @@ from ._errors import DropEvent, EventError, PrivacyError
 from ._fork import guard as fork_guard
 from ._identity import Session, hash_user, keyed_identity
 from ._log import logger
-from ._privacy import personal_data_kind
+from ._privacy import credential_key, personal_data_kind
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -368,7 +368,8 @@ def clean_payload(name: str, payload: Any, reporter: Reporter, strict: bool) -> 
                              "that is not valid Unicode (a lone surrogate); field dropped",
                              strict=strict)
             continue
-        kind = personal_data_kind(key) or personal_data_kind(text)
+        kind = personal_data_kind(key) or personal_data_kind(text) or (
+            credential_key(key) if text else None)
         if kind is not None:
             reporter.problem("privacy", name, key, f"payload field {key!r} of {name!r} looks like "
                              f"{kind}; field dropped", strict=strict, privacy=True)

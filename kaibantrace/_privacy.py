@@ -33,8 +33,9 @@ contains any of these:
   text, in a URL's query string, in the JSON of a mapping value. A name that
   only contains one of these words passes: ``tokens=12``, ``max_tokens=4096``,
   ``token_count=42``, ``secret_scanning: on``; so does an empty value
-  (``password=``). A payload key is checked apart from its value, so a field
-  ``{"password": "x"}`` is not refused by this rule.
+  (``password=``). A payload field is such a pair too: a key so named with a
+  non-empty value (``{"password": "x"}``, ``{"api_key": ...}``) is refused
+  (``credential_key``), whatever the value, so ``{"token": "expired"}`` is as well.
 
 Each text is checked as written, URL-decoded (twice), lower-cased, and with
 ``/`` for ``\\``, so simple disguises do not get through.
@@ -95,6 +96,9 @@ _AWS_KEY_ID = re.compile(r"(?<![A-Za-z0-9])A[KS]IA[A-Z0-9]{16}(?![A-Za-z0-9])")
 # Hex runs of 32 to 64 digits; only the lengths in _HEX_LENGTHS are refused.
 _HEX_RUN = re.compile(r"(?<![0-9a-z])[0-9a-f]{32,64}(?![0-9a-z])")
 _HEX_LENGTHS = frozenset({32, 40, 64})
+_CREDENTIAL_KEY = re.compile(
+    r"(?:^|[_.-])(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)$",
+    re.IGNORECASE)
 _CREDENTIAL = re.compile(
     r"(?<![a-z0-9])(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key)"
     r"[\"']?[ \t]{0,4}[=:][ \t]{0,4}[\"']?[^\s\"'&;,)}\]]")
@@ -286,3 +290,9 @@ def _secret_kind(text: str) -> Optional[str]:
     if "IA" in text and _AWS_KEY_ID.search(text):
         return "an access key ID"
     return None
+
+
+def credential_key(key: str) -> Optional[str]:
+    """``"a password or token"`` when a payload key names a credential (``password``,
+    ``api_key``, ``client_secret``...), the structured form of ``password=...``."""
+    return "a password or token" if _CREDENTIAL_KEY.search(key[:MAX_CHECKED_CHARS]) else None

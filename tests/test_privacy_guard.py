@@ -141,6 +141,21 @@ class TestCredentialPairs:
         assert personal_data_kind(text) is None
 
 
+    @pytest.mark.parametrize("key", ["password", "Password", "api_key", "apikey", "secret",
+                                     "client_secret", "access_token", "token", "db.pwd"])
+    def test_a_payload_field_named_for_a_credential_is_refused(self, alice: None,
+                                                               key: str) -> None:
+        """``{"password": "x"}`` is the pair ``password=x`` in a payload's form: dropped,
+        whatever the value; with an empty value there is nothing to drop."""
+        assert clean({key: "hunter2", "ok": "yes"}) == {"ok": "yes"}
+        assert clean({key: ""}) == {key: ""}
+
+    @pytest.mark.parametrize("key", ["tokens", "max_tokens", "token_count", "secret_scanning",
+                                     "password_reset", "tokenizer"])
+    def test_keys_that_only_contain_the_words_pass(self, alice: None, key: str) -> None:
+        assert clean({key: "12"}) == {key: "12"}
+
+
 DRESSINGS = st.sampled_from([str.lower, str.upper, str.title, str.swapcase])
 SEPARATORS = st.sampled_from([" ", "=", ":", ",", "(", "'", '"', "\t", "\n", "; "])
 AROUND = st.text(max_size=15)
