@@ -1,8 +1,7 @@
 """The object ``track`` returns: a transparent stand-in for the decorated callable.
 
-It is a ``wrapt.ObjectProxy``, so every attribute, ``isinstance`` answer,
-signature, docstring and comparison is the decorated callable's own. What it
-adds, and why:
+It is a ``wrapt.ObjectProxy``, so every attribute, signature, docstring and
+comparison is the decorated callable's own. What it adds, and why:
 
 * **Calling it leaves no frame of ours on the stack.** ``__call__`` is not a
   method but a descriptor. When the proxy is called, Python looks the
@@ -10,21 +9,26 @@ adds, and why:
   the event and answers with the decorated function itself, which Python then
   calls directly. So the function's caller is its caller:
   ``sys._getframe(1)``, ``sys._getframemodulename`` (what ``namedtuple`` and
-  enum's functional API use to name the module of the classes they make),
-  tracebacks and recursion depth are exactly as without telemetry. Only the
-  cases that need the call's arguments (a payload callable, ``track_cli``)
-  run one frame of ours, made with the *caller's* globals, so that even then
-  the frame above the function reports the caller's module.
+  enum's functional API use to name the module of the classes they make) and
+  tracebacks are as without telemetry. (The call does pass through C, as any
+  object's call does, which costs recursion depth.) Only the cases that need
+  the call's arguments (a payload callable, ``track_cli``) run one frame of
+  ours, made with the *caller's* globals, so that even then the frame above
+  the function reports the caller's module.
 * **Reading ``__call__`` is not calling.** ``hasattr(f, "__call__")`` records
   nothing; what it returns records the event when it is called.
-* **Methods bind like functions.** Looked up on an instance it gives a new
-  proxy of the bound method (as a function gives a new bound method); on the
-  class, itself; a tracked ``staticmethod`` gives the same proxy every time.
+* **It is a function, not a container.** wrapt's proxy forwards iteration,
+  numbers and context management for any object; a function has none of
+  them, so ``isinstance(f, Iterable)`` and ``hasattr(f, "__enter__")`` must
+  not say otherwise.
+* **Methods bind like functions.** Read from an instance it gives a real bound
+  method whose ``__func__`` is this proxy (so ``WeakMethod``, pickling and
+  copying treat it as any method); from the class, itself; a tracked
+  ``staticmethod`` gives the same proxy every time.
 * **Pickling and copying work as for the original.** A function is pickled by
-  reference (its module and qualified name, which name this proxy), a bound
-  method as "this attribute of that object", as Python does for its own;
-  ``copy`` and ``deepcopy`` return a function itself. So process pools (fork,
-  spawn, forkserver) take tracked functions, and the child tracks them too.
+  reference (its module and qualified name, which name this proxy); ``copy``
+  and ``deepcopy`` return a function itself. So process pools (fork, spawn,
+  forkserver) take tracked functions, and the child tracks them too.
 """
 
 from __future__ import annotations
