@@ -76,7 +76,7 @@ def _tracked_attribute(proxy: Any, name: str, value: Any) -> Any:
     return value
 
 
-def _main(fire: Fire, command: Any, *args: Any, **kwargs: Any) -> Any:
+def _main(fire: Fire, command: Any, /, *args: Any, **kwargs: Any) -> Any:
     fire(command, args, kwargs)
     return command.main(*args, **kwargs)
 

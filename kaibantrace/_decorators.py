@@ -108,6 +108,8 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
         """Record the event; never lets an error reach the decorated call (strict aside)."""
         try:
             if cli:
+                if client._route() is None:
+                    return  # opted out: the command line is not even looked at
                 command = _command_of(wrapped, parser, args, kwargs)
                 if command is _OURS:
                     return  # the CLI's own ``telemetry`` commands are not a use of the CLI

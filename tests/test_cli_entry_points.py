@@ -22,6 +22,7 @@ from click.testing import CliRunner  # noqa: E402
 from typer.testing import CliRunner as TyperRunner  # noqa: E402
 
 MakeClient = Callable[..., kaibantrace.Telemetry]
+APP = "0F5A5C1E-0000-4000-8000-0000000C1A55"
 
 
 def used(collector: Collector, client: kaibantrace.Telemetry, count: int) -> List[Tuple[str, Any]]:
@@ -202,3 +203,25 @@ class TestArgparse:
     def test_marking_something_that_takes_no_mark_is_an_error(self) -> None:
         with pytest.raises(TypeError, match="cannot mark"):
             kaibantrace.telemetry_commands(42)
+
+
+def test_opted_out_the_command_line_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opted out, a tracked typer application is run once: kaibantrace does not build its
+    click command again to name the sub-command."""
+    monkeypatch.setenv("KAIBAN_TELEMETRY_OPT_OUT", "1")
+    built: List[Any] = []
+    original = typer.main.get_command
+
+    def counting(app: Any) -> Any:
+        built.append(app)
+        return original(app)
+
+    monkeypatch.setattr(typer.main, "get_command", counting)
+    app = kaibantrace.Telemetry(APP).track_cli("tool_used")(typer.Typer())
+
+    @app.command()
+    def run() -> None:
+        pass
+
+    app([], standalone_mode=False)
+    assert len(built) == 1  # typer's own, to run the application
