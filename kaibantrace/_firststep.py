@@ -84,8 +84,11 @@ _awaitable_generator_steps = FunctionType(
 
 
 def _named(outer: Any, inner: Any) -> Any:
-    outer.__name__ = inner.__name__
-    outer.__qualname__ = inner.__qualname__
+    """``outer`` named like ``inner`` (an awaitable of another kind may have no name)."""
+    name = getattr(inner, "__name__", None)
+    if isinstance(name, str):
+        outer.__name__ = name
+        outer.__qualname__ = getattr(inner, "__qualname__", name)
     return outer
 
 

@@ -329,3 +329,23 @@ def test_the_typer_application_takes_the_authors_changes() -> None:
     assert app.__wrapped__.info.help == "What this tool does."
     app.registered_commands.clear()
     assert app.__wrapped__.registered_commands == []
+
+
+@pytest.mark.skipif(not hasattr(inspect, "markcoroutinefunction"), reason="Python 3.12+")
+def test_a_function_marked_as_a_coroutine_function_returning_another_awaitable() -> None:
+    class Ready:
+        def __await__(self) -> Any:
+            yield from asyncio.sleep(0).__await__()
+            return 5
+
+    def ready() -> Ready:
+        return Ready()
+
+    tracked = track("ready")(inspect.markcoroutinefunction(ready))  # type: ignore[attr-defined,unused-ignore]
+
+    async def main() -> Any:
+        return await tracked()
+
+    with capture() as signals:
+        assert asyncio.run(main()) == 5
+    assert events(signals) == ["ready"]
