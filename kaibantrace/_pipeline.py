@@ -24,7 +24,7 @@ import math
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from ._errors import DropEvent, EventError, PrivacyError
 from ._fork import guard as fork_guard
@@ -237,14 +237,67 @@ def _convert(value: Any) -> Optional[str]:
     number = _number_text(value)
     if number is not None:
         return number
-    if isinstance(value, (list, tuple)) and all(
-            v is None or isinstance(v, (str, int, float, bool)) for v in value):
-        return _compact_json(list(value))
-    if isinstance(value, Mapping) and all(
-            isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool)))
-            for k, v in value.items()):
-        return _compact_json(dict(value))
+    if isinstance(value, (list, tuple)):
+        items = _js_json_items(value)
+        return None if items is None else "[" + ",".join(items) + "]"
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        ordered = _js_key_order(value)
+        texts = _js_json_items(v for _, v in ordered)
+        if texts is None:
+            return None
+        return "{" + ",".join(f"{_compact_json(k)}:{text}"
+                              for (k, _), text in zip(ordered, texts)) + "}"
     return None
+
+
+def _js_json_items(values: Any) -> Optional[List[str]]:
+    texts = []
+    for value in values:
+        text = _js_json_item(value)
+        if text is None:
+            return None
+        texts.append(text)
+    return texts
+
+
+def _js_json_item(value: Any) -> Optional[str]:
+    """One item of a flat list or mapping as ``JSON.stringify`` writes it (TelemetryDeck's
+    SDK stringifies objects with it): numbers as JavaScript writes them, NaN and the
+    infinities as ``null``, dates as ``toISOString``; ``None`` for a nested container or
+    anything else that cannot be sent."""
+    if value is None:
+        return "null"
+    kind = type(value)
+    if kind is str:
+        return _compact_json(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return _js_number(value) if math.isfinite(value) else "null"
+    if _is_date(value):
+        return '"' + _iso(value) + '"'
+    if isinstance(value, str):
+        return _compact_json(str(value))
+    if isinstance(value, (int, float)):
+        return _js_json_item(int(value) if isinstance(value, int) else float(value))
+    return None
+
+
+def _js_key_order(mapping: Mapping[str, Any]) -> List[Tuple[str, Any]]:
+    """The mapping's items in JavaScript's property order: keys that are array indices
+    ("0", "7", "10"; not "01" or "-1") first, ascending, then the others as inserted."""
+    indices = [(k, v) for k, v in mapping.items() if _is_array_index(k)]
+    if not indices:
+        return list(mapping.items())
+    others = [(k, v) for k, v in mapping.items() if not _is_array_index(k)]
+    return sorted(indices, key=lambda item: int(item[0])) + others
+
+
+def _is_array_index(key: str) -> bool:
+    return key.isascii() and key.isdigit() and (key == "0" or key[0] != "0") and int(
+        key) < 4294967295
 
 
 def _number_text(value: Any) -> Optional[str]:
