@@ -278,6 +278,9 @@ def _js_json_item(value: Any) -> Optional[str]:
         return _js_number(value) if math.isfinite(value) else "null"
     if _is_date(value):
         return '"' + _iso(value) + '"'
+    enum = sys.modules.get("enum")
+    if enum is not None and isinstance(value, enum.Enum):
+        return _js_json_item(value.value)  # by value, as a scalar member is sent
     if isinstance(value, str):
         return _compact_json(str(value))
     if isinstance(value, (int, float)):

@@ -61,3 +61,16 @@ def test_the_text_is_valid_json(value: Any) -> None:
 @pytest.mark.parametrize("value", [[[1]], {"a": {"b": 1}}, [object()], {1: "int key"}])
 def test_nested_containers_and_other_items_are_refused(value: Any) -> None:
     assert clean_payload("evt", {"field": value}, Reporter(), strict=False) == {}
+
+
+def test_enum_members_inside_are_sent_by_value() -> None:
+    import enum
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    class Size(enum.IntEnum):
+        BIG = 3
+
+    assert clean_payload("evt", {"field": [Color.RED, Size.BIG]}, Reporter(),
+                         strict=True) == {"field": '["red",3]'}
