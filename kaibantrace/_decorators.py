@@ -107,16 +107,14 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
     def fire(wrapped: Any, args: Any, kwargs: Any) -> None:
         """Record the event; never lets an error reach the decorated call (strict aside)."""
         try:
-            if cli:
-                if client._route() is None:
-                    return  # opted out: the command line is not even looked at
-                command = _command_of(wrapped, parser, args, kwargs)
-                if command is _OURS:
-                    return  # the CLI's own ``telemetry`` commands are not a use of the CLI
-                client._cli_run_starts()  # the first-run notice and the install event
             accept = client._route()
             if accept is None:
-                return
+                return  # opted out: not even the command line is looked at
+            if cli:
+                command = command_of(wrapped, parser, command_argv(args, kwargs))
+                if command == OWN_COMMANDS:
+                    return  # the CLI's own ``telemetry`` commands are not a use of the CLI
+                client._cli_run_starts()  # the first-run notice and the install event
             data = static if dynamic is None else payload_for(wrapped, args, kwargs)
             if cli:
                 data = _with_command(client, data, command)
@@ -155,15 +153,6 @@ def _encoded_at_call(client: Telemetry) -> bool:
     """Whether the client's events are encoded at the call (strict mode, a capture), where
     a payload's problems are reported in their usual order rather than refused by size."""
     return bool(client.settings.strict or _client._captures)
-
-
-_OURS = object()  # the command that runs is one of kaibantrace's own
-
-
-def _command_of(wrapped: Any, parser: Any, args: Any, kwargs: Any) -> Any:
-    """The sub-command that runs, ``_OURS`` for kaibantrace's own commands, or ``None``."""
-    command = command_of(wrapped, parser, command_argv(args, kwargs))
-    return _OURS if command is OWN_COMMANDS else command
 
 
 def _with_command(client: Telemetry, data: Any, command: Optional[str]) -> Any:

@@ -94,12 +94,10 @@ def _named(outer: Any, inner: Any) -> Any:
 
 def _coroutine(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
     inner = wrapped(*args, **kwargs)  # checks the arguments, as the call would
-    steps = in_caller_globals(_coroutine_steps if type(inner) is CoroutineType
-                              else _awaitable_steps)
     if type(inner) is CoroutineType:
         inner.close()  # made again at the first step: never left un-awaited
-        return _named(steps(fire, wrapped, args, kwargs), inner)
-    return _named(steps(fire, wrapped, args, kwargs, inner), inner)
+        return _named(in_caller_globals(_coroutine_steps)(fire, wrapped, args, kwargs), inner)
+    return _named(in_caller_globals(_awaitable_steps)(fire, wrapped, args, kwargs, inner), inner)
 
 
 def _generator(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:

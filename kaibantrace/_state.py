@@ -141,10 +141,7 @@ def read_private_file(path: str, limit: int = READ_LIMIT) -> bytes:
     fd = os.open(path, flags)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"{path} is not a plain file")
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise OSError(f"{path} belongs to another user")
+        _check_mine(path, info)
         if info.st_size > limit:
             raise OSError(f"{path} is larger than {limit} bytes")
         data = b""
@@ -162,10 +159,18 @@ def is_private_file(path: str) -> bool:
     """Whether ``path`` is a plain file of this user, looked at without opening or following it:
     how a marker file, whose presence is all it says, is checked."""
     try:
-        info = os.lstat(path)
+        _check_mine(path, os.lstat(path))
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and (not hasattr(os, "getuid") or info.st_uid == os.getuid())
+    return True
+
+
+def _check_mine(path: str, info: os.stat_result) -> None:
+    """Raise ``OSError`` unless ``info`` is that of a plain file of this user."""
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path} is not a plain file")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to another user")
 
 
 def create_private_file(path: str) -> None:
@@ -183,13 +188,9 @@ def create_private_file(path: str) -> None:
     except FileExistsError:  # also what O_EXCL says of a symbolic link: refused below
         pass
     info = os.lstat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise OSError(f"{path} is not a plain file")
-    if os.name == "posix":
-        if info.st_uid != os.getuid():
-            raise OSError(f"{path} belongs to another user")
-        if info.st_mode & 0o077:
-            os.chmod(path, 0o600)
+    _check_mine(path, info)
+    if os.name == "posix" and info.st_mode & 0o077:
+        os.chmod(path, 0o600)
 
 
 def write_private_file(path: str, text: str) -> None:
