@@ -1,15 +1,20 @@
 """Who an event is from, without saying who anyone is.
 
-Two identities exist, as in KaibanJS:
+Three identifiers exist, as in KaibanJS:
 
+* a **process identity**: a random UUID made once per process (afresh in a
+  forked child). It is never sent: its hash is a runtime event's
+  ``clientUser``, so TelemetryDeck counts one user per process, however many
+  sessions the process opens.
 * a **session**: a random UUID, one per ``session()`` block, or one per
-  process outside any block. It is made lazily, at the first event or the
-  first read of ``Session.id``, and it is the only thing runtime events carry.
+  client outside any block, sent as ``sessionID``. It is made lazily, at the
+  first event or the first read of ``Session.id``.
 * a **project ID** for CLI events: the seed's formula, exactly, so a Python
-  port reports the same project as KaibanJS would.
+  port reports the same project as KaibanJS would; its hash is a CLI event's
+  ``clientUser``.
 
-Either identifier is hashed (SHA-256 of identifier + salt) before it leaves the
-machine; that hash is the ``clientUser`` field.
+The ``clientUser`` field is always a hash (SHA-256 of identifier + salt) of a
+value that itself never leaves the machine.
 """
 
 from __future__ import annotations
@@ -24,12 +29,27 @@ from typing import Any, Callable, Mapping, Optional, Tuple, Type, TypeVar
 R = TypeVar("R")
 
 _id_lock = threading.Lock()
+_process_identity: Optional[str] = None
 
 
 def after_fork_in_child() -> None:
-    """A fresh lock: the parent's may have been held by a thread the child does not have."""
-    global _id_lock
+    """A fresh lock, as the parent's may have been held by a thread the child does not
+    have; and a new process identity, so a child is never counted as its parent."""
+    global _id_lock, _process_identity
     _id_lock = threading.Lock()
+    _process_identity = None
+
+
+def process_identity() -> str:
+    """This process's random identity, made at first use; only its hash is ever sent."""
+    global _process_identity
+    identity = _process_identity
+    if identity is None:
+        with _id_lock:
+            if _process_identity is None:
+                _process_identity = random_uuid()
+            identity = _process_identity
+    return identity
 
 
 class Session:

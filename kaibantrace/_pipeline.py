@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 from ._errors import DropEvent, EventError, PrivacyError
 from ._fork import guard as fork_guard
-from ._identity import Session, hash_user, keyed_identity
+from ._identity import Session, hash_user, keyed_identity, process_identity
 from ._log import logger
 from ._privacy import credential_key, personal_data_kind
 from ._version import __version__
@@ -651,13 +651,14 @@ def _refusing_failures(step: Callable[[RawEvent, EncodeContext], T], raw: RawEve
 
 
 def _identify(raw: RawEvent, ctx: EncodeContext) -> Tuple[str, str]:
-    """Check the event's name; its session ID and the hashed user it is sent as."""
+    """Check the event's name; its session ID and the hashed user it is sent as: the
+    project for a CLI event, else the process (never the session, which is sent)."""
     name, _, session, identifier, _, _ = raw
     if not (isinstance(name, str) and name in _known_good_names):
         _check_runtime_name(name, ctx)
     session_id = session.id
     if identifier is None:
-        identity = session_id
+        identity = process_identity()
     elif ctx.secret is not None:
         identity = keyed_identity(identifier, ctx.secret())
     else:

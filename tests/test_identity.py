@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
 import kaibantrace
 from kaibantrace._identity import hash_user
+from kaibantrace.testing import Collector
+
+from .conftest import APP_ID
+
+MakeClient = Callable[..., kaibantrace.Telemetry]
 
 
 class TestProjectId:
@@ -202,3 +214,102 @@ class TestSessions:
         with a.session() as s:
             assert a._session() is s
             assert b._session() is not s
+
+
+class TestWhoAnEventIsFrom:
+    """clientUser names the process (or, for CLI events, the project); sessionID the session."""
+
+    def test_sessions_of_one_process_are_one_user(self, make_client: MakeClient,
+                                                  collector: Collector) -> None:
+        client = make_client()
+        with client.session() as first:
+            client.emit("workflow_started")
+        with client.session() as second:
+            client.emit("workflow_started")
+        client.emit("workflow_started")  # outside any block: the client's own session
+        assert client.flush(10)
+        signals = collector.wait_for(3)
+        assert [s["sessionID"] for s in signals] == [first.id, second.id,
+                                                     client._session().id]
+        assert len({s["sessionID"] for s in signals}) == 3
+        assert len({s["clientUser"] for s in signals}) == 1
+
+    def test_the_user_is_not_derived_from_anything_sent(self, make_client: MakeClient,
+                                                        collector: Collector) -> None:
+        """Neither the sessionID nor any other sent value hashes to clientUser."""
+        client = make_client(salt="pepper")
+        client.emit("workflow_started", {"board": "b"})
+        assert client.flush(10)
+        (signal,) = collector.wait_for(1)
+        sent = [signal["sessionID"], signal["appID"], signal["type"], "b", ""]
+        for value in sent:
+            for salt in ("", "pepper"):
+                assert hash_user(value, salt) != signal["clientUser"]
+        assert len(signal["clientUser"]) == 64 and int(signal["clientUser"], 16) >= 0
+
+    def test_two_processes_are_two_users(self, collector: Collector) -> None:
+        script = ("import sys, kaibantrace\n"
+                  "kaibantrace.configure(app_id=sys.argv[1], endpoint=sys.argv[2])\n"
+                  "kaibantrace.emit('workflow_started')\n"
+                  "assert kaibantrace.flush(10)\n")
+        for _ in range(2):
+            subprocess.run([sys.executable, "-c", script, APP_ID, collector.url],
+                           check=True, timeout=60)
+        signals = collector.wait_for(2)
+        assert len({s["clientUser"] for s in signals}) == 2
+        assert len({s["sessionID"] for s in signals}) == 2
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_forked_child_is_a_new_user(self, make_client: MakeClient,
+                                          collector: Collector) -> None:
+        """The child does not inherit the parent's identity, even one already made."""
+        client = make_client()
+        client.emit("parent")
+        assert client.flush(10)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                client.emit("child")
+                code = 0 if client.flush(10) else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+        client.emit("parent")
+        assert client.flush(10)
+        users = {}
+        for s in collector.wait_for(3):
+            users.setdefault(s["type"], set()).add(s["clientUser"])
+        assert len(users["parent"]) == 1  # the parent keeps its identity after the fork
+        assert users["child"].isdisjoint(users["parent"])
+
+    def test_cli_events_keep_the_project_identity(self, make_client: MakeClient,
+                                                  collector: Collector, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """In the KaibanJS profile (no local secret) a CLI event's clientUser is the hashed
+        project ID, whichever session it is in, and a runtime event's is not."""
+        monkeypatch.chdir(tmp_path)
+        client = make_client(profile="kaibanjs")
+
+        @client.track_cli("run_board")
+        def run() -> None:
+            client.emit("workflow_started")
+
+        with client.session():
+            run()
+        assert client.flush(10)
+        by_type = {s["type"]: s for s in collector.wait_for(3)}
+        project = hash_user(kaibantrace.project_id(), "")
+        assert by_type["run_board"]["clientUser"] == project
+        assert by_type["install_kaibanjs"]["clientUser"] == project
+        assert by_type["workflow_started"]["clientUser"] != project
+        assert by_type["workflow_started"]["sessionID"] == by_type["run_board"]["sessionID"]

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pytest
 
 import kaibantrace
+from kaibantrace import _identity
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID
@@ -39,7 +40,9 @@ class TestSignalFields:
         assert signal["appID"] == APP_ID
         assert signal["type"] == "workflow_started"
         assert signal["sessionID"] == s.id
-        assert signal["clientUser"] == hashlib.sha256((s.id + "pepper").encode()).hexdigest()
+        # the hash of the process's own identity, which is never sent; not of the session
+        assert signal["clientUser"] == hashlib.sha256(
+            (_identity.process_identity() + "pepper").encode()).hexdigest()
         assert signal["telemetryClientVersion"] == f"kaibantrace {kaibantrace.__version__}"
         sent_at = datetime.datetime.strptime(signal["receivedAt"], "%Y-%m-%dT%H:%M:%S.%fZ")
         assert abs(sent_at.replace(tzinfo=datetime.timezone.utc).timestamp() - before) < 5
@@ -155,7 +158,8 @@ class TestSessionsOnTheWire:
         by_session: dict[str, list[str]] = {}
         for s in signals:
             by_session.setdefault(s["sessionID"], []).append(s["type"])
-            assert s["clientUser"] == hashlib.sha256(s["sessionID"].encode()).hexdigest()
+        assert {s["clientUser"] for s in signals} == {
+            hashlib.sha256(_identity.process_identity().encode()).hexdigest()}  # one user, nine sessions
         groups = sorted(by_session.values())
         assert groups == sorted([["outside"]] + [["step"] * 3] * 4 + [["threaded"] * 3] * 4)
 
