@@ -11,7 +11,9 @@ makes the examples safe to run anywhere, including a machine without internet:
   TelemetryDeck service.
 * If ``KAIBAN_TELEMETRY_APP_ID`` is set, they leave ``app_id`` out of their
   code for the same reason. Otherwise they use a demo app ID: KaibanJS's own
-  app ID when talking to the local collector, and a made-up one otherwise.
+  app ID when talking to the local collector (or none, for an example in the
+  KaibanJS profile, which picks KaibanJS's app IDs itself), and a made-up one
+  otherwise.
 
 After the example ran, ``Demo.report()`` prints what happened: what the local
 collector received, where signals went, or that telemetry is off.
@@ -42,7 +44,7 @@ def _from_env(name: str) -> Optional[str]:
 class Demo:
     """Decides the example's settings and, when needed, runs the local collector."""
 
-    def __init__(self, local_app_id: str) -> None:
+    def __init__(self, local_app_id: Optional[str]) -> None:
         self.endpoint_from_env = _from_env(ENV_ENDPOINT)
         self.collector: Optional[Collector] = None
         self.settings: Dict[str, Any] = {}
@@ -52,8 +54,10 @@ class Demo:
             self.collector = Collector().start()
             self.settings["endpoint"] = self.collector.url
         if _from_env(ENV_APP_ID) is None:
-            # KaibanJS's real app ID is only ever used with the local collector.
-            self.settings["app_id"] = local_app_id if self.collector else DEMO_APP_ID
+            # KaibanJS's real app IDs are only ever used with the local collector.
+            app_id = local_app_id if self.collector else DEMO_APP_ID
+            if app_id is not None:
+                self.settings["app_id"] = app_id
 
     def report(self, client: kaibantrace.Telemetry) -> None:
         """Print what became of the example's signals, then stop the local collector."""
@@ -99,8 +103,8 @@ class Demo:
         print(f"The local collector at {self.collector.url} received {len(signals)} signal(s) "
               f"in {len(sessions)} session(s), appID {app_ids}:")
         for signal in signals:
-            # clientUser is a salted SHA-256 hash: of the session ID, or of the
-            # project ID for CLI events. Nothing here says who you are.
+            # clientUser is a salted SHA-256 hash: of a random identity of this
+            # process, or of the project ID for CLI events. Nothing here says who you are.
             payload = json.dumps(signal.get("payload", {}), sort_keys=True)
             print(f"  {signal['type']:<17} sessionID={signal.get('sessionID')} "
                   f"clientUser={signal['clientUser'][:12]}... payload={payload}")

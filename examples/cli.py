@@ -8,6 +8,10 @@ CLI events differ from library events in who they are from. ``track_cli``
 identifies them by the project ID, the formula KaibanJS uses (a hash of the
 working directory's name and of the home directory), so every run in the same
 project counts as the same user. Only a salted SHA-256 of that ID is sent.
+
+It runs in the KaibanJS profile and sends what KaibanJS's own CLI sends for
+``kaiban init``, ``run`` and ``deploy``, field for field: no payload. A tool
+of your own, in the default profile, can add one (see ``workflow.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +36,14 @@ def init_board(args: argparse.Namespace) -> int:
     return 0
 
 
-# The payload callable gets this call's arguments by name: here ``args``.
-@kaibantrace.track_cli(events.RUN_BOARD, payload=lambda call: {"watch": call["args"].watch})
+@kaibantrace.track_cli(events.RUN_BOARD)
 def run_board(args: argparse.Namespace) -> int:
     mode = "watching for changes" if args.watch else "once"
     print(f"Running the board {mode} (pretend).")
     return 0
 
 
-@kaibantrace.track_cli(events.DEPLOY_BOARD, payload={"target": "demo"})
+@kaibantrace.track_cli(events.DEPLOY_BOARD)
 def deploy_board(args: argparse.Namespace) -> int:
     print("Deployed the board (pretend: nothing left this machine but telemetry).")
     return 0
@@ -68,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # --help and usage errors exit here
 
-    demo = _demo.Demo(local_app_id=events.CLI_APP_ID)
-    # The KaibanJS profile: its CLI's wire format, seed identities, and its install event
-    # ("install_kaibanjs") the first time the tool runs in a project on this machine.
+    demo = _demo.Demo(local_app_id=None)
+    # The KaibanJS profile, so this sends exactly what KaibanJS's CLI sends: its CLI app
+    # ID (no app ID is configured), its signal names with no payload, the seed's project
+    # identity, and its install event ("install_kaibanjs") the first time the tool runs
+    # in a project on this machine.
     kaibantrace.configure(**demo.settings, profile="kaibanjs")
     try:
         return int(args.handler(args))

@@ -409,7 +409,7 @@ class Telemetry:
         self._cli_seen = True
         try:
             decision = decide(self._settings, os.environ)
-            app_id = decision.app_id
+            app_id = decision.cli_app_id or decision.app_id  # the app CLI events go to
             if not decision.enabled or decision.debug or app_id is None or in_ci(os.environ):
                 return
             if not _prefs.notice_shown(app_id) and _stderr_is_terminal():
@@ -554,7 +554,7 @@ class Telemetry:
         secret = (lambda: _prefs.local_secret(persist=not ci)) if keyed else None
         defaults = default_parameters(ci) if s.default_parameters and not kaibanjs else None
         return EncodeContext(decision.app_id or "", s.salt, s.test_mode, strict, self._reporter,
-                             secret, defaults)
+                             secret, defaults, decision.cli_app_id)
 
     def _encode_now(self, raw: RawEvent, decision: Decision, *, strict: bool) -> Dict[str, Any]:
         return build_signal(raw, self._context(decision, strict=strict))

@@ -16,7 +16,7 @@ This module reads the environment only when asked; it starts nothing.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Mapping, NamedTuple, Optional, TypedDict
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Optional, Tuple, TypedDict
 
 from ._errors import ConfigurationError
 from ._log import logger
@@ -248,6 +248,16 @@ def is_loopback(host: str) -> bool:
 
 PROFILES = ("default", "kaibanjs")
 KAIBANJS_LIBRARY_APP_ID = "15E9347E-9EE5-4971-A8FB-61D91F3EBA12"  # as in kaibantrace.events
+KAIBANJS_CLI_APP_ID = "95BF7A3E-9D86-432D-9633-3526DD3A8977"
+
+
+def companion_apps(app_id: str) -> Tuple[str, ...]:
+    """The app IDs whose signals may wait in ``app_id``'s outbox, lowercase: its own, and
+    for KaibanJS's library app also its CLI app, as a client lent both sends to both."""
+    own = app_id.lower()
+    if own == KAIBANJS_LIBRARY_APP_ID.lower():
+        return own, KAIBANJS_CLI_APP_ID.lower()
+    return (own,)
 
 SAVED_PREFERENCE = "saved preference"
 RETIRED_ENDPOINT = "retired endpoint"
@@ -261,6 +271,7 @@ class Decision(NamedTuple):
     debug: bool
     app_id: Optional[str]
     profile: str = "default"
+    cli_app_id: Optional[str] = None  # where CLI events go instead, when not ``app_id``
 
 
 def profile_of(settings: Settings, environ: Mapping[str, str]) -> str:
@@ -307,12 +318,26 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     if _prefs.saved_choice() == _prefs.DISABLED:
         return Decision(False, SAVED_PREFERENCE, False, None, profile)
     debug = settings.debug if settings.debug is not None else flag_is_set(environ.get(ENV_DEBUG))
-    app_id = app_id_of(settings, environ)
+    configured = _configured_app_id(settings, environ)
+    app_id = configured or _lent_app_id(settings)
     if app_id is not None and not debug:
         url = ingest_url(settings, environ)
         if url is not None and _prefs.is_retired(app_id, url):
             return Decision(False, RETIRED_ENDPOINT, False, None, profile)
-    return Decision(True, "default", debug, app_id, profile)
+    # KaibanJS's own split, only where its app IDs were lent: its CLI reports to one app,
+    # its library to another.
+    lent = configured is None and app_id is not None
+    return Decision(True, "default", debug, app_id, profile, KAIBANJS_CLI_APP_ID if lent else None)
+
+
+def _configured_app_id(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
+    app_id = settings.app_id
+    if app_id is None:
+        raw = (environ.get(ENV_APP_ID) or "").strip()
+        app_id = canonical_app_id(raw) if raw else None
+        if raw and app_id is None:
+            _log_bad_env_once(ENV_APP_ID, "is not a UUID")
+    return app_id
 
 
 def app_id_of(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
@@ -322,17 +347,13 @@ def app_id_of(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
     (a value that is not a UUID is logged once and ignored), else KaibanJS's
     library app when the KaibanJS profile was chosen in code.
     """
-    app_id = settings.app_id
-    if app_id is None:
-        raw = (environ.get(ENV_APP_ID) or "").strip()
-        app_id = canonical_app_id(raw) if raw else None
-        if raw and app_id is None:
-            _log_bad_env_once(ENV_APP_ID, "is not a UUID")
-    if app_id is None and settings.profile == "kaibanjs":
-        # Only a profile chosen in code lends KaibanJS's app ID: an environment
-        # variable must not route another program's signals to KaibanJS.
-        app_id = KAIBANJS_LIBRARY_APP_ID
-    return app_id
+    return _configured_app_id(settings, environ) or _lent_app_id(settings)
+
+
+def _lent_app_id(settings: Settings) -> Optional[str]:
+    # Only a profile chosen in code lends KaibanJS's app ID: an environment
+    # variable must not route another program's signals to KaibanJS.
+    return KAIBANJS_LIBRARY_APP_ID if settings.profile == "kaibanjs" else None
 
 
 _CI_FLAGS = ("TF_BUILD", "GITHUB_ACTIONS", "APPVEYOR", "CI", "TRAVIS", "CIRCLECI")

@@ -44,7 +44,7 @@ from typing import (
     Tuple,
 )
 
-from ._config import canonical_app_id
+from ._config import canonical_app_id, companion_apps
 from ._fork import guarded
 from ._log import logger
 from ._state import create_private_file, ensure_private_dir
@@ -519,7 +519,8 @@ MAX_ROW_CHARS = 16 * 1024
 
 
 def row_problem(body: str, app_id: str) -> Optional[str]:
-    """Why a claimed row must not be sent, or ``None`` when it is a signal of ``app_id``.
+    """Why a claimed row must not be sent, or ``None`` when it is a signal of ``app_id``
+    (or of its companion app: see ``companion_apps``).
 
     Rows come from a file others could write to (another program, an older
     version, a damaged disk); one that is not a signal of this app would be
@@ -541,7 +542,7 @@ def row_problem(body: str, app_id: str) -> Optional[str]:
     if not isinstance(signal, dict) or not all(
             isinstance(signal.get(key), str) for key in ("appID", "clientUser", "type")):
         return "not a signal"
-    if signal["appID"].lower() != app_id.lower():
+    if signal["appID"].lower() not in companion_apps(app_id):
         return "another app's signal"
     return None
 

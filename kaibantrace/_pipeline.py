@@ -561,14 +561,18 @@ class EncodeContext:
     before hashing (``None``: the seed's plain identities); it is called only
     when an event has such an identity, so library-only use never makes one.
     ``defaults`` are the coarse default parameters, when the author asked.
+    ``cli_app_id`` is where events with a CLI identity go, when not ``app_id``.
     """
 
-    __slots__ = ("app_id", "defaults", "reporter", "salt", "secret", "strict", "test_mode")
+    __slots__ = ("app_id", "cli_app_id", "defaults", "reporter", "salt", "secret", "strict",
+                 "test_mode")
 
     def __init__(self, app_id: str, salt: str, test_mode: bool, strict: bool,
                  reporter: Reporter, secret: Optional[Callable[[], bytes]] = None,
-                 defaults: Optional[Dict[str, str]] = None) -> None:
+                 defaults: Optional[Dict[str, str]] = None,
+                 cli_app_id: Optional[str] = None) -> None:
         self.app_id = app_id
+        self.cli_app_id = cli_app_id
         self.salt = salt
         self.test_mode = test_mode
         self.strict = strict
@@ -650,20 +654,19 @@ def _refusing_failures(step: Callable[[RawEvent, EncodeContext], T], raw: RawEve
         raise DropEvent("encode_error", cause) from None
 
 
-def _identify(raw: RawEvent, ctx: EncodeContext) -> Tuple[str, str]:
-    """Check the event's name; its session ID and the hashed user it is sent as: the
-    project for a CLI event, else the process (never the session, which is sent)."""
+def _identify(raw: RawEvent, ctx: EncodeContext) -> Tuple[str, str, str]:
+    """Check the event's name; the app it is for, its session ID and the hashed user it
+    is sent as: the project for a CLI event, else the process (never the session, which
+    is sent)."""
     name, _, session, identifier, _, _ = raw
     if not (isinstance(name, str) and name in _known_good_names):
         _check_runtime_name(name, ctx)
     session_id = session.id
     if identifier is None:
-        identity = process_identity()
-    elif ctx.secret is not None:
-        identity = keyed_identity(identifier, ctx.secret())
-    else:
-        identity = identifier
-    return session_id, hash_user(identity, ctx.salt)
+        return ctx.app_id, session_id, hash_user(process_identity(), ctx.salt)
+    if ctx.secret is not None:
+        identifier = keyed_identity(identifier, ctx.secret())
+    return ctx.cli_app_id or ctx.app_id, session_id, hash_user(identifier, ctx.salt)
 
 
 def _fields(name: str, payload: Any, ctx: EncodeContext) -> Dict[str, str]:
@@ -675,9 +678,9 @@ def _fields(name: str, payload: Any, ctx: EncodeContext) -> Dict[str, str]:
 
 def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
     name, payload, _, _, timestamp, float_value = raw
-    session_id, user = _identify(raw, ctx)
+    app_id, session_id, user = _identify(raw, ctx)
     signal: Dict[str, Any] = {
-        "appID": ctx.app_id,
+        "appID": app_id,
         "clientUser": user,
         "sessionID": session_id,
         "type": name,
@@ -705,14 +708,14 @@ _MAX_HEADS = 1024
 
 def _encode(raw: RawEvent, ctx: EncodeContext) -> str:
     name, payload, _, _, timestamp, float_value = raw
-    session_id, user = _identify(raw, ctx)
-    key = (ctx.app_id, user, session_id, name)
+    app_id, session_id, user = _identify(raw, ctx)
+    key = (app_id, user, session_id, name)
     head = _heads.get(key)
     if head is None:
         if len(_heads) >= _MAX_HEADS:
             _heads.clear()
         head = _heads[key] = _compact_json({
-            "appID": ctx.app_id, "clientUser": user, "sessionID": session_id, "type": name,
+            "appID": app_id, "clientUser": user, "sessionID": session_id, "type": name,
             "telemetryClientVersion": CLIENT_VERSION})[:-1] + ',"receivedAt":"'
     text = head + received_at(timestamp) + '"'
     fields = _fields(name, payload, ctx)

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 import re
 import subprocess
 import sys
-from typing import List
+import uuid
+from typing import List, Optional
 
 import pytest
 
+import kaibantrace
 from kaibantrace.testing import Collector
 
 from .conftest import subprocess_env
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 ENV_APP_ID = "2B1D6A0E-5C3F-4E8A-9D7B-0F4C2E6A8B13"
+RECEIVED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LINE = re.compile(r"^  (\S+)\s+sessionID=(\S+) clientUser=([0-9a-f]{12})\.\.\. payload=(.*)$")
 
 
-def run_example(script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_example(script: str, *args: str, cwd: Optional[pathlib.Path] = None,
+                **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``examples/<script>`` with telemetry variables cleared except ``env``."""
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *args],
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd,
                           env=subprocess_env(**env), capture_output=True, text=True, timeout=30)
 
 
@@ -126,6 +132,35 @@ class TestCli:
         again = run_example("cli.py", command)
         assert printed_types(again.stdout) == [event]
 
+    @pytest.mark.parametrize(("command", "event"), [("init", "init_board"),
+                                                    ("run", "run_board"),
+                                                    ("deploy", "deploy_board")])
+    def test_sends_what_kaibanjs_cli_sends(self, command: str, event: str,
+                                           tmp_path: pathlib.Path) -> None:
+        """Field by field, KaibanJS's CLI signal: its CLI app, its signal name, the hashed
+        project ID as clientUser, and nothing else (no payload, no test mode, no value).
+
+        Debug mode prints each signal exactly as it would be sent (and records no install:
+        the install event's fields are checked in test_user_control.py)."""
+        home = tmp_path / "home"
+        project = tmp_path / "my-board"
+        project.mkdir()
+        done = run_example("cli.py", command, cwd=project, HOME=str(home),
+                           KAIBAN_TELEMETRY_DEBUG="1")
+        assert done.returncode == 0, done.stderr
+        printed = [json.loads(line.split(": ", 1)[1]) for line in done.stderr.splitlines()
+                   if line.startswith("[kaibantrace debug] would send to ")]
+        signals = [signal for body in printed for signal in body]
+        assert [s["type"] for s in signals] == [event]
+        project_id = kaibantrace.project_id(cwd=str(project), environ={"HOME": str(home)})
+        for signal in signals:
+            assert set(signal) == {"appID", "clientUser", "sessionID", "type",
+                                   "telemetryClientVersion", "receivedAt"}
+            assert signal["appID"] == "95BF7A3E-9D86-432D-9633-3526DD3A8977"  # KaibanJS's CLI app
+            assert signal["clientUser"] == hashlib.sha256(project_id.encode()).hexdigest()
+            assert str(uuid.UUID(signal["sessionID"])) == signal["sessionID"]
+            assert RECEIVED_AT.match(signal["receivedAt"])
+
     def test_honours_the_endpoint_and_app_id_variables(self, collector: Collector) -> None:
         """With both variables set, the run_board signal goes there with that app ID."""
         done = run_against(collector, "cli.py", "run", "--watch")
@@ -135,7 +170,7 @@ class TestCli:
         assert install["type"] == "install_kaibanjs" and "payload" not in install
         assert signal["type"] == "run_board"
         assert signal["appID"] == ENV_APP_ID
-        assert signal["payload"] == {"watch": "true"}
+        assert "payload" not in signal  # as KaibanJS's CLI: --watch is not sent
 
     def test_opted_out_sends_nothing(self, collector: Collector) -> None:
         """With KAIBAN_TELEMETRY_OPT_OUT=1 the command still succeeds, and nothing is sent."""

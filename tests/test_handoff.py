@@ -429,7 +429,7 @@ class TestPlantedRows:
         assert client.flush(10)
         good = json.dumps(collector.signals[0], separators=(",", ":"))
         client.shutdown()
-        other_app = good.replace(APP_ID, "95BF7A3E-9D86-432D-9633-3526DD3A8977")
+        other_app = good.replace(APP_ID, "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60")
         planted: List[object] = [
             "not json at all", other_app, good[:-1] + ',"x":"' + "y" * 5_000_000 + '"}',
             good.replace('"good"', '"go\x1eod"'), good, good,

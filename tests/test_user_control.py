@@ -466,7 +466,9 @@ class TestKaibanjsProfile:
         for signal in (install, run_board, workflow):
             assert set(signal) == {"appID", "clientUser", "sessionID", "type",
                                    "telemetryClientVersion", "receivedAt"}
-            assert signal["appID"] == kaibantrace.events.LIBRARY_APP_ID
+        # KaibanJS's CLI reports to its CLI app, its library to its library app
+        assert install["appID"] == run_board["appID"] == kaibantrace.events.CLI_APP_ID
+        assert workflow["appID"] == kaibantrace.events.LIBRARY_APP_ID
         assert install["clientUser"] == run_board["clientUser"] != workflow["clientUser"]
 
     @pytest.mark.parametrize("value", ["false", "0", "no"])
