@@ -294,6 +294,12 @@ def functools_passthru(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def two_clock_reads() -> None:
+    """What ``duration=True`` adds by design: a clock reading at each end of the call."""
+    time.perf_counter()
+    time.perf_counter()
+
+
 @wrapt.decorator
 def passthru(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
              kwargs: Dict[str, Any]) -> Any:
@@ -444,6 +450,12 @@ def kaibantrace_cases(client: kaibantrace.Telemetry, flush: Callable[[], None]) 
     event that is sent; the "over its budget" row is a hot loop with the default budget,
     where all but the first calls of a minute are only counted."""
     tracked = client.track("workflow_started")(noop)
+    timed = client.track("workflow_finished", duration=True)(noop)
+
+    def timed_block() -> None:
+        with client.timed("block_finished"):
+            noop()
+
     batch = client.settings.batch_size
     from kaibantrace.testing import MemoryTransport
 
@@ -462,6 +474,14 @@ def kaibantrace_cases(client: kaibantrace.Telemetry, flush: Callable[[], None]) 
         Case(f"kaibantrace, enabled, rounds of {batch - 1} (worker idle)", tracked,
              after_round=flush, calls=batch - 1, queues=True),
         Case("kaibantrace, DO_NOT_TRACK=1", tracked, env={"DO_NOT_TRACK": "1"}),
+        # duration=True: the event when the call ends, with its duration and outcome
+        Case("kaibantrace, enabled, duration=True", timed, after_round=flush, queues=True,
+             key="duration"),
+        Case("kaibantrace, enabled, `with client.timed(...)` around the call", timed_block,
+             after_round=flush, queues=True, key="timed_block"),
+        Case("kaibantrace, opted out, duration=True", timed, env=OPTED_OUT,
+             key="opted_out_duration"),
+        Case("two `time.perf_counter()` reads (for scale)", two_clock_reads, key="two_clocks"),
         Case("kaibantrace, enabled, a hot loop over its signal budget",
              budgeted.track("workflow_started")(noop), cleanup=budgeted.shutdown,
              key="over_budget"),
@@ -496,6 +516,14 @@ def bench_calls(config: Config) -> None:
         if case.key and case.samples and case.error is None:
             results["calls"][case.key] = case.best
     print(f"  every row includes the loop itself: {loop_ns:.1f} ns per iteration")
+    calls = results["calls"]
+    if all(k in calls for k in ("duration", "enabled", "two_clocks", "bare")):
+        # the reads alone: their row less a bare call, which it also includes
+        budget = calls["enabled"] + calls["two_clocks"] - calls["bare"]
+        target(calls["duration"] <= budget,
+               f"duration=True costs at most the enabled path plus two clock reads "
+               f"({calls['duration']:.0f} ns vs {budget:.0f} ns, "
+               f"{calls['duration'] / budget:.2f}x)")
     for note in not_installed:
         print(f"  {note}")
     expected = sum(len(c.samples) * (config.warmup + (c.calls or config.calls))

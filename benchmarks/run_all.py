@@ -95,6 +95,9 @@ def summary(figures: Dict[str, Any]) -> List[Tuple[str, List[Row]]]:
     posthog_vs_on = ratio(get("posthog"), get("enabled"))
     sdk_vs_on = ratio(get("otel_sdk"), get("enabled"))
     enabled = get("enabled")
+    parts = [get(key) for key in ("enabled", "two_clocks", "bare", "duration")]
+    duration_budget = (None if any(p is None for p in parts)
+                       else parts[0] + parts[1] - parts[2])  # type: ignore[operator]
     sections.append(("Per call, on the calling thread, of a decorated no-op function", [
         ("bare call", ns(get("bare")), ""),
         ("pass-through `wrapt` decorator (the floor for a wrapt decorator)", ns(get("wrapt")), ""),
@@ -106,6 +109,13 @@ def summary(figures: Dict[str, Any]) -> List[Tuple[str, List[Row]]]:
                  f"kaibantrace opted out at least 3x cheaper ({times(otel_vs_off)})")),
         ("kaibantrace, enabled (worker sending to a loopback server)", ns(enabled),
          verdict(None if enabled is None else enabled < 3000, "under 3 µs")),
+        ("kaibantrace, enabled, `duration=True` (event at the end, with duration and outcome)",
+         ns(get("duration")), verdict(
+             None if duration_budget is None else get("duration") <= duration_budget,  # type: ignore[operator]
+             f"at most the enabled row plus two clock reads ({ns(duration_budget)})")),
+        ("kaibantrace, enabled, `with client.timed(...)` around the call", ns(get("timed_block")),
+         ""),
+        ("kaibantrace, opted out, `duration=True`", ns(get("opted_out_duration")), ""),
         ("OpenTelemetry SDK span, `BatchSpanProcessor`, in-memory exporter", ns(get("otel_sdk")),
          verdict(None if sdk_vs_on is None else sdk_vs_on >= 4,
                  f"kaibantrace at least 4x cheaper ({times(sdk_vs_on)})")),

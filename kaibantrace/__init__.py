@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ._commands import telemetry_commands
     from ._config import Decision, Options, Settings
     from ._identity import Session, SessionScope, project_id
+    from ._timing import Timer
 
 # The rest of the public face is loaded at its first use (PEP 562), so that
 # ``import kaibantrace`` costs next to nothing: the client, its configuration
@@ -91,26 +92,36 @@ def configure(**settings: Unpack[Options]) -> None:
     ``namespace``, ``salt``, ``test_mode``, ``opt_out``, ``opt_out_env``, ``debug``,
     ``strict``, ``batch_size``, ``flush_interval``, ``max_queue``, ``timeout``,
     ``exit_timeout``, ``backoff``, ``profile``, ``default_parameters``,
-    ``local_secret``, ``detached_delivery``, ``max_per_minute``, ``transport``. Raises
+    ``local_secret``, ``detached_delivery``, ``max_per_minute``, ``default_payload``,
+    ``transport``. Raises
     ``ConfigurationError`` naming a bad value and ``TypeError`` naming an
     unknown setting; see ``Telemetry.configure``.
     """
     default_client().configure(**settings)
 
 
-def track(name: str, *, payload: Any = None) -> Callable[[F], F]:
+def track(name: str, *, payload: Any = None, duration: bool = False) -> Callable[[F], F]:
     """Decorator: emit ``name`` when the decorated function starts its work.
 
     ``payload`` is a mapping sent with every event, or a callable that receives
-    the call's bound arguments as a dict and returns the mapping.
+    the call's bound arguments as a dict and returns the mapping. With
+    ``duration=True`` the event is sent when the work ends, with how long it ran
+    and how it ended, plus an error signal when it raised (see ``Telemetry.track``).
     """
-    return default_client().track(name, payload=payload)
+    return default_client().track(name, payload=payload, duration=duration)
 
 
-def track_cli(name: str, *, payload: Any = None, parser: Any = None) -> Callable[[F], F]:
+def track_cli(name: str, *, payload: Any = None, parser: Any = None,
+              duration: bool = False) -> Callable[[F], F]:
     """Decorator for CLI entry points: events are identified by the project ID, and carry
     the sub-command that ran (see ``Telemetry.track_cli``)."""
-    return default_client().track_cli(name, payload=payload, parser=parser)
+    return default_client().track_cli(name, payload=payload, parser=parser, duration=duration)
+
+
+def timed(name: str, payload: Optional[Mapping[str, Any]] = None) -> Timer:
+    """``with kaibantrace.timed(name):`` times a block as ``track(name, duration=True)``
+    times a call (see ``Telemetry.timed``)."""
+    return default_client().timed(name, payload)
 
 
 def session() -> SessionScope:
@@ -168,6 +179,7 @@ __all__ = [
     "session",
     "shutdown",
     "telemetry_commands",
+    "timed",
     "track",
     "track_cli",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from ._outcome import Failure, Measured
 from ._pipeline import CleanPayload, RawEvent
 
 HELD_BACK_KEY = "kaibantrace.held_back"
@@ -136,6 +137,13 @@ def with_held_back(raw: RawEvent, held: int) -> Optional[RawEvent]:
     signals let through after a hold pay for it, at most one a token.
     """
     name, payload, session, identifier, timestamp, float_value = raw
+    if type(payload) in (Measured, Failure):  # a timed event or an error: its inner payload
+        inner = with_held_back((name, payload.payload, session, identifier, timestamp,
+                                float_value), held)
+        if inner is None:
+            return None
+        return (name, payload.with_payload(inner[1]), session, identifier, timestamp,
+                float_value)
     text = str(held)
     fields: Any
     if payload is None:

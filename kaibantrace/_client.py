@@ -79,6 +79,8 @@ from ._transport import HttpTransport, Transport
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from ._timing import Timer
+
 Accept = Callable[[RawEvent], None]
 F = TypeVar("F")
 
@@ -131,6 +133,7 @@ class Telemetry:
                  backoff: Optional[float] = None, profile: Optional[str] = None,
                  default_parameters: Optional[bool] = None, local_secret: Optional[bool] = None,
                  detached_delivery: Optional[bool] = None, max_per_minute: Optional[int] = None,
+                 default_payload: Optional[Mapping[str, Any]] = None,
                  transport: Optional[Transport] = None) -> None:
         self._settings = Settings().replace(
             app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
@@ -139,7 +142,7 @@ class Telemetry:
             max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout,
             backoff=backoff, profile=profile, default_parameters=default_parameters,
             local_secret=local_secret, detached_delivery=detached_delivery,
-            max_per_minute=max_per_minute)
+            max_per_minute=max_per_minute, default_payload=default_payload)
         self._transport = transport
         self._number = next(_client_ids)
         self._session_var: contextvars.ContextVar[Optional[SessionNode]] = contextvars.ContextVar(
@@ -335,6 +338,11 @@ class Telemetry:
                     accept(raw)
             return checked_only
         return self._budget.limit(accept, carry=decision.profile != "kaibanjs", check=check)
+
+    def _encoded_at_call(self) -> bool:
+        """Whether events are encoded at the call (strict mode, a capture), where a payload's
+        problems are reported in their usual order rather than refused by size."""
+        return bool(self._settings.strict or _captures)
 
     def _session(self) -> Session:
         node = self._session_var.get()
@@ -553,6 +561,8 @@ class Telemetry:
         ci = in_ci(os.environ)
         secret = (lambda: _prefs.local_secret(persist=not ci)) if keyed else None
         defaults = default_parameters(ci) if s.default_parameters and not kaibanjs else None
+        if s.default_payload:  # the author's own, checked once when configured
+            defaults = {**(defaults or {}), **s.default_payload}
         return EncodeContext(decision.app_id or "", s.salt, s.test_mode, strict, self._reporter,
                              secret, defaults, decision.cli_app_id)
 
@@ -613,8 +623,7 @@ class Telemetry:
             accept = self._route()
             if accept is not None:
                 if payload is not None:  # what will be sent, as it is now; never too much of it
-                    payload = snapshot_payload(
-                        payload, refuse_oversized=not (self._settings.strict or _captures))
+                    payload = snapshot_payload(payload, refuse_oversized=not self._encoded_at_call())
                 accept(self._raw(name, payload, None, float_value_of(float_value)))
         except EventError:
             raise
@@ -625,14 +634,23 @@ class Telemetry:
         """A block whose events share one new, random session ID (``with`` or ``async with``)."""
         return SessionScope(self._session_var)
 
-    def track(self, name: str, *, payload: Any = None) -> Callable[[F], F]:
-        """Decorator: emit ``name`` each time the decorated callable starts its work."""
+    def track(self, name: str, *, payload: Any = None, duration: bool = False
+              ) -> Callable[[F], F]:
+        """Decorator: emit ``name`` each time the decorated callable starts its work.
+
+        With ``duration=True``, emit it when the work ends instead (a call returns
+        or raises; a coroutine completes; a generator is exhausted or closed),
+        with ``TelemetryDeck.Signal.durationInSeconds`` and ``kaibantrace.outcome``
+        (``success``, ``error``, ``cancelled`` or ``closed``); when the work
+        raised, also a ``TelemetryDeck.Error.occurred`` signal naming the
+        exception's class. The exception itself passes through untouched.
+        """
         from ._decorators import make_decorator
 
-        return make_decorator(self, name, payload, cli=False)
+        return make_decorator(self, name, payload, cli=False, duration=duration)
 
-    def track_cli(self, name: str, *, payload: Any = None, parser: Any = None
-                  ) -> Callable[[F], F]:
+    def track_cli(self, name: str, *, payload: Any = None, parser: Any = None,
+                  duration: bool = False) -> Callable[[F], F]:
         """Decorator for a CLI entry point: like ``track``, identified by the project ID.
 
         Also records ``command``, the sub-command that ran, when it can be named
@@ -640,11 +658,21 @@ class Telemetry:
         decorated typer app, or an argparse ``parser`` given here (or a function
         that builds it). The first run on a machine shows a notice on a
         terminal and sends nothing; the first run in a project records an
-        ``install`` event.
+        ``install`` event. ``duration=True`` times the run, as for ``track``
+        (``sys.exit(0)``, as click ends a command, counts as success).
         """
         from ._decorators import make_decorator
 
-        return make_decorator(self, name, payload, cli=True, parser=parser)
+        return make_decorator(self, name, payload, cli=True, parser=parser, duration=duration)
+
+    def timed(self, name: str, payload: Optional[Mapping[str, Any]] = None) -> Timer:
+        """``with client.timed(name):`` (or ``async with``): when the block ends, emit
+        ``name`` with its duration and outcome, as ``track(name, duration=True)`` does
+        for a call; a block that raises also sends the error signal, and the exception
+        passes through. Never raises at run time, except in strict mode."""
+        from ._timing import Timer
+
+        return Timer(self, name, payload)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait up to ``timeout`` seconds; ``True`` when every earlier event was delivered.

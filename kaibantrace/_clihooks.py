@@ -9,7 +9,8 @@ application becomes and runs that command's ``main``.
 So the tracked proxy of a CLI answers three more names than a tracked
 function does, each only for the kind of object that has it:
 
-* ``main`` of a click command: the same method, recording the event first;
+* ``main`` of a click command: the same method, recording the event first
+  (or, with ``duration=True``, timing it);
 * ``info``, ``registered_callback`` and ``registered_commands`` of a typer
   application: the same objects seen through a view whose ``cls``, the class
   of the click command typer builds, is a subclass whose ``main`` records the
@@ -24,14 +25,13 @@ CLI must never fail because of its telemetry.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import wrapt
 
 from ._log import logger
+from ._timing import run_steps
 from ._wrappers import Start, Tracked, _get, lookup
-
-Fire = Callable[[Any, Any, Any], None]
 
 _TYPER_NAMES = frozenset({"info", "registered_callback", "registered_commands"})
 
@@ -40,9 +40,9 @@ _TYPER_NAMES = frozenset({"info", "registered_callback", "registered_commands"})
 class TrackedCli(Tracked):
     """A tracked CLI entry point: a function, a click command or a typer application."""
 
-    def __init__(self, wrapped: Any, start: Start, fire: Fire) -> None:
+    def __init__(self, wrapped: Any, start: Start, steps: Any) -> None:
         super().__init__(wrapped, start)
-        self._self_fire = fire
+        self._self_steps = steps  # _timing.Firing or Timing: what happens around ``main``
         self._self_classes: Dict[type, type] = {}
 
     def __getattribute__(self, name: str) -> Any:
@@ -58,10 +58,9 @@ class TrackedCli(Tracked):
 
 def _tracked_attribute(proxy: Any, name: str, value: Any) -> Any:
     wrapped = _get(proxy, "__wrapped__")
-    fire = _get(proxy, "_self_fire")
     if name == "main":
         if callable(value) and hasattr(wrapped, "make_context"):  # a click command
-            return functools.partial(_main, fire, wrapped)
+            return functools.partial(_main, _get(proxy, "_self_steps"), wrapped)
         return value
     if not _is_typer(wrapped):
         return value
@@ -76,9 +75,8 @@ def _tracked_attribute(proxy: Any, name: str, value: Any) -> Any:
     return value
 
 
-def _main(fire: Fire, command: Any, /, *args: Any, **kwargs: Any) -> Any:
-    fire(command, args, kwargs)
-    return command.main(*args, **kwargs)
+def _main(steps: Any, command: Any, /, *args: Any, **kwargs: Any) -> Any:
+    return run_steps(steps, command, command.main, args, kwargs)
 
 
 def _is_typer(value: Any) -> bool:
@@ -105,7 +103,7 @@ def _with_class(info: Any, proxy: Any, default: type, *, only_if_set: bool = Fal
     classes = _get(proxy, "_self_classes")
     tracked = classes.get(base)
     if tracked is None:
-        tracked = classes[base] = _recording_subclass(base, _get(proxy, "_self_fire"))
+        tracked = classes[base] = _recording_subclass(base, _get(proxy, "_self_steps"))
     return _WithClass(info, tracked)
 
 
@@ -139,10 +137,10 @@ class _FirstWithClass(wrapt.ObjectProxy):  # type: ignore[type-arg,misc,unused-i
         return self._self_cls_of(item) if index == 0 else item
 
 
-def _recording_subclass(base: type, fire: Fire) -> type:
+def _recording_subclass(base: type, steps: Any) -> type:
     def main(self: Any, *args: Any, **kwargs: Any) -> Any:
-        fire(self, args, kwargs)
-        return base.main(self, *args, **kwargs)  # type: ignore[attr-defined]
+        call = functools.partial(base.main, self)  # type: ignore[attr-defined]
+        return run_steps(steps, self, call, args, kwargs)
 
     return type(base.__name__, (base,), {"main": main, "__module__": base.__module__,
                                         "__qualname__": base.__qualname__})

@@ -16,9 +16,9 @@ This module reads the environment only when asked; it starts nothing.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Mapping, NamedTuple, Optional, Tuple, TypedDict
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional, Tuple, TypedDict
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, EventError
 from ._log import logger
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class Settings(NamedTuple):
     local_secret: Optional[bool] = None
     detached_delivery: bool = True
     max_per_minute: int = 60
+    default_payload: Optional[Mapping[str, str]] = None
 
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
@@ -114,6 +115,7 @@ class Options(TypedDict, total=False):
     local_secret: Optional[bool]
     detached_delivery: Optional[bool]
     max_per_minute: Optional[int]
+    default_payload: Optional[Mapping[str, Any]]
     transport: Optional[Transport]
 
 
@@ -151,7 +153,23 @@ def validate(settings: Settings) -> Settings:
         value = getattr(s, name)
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 60,
                 f"{name} must be a number of seconds above 0 and at most 60")
+    if s.default_payload is not None:
+        s = s._replace(default_payload=_checked_default_payload(s.default_payload))
     return s
+
+
+def _checked_default_payload(payload: object) -> Mapping[str, str]:
+    """The payload every event carries, as text, checked here once (privacy guard included)."""
+    from ._pipeline import CleanPayload, Reporter, clean_payload
+
+    _expect(isinstance(payload, Mapping), "default_payload must be a mapping of field names "
+            f"to values, not {type(payload).__name__}")
+    assert isinstance(payload, Mapping)
+    try:
+        return CleanPayload(clean_payload("default_payload", payload, Reporter(), strict=True))
+    except EventError as problem:
+        raise ConfigurationError(f"default_payload: {str(problem).replace('kaibantrace: ', '')}"
+                                 ) from None
 
 
 def is_app_id(value: object) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
-from . import _client
 from ._clihooks import TrackedCli
 from ._commands import OWN_COMMANDS, command_argv, command_of
 from ._errors import EventError
@@ -38,6 +37,7 @@ from ._pipeline import (
     name_problem,
     snapshot_payload,
 )
+from ._timing import Described, Firing, Timing, timed_start
 from ._wrappers import Start, Tracked, call_with_caller_globals
 
 if TYPE_CHECKING:
@@ -70,9 +70,12 @@ def _kind(func: Any) -> Optional[str]:
 
 
 def make_decorator(client: Telemetry, name: object, payload: Any, *,
-                   cli: bool, parser: Any = None) -> Callable[[Any], Any]:
+                   cli: bool, parser: Any = None, duration: bool = False) -> Callable[[Any], Any]:
     """The decorator ``track``/``track_cli`` return, after checking its arguments here."""
     event = check_name(name)
+    if not isinstance(duration, bool):
+        raise TypeError(f"kaibantrace: duration of {event!r} must be True or False, "
+                        f"not {type(duration).__name__}")
     static: Optional[Dict[str, str]] = None
     dynamic: Optional[Callable[..., Any]] = None
     if payload is None:
@@ -102,7 +105,19 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
             result = dynamic(dict(bound.arguments))
         except Exception as exc:  # reported by the pipeline, which knows if it is strict
             return PayloadFailed(type(exc).__name__)
-        return snapshot_payload(result, refuse_oversized=not _encoded_at_call(client))
+        return snapshot_payload(result, refuse_oversized=not client._encoded_at_call())
+
+    def describe(wrapped: Any, args: Any, kwargs: Any) -> Described:
+        """This call's payload and CLI identity (telemetry is on), or ``None`` for a call
+        that records nothing."""
+        if not cli:
+            return (static if dynamic is None else payload_for(wrapped, args, kwargs)), None
+        command = command_of(wrapped, parser, command_argv(args, kwargs))
+        if command == OWN_COMMANDS:
+            return None  # the CLI's own ``telemetry`` commands are not a use of the CLI
+        client._cli_run_starts()  # the first-run notice and the install event
+        data = static if dynamic is None else payload_for(wrapped, args, kwargs)
+        return _with_command(client, data, command), project_id()
 
     def fire(wrapped: Any, args: Any, kwargs: Any) -> None:
         """Record the event; never lets an error reach the decorated call (strict aside)."""
@@ -110,19 +125,17 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
             accept = client._route()
             if accept is None:
                 return  # opted out: not even the command line is looked at
-            if cli:
-                command = command_of(wrapped, parser, command_argv(args, kwargs))
-                if command == OWN_COMMANDS:
-                    return  # the CLI's own ``telemetry`` commands are not a use of the CLI
-                client._cli_run_starts()  # the first-run notice and the install event
-            data = static if dynamic is None else payload_for(wrapped, args, kwargs)
-            if cli:
-                data = _with_command(client, data, command)
-            accept(client._raw(event, data, project_id() if cli else None))
+            described = describe(wrapped, args, kwargs)
+            if described is not None:
+                accept(client._raw(event, *described))
         except EventError:  # only raised in strict mode, which wants it at the call
             raise
         except Exception:
             logger.debug("kaibantrace: could not record %r", event, exc_info=True)
+
+    steps: Any = Firing(fire)
+    if duration:  # a static payload and no CLI: nothing to work out per call
+        steps = Timing(client, event, None if dynamic is None and not cli else describe, static)
 
     def decorate(func: Any) -> Any:
         if inspect.isclass(func) or (
@@ -133,26 +146,20 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
                             f"not {what}")
         kind = _kind(func)
         if kind is not None:
-            start = first_step_start(kind, fire)
+            start = first_step_start(kind, steps)
+        elif duration:
+            assert isinstance(steps, Timing)
+            start = timed_start(client, steps)
         elif dynamic is None and not cli:
             start = _static_start(client, event, static)
         else:
             def start(wrapped: Any, depth: int) -> Any:
                 return call_with_caller_globals(fire, wrapped, depth)
         if cli:
-            return TrackedCli(func, start, fire)
+            return TrackedCli(func, start, steps)
         return Tracked(func, start)
 
     return decorate
-
-
-Fire = Callable[[Any, Any, Any], None]
-
-
-def _encoded_at_call(client: Telemetry) -> bool:
-    """Whether the client's events are encoded at the call (strict mode, a capture), where
-    a payload's problems are reported in their usual order rather than refused by size."""
-    return bool(client.settings.strict or _client._captures)
 
 
 def _with_command(client: Telemetry, data: Any, command: Optional[str]) -> Any:

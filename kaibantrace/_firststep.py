@@ -3,8 +3,9 @@
 Calling a tracked coroutine function (or generator, or async generator
 function) calls the function at once, so a bad argument raises at the call as
 it would untracked, and returns an object of the same kind, named like the
-original's, whose first step records the event and then hands every step on to
-the original's object.
+original's, whose first step records the event (or, with ``duration=True``,
+starts the clock) and then hands every step on to the original's object, up to
+its last, where a timed event is recorded.
 
 That object's code is one of the templates below, run under the *caller's*
 globals (see ``_wrappers.in_caller_globals``): inside the tracked body, the frame
@@ -22,58 +23,78 @@ from __future__ import annotations
 
 import functools
 from types import CoroutineType, FunctionType
-from typing import Any, AsyncGenerator, Callable, Generator
+from typing import Any, AsyncGenerator, Generator
 
 from ._wrappers import Start, in_caller_globals
 
-Fire = Callable[[Any, Any, Any], None]
-
 _ITERABLE_COROUTINE = 0x100  # inspect.CO_ITERABLE_COROUTINE, what types.coroutine sets
 
-
-async def _coroutine_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, /) -> Any:
-    fire(wrapped, args, kwargs)
-    return await wrapped(*args, **kwargs)
+# Each template runs the work between ``steps.begin`` (the first step) and
+# ``steps.end`` (completion, exhaustion, close or an exception; see ``_timing``).
 
 
-async def _awaitable_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, inner: Any, /) -> Any:
-    fire(wrapped, args, kwargs)
-    return await inner
-
-
-def _generator_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
-                     ) -> Generator[Any, Any, Any]:
-    fire(wrapped, args, kwargs)
-    return (yield from inner)
-
-
-async def _async_generator_steps(fire: Fire, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
-                                 ) -> AsyncGenerator[Any, Any]:
-    fire(wrapped, args, kwargs)
-    # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
+async def _coroutine_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, /) -> Any:
+    begun = steps.begin(wrapped, args, kwargs)
     try:
-        value = await inner.__anext__()
-    except StopAsyncIteration:
-        return
-    while True:
-        try:
-            sent = yield value
-        except GeneratorExit:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as error:
+        steps.end(begun, error)
+        raise
+    steps.end(begun, None)
+    return result
+
+
+async def _awaitable_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
+                           ) -> Any:
+    begun = steps.begin(wrapped, args, kwargs)
+    try:
+        result = await inner
+    except BaseException as error:
+        steps.end(begun, error)
+        raise
+    steps.end(begun, None)
+    return result
+
+
+def _generator_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
+                     ) -> Generator[Any, Any, Any]:
+    begun = steps.begin(wrapped, args, kwargs)
+    try:
+        result = yield from inner
+    except BaseException as error:  # GeneratorExit too: closed before it was exhausted
+        steps.end(begun, error)
+        raise
+    steps.end(begun, None)
+    return result
+
+
+async def _async_generator_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, inner: Any, /
+                                 ) -> AsyncGenerator[Any, Any]:
+    begun = steps.begin(wrapped, args, kwargs)
+    try:
+        # Delegate asend/athrow/aclose faithfully: ``async for`` alone would not.
+        step = inner.__anext__()
+        while True:
             try:
-                await inner.aclose()
-            except RuntimeError:  # being closed already (asyncio closes every one at shutdown)
-                pass
-            raise
-        except BaseException as exc:
-            try:
-                value = await inner.athrow(exc)
+                value = await step
             except StopAsyncIteration:
-                return
-        else:
+                break
             try:
-                value = await inner.asend(sent)
-            except StopAsyncIteration:
-                return
+                sent = yield value
+            except GeneratorExit:
+                try:
+                    await inner.aclose()
+                except RuntimeError:  # being closed already (asyncio closes every one at shutdown)
+                    pass
+                raise
+            except BaseException as thrown:
+                step = inner.athrow(thrown)
+            else:
+                step = inner.asend(sent)
+    except BaseException as error:
+        steps.end(begun, error)
+        raise
+    steps.end(begun, None)
 
 
 # A generator-based coroutine (types.coroutine) stays awaitable when tracked.
@@ -92,34 +113,35 @@ def _named(outer: Any, inner: Any) -> Any:
     return outer
 
 
-def _coroutine(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
+def _coroutine(steps: Any, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
     inner = wrapped(*args, **kwargs)  # checks the arguments, as the call would
     if type(inner) is CoroutineType:
         inner.close()  # made again at the first step: never left un-awaited
-        return _named(in_caller_globals(_coroutine_steps)(fire, wrapped, args, kwargs), inner)
-    return _named(in_caller_globals(_awaitable_steps)(fire, wrapped, args, kwargs, inner), inner)
+        return _named(in_caller_globals(_coroutine_steps)(steps, wrapped, args, kwargs), inner)
+    return _named(in_caller_globals(_awaitable_steps)(steps, wrapped, args, kwargs, inner), inner)
 
 
-def _generator(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
+def _generator(steps: Any, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
     inner = wrapped(*args, **kwargs)
     code = getattr(inner, "gi_code", None)
     awaitable = code is not None and code.co_flags & _ITERABLE_COROUTINE
-    steps = in_caller_globals(_awaitable_generator_steps if awaitable else _generator_steps)
-    return _named(steps(fire, wrapped, args, kwargs, inner), inner)
+    template = in_caller_globals(_awaitable_generator_steps if awaitable else _generator_steps)
+    return _named(template(steps, wrapped, args, kwargs, inner), inner)
 
 
-def _async_generator(fire: Fire, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
+def _async_generator(steps: Any, wrapped: Any, /, *args: Any, **kwargs: Any) -> Any:
     inner = wrapped(*args, **kwargs)
-    return _named(in_caller_globals(_async_generator_steps)(fire, wrapped, args, kwargs, inner),
+    return _named(in_caller_globals(_async_generator_steps)(steps, wrapped, args, kwargs, inner),
                   inner)
 
 
-def first_step_start(kind: str, fire: Fire) -> Start:
-    """The ``Start`` of a tracked coroutine function, generator or async generator function."""
+def first_step_start(kind: str, steps: Any) -> Start:
+    """The ``Start`` of a tracked coroutine function, generator or async generator function;
+    ``steps`` (``_timing.Firing`` or ``Timing``) says what happens at the first and last."""
     make = {"coroutine": _coroutine, "generator": _generator,
             "async generator": _async_generator}[kind]
 
     def start(wrapped: Any, depth: int) -> Any:
-        return functools.partial(make, fire, wrapped)
+        return functools.partial(make, steps, wrapped)
 
     return start

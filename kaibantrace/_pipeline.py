@@ -30,6 +30,7 @@ from ._errors import DropEvent, EventError, PrivacyError
 from ._fork import guard as fork_guard
 from ._identity import Session, hash_user, keyed_identity, process_identity
 from ._log import logger
+from ._outcome import ERROR_SIGNAL, Failure, Measured
 from ._privacy import credential_key, personal_data_kind
 from ._version import __version__
 
@@ -599,7 +600,10 @@ def default_parameters(ci: bool) -> Dict[str, str]:
     }
 
 
-_known_good_names: set[str] = set()
+# Names already checked. TelemetryDeck's error signal is kaibantrace's own, the one
+# name with the reserved prefix that is sent.
+_known_good_names: set[str] = {ERROR_SIGNAL}
+_TIMED = (Measured, Failure)
 
 
 def _check_runtime_name(name: object, ctx: EncodeContext) -> None:
@@ -670,10 +674,16 @@ def _identify(raw: RawEvent, ctx: EncodeContext) -> Tuple[str, str, str]:
 
 
 def _fields(name: str, payload: Any, ctx: EncodeContext) -> Dict[str, str]:
-    if payload is None and not ctx.defaults:
+    ours = None
+    if type(payload) in _TIMED:  # a duration or an error: kaibantrace's fields, then the author's
+        ours = payload.fields()
+        payload = payload.payload
+    elif payload is None and not ctx.defaults:
         return {}
     fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
-    return {**ctx.defaults, **fields} if ctx.defaults else fields
+    if ctx.defaults:
+        fields = {**ctx.defaults, **fields}
+    return {**fields, **ours} if ours else fields
 
 
 def _build(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:

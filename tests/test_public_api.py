@@ -16,7 +16,7 @@ PUBLIC = {
     "ConfigurationError", "Decision", "EventError", "KaibanTraceError", "PrivacyError",
     "Session", "SessionScope", "Settings", "Telemetry", "__version__", "command_line", "configure",
     "default_client", "emit", "events", "flush", "project_id", "session", "shutdown",
-    "telemetry_commands", "track", "track_cli",
+    "telemetry_commands", "timed", "track", "track_cli",
 }
 
 
