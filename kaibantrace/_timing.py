@@ -14,8 +14,9 @@ steps exist:
   (``_outcome``).
 
 On the caller's thread that is all: two clock readings and the usual
-``accept`` of each event. The exception is passed on as it was raised; only
-its class is kept.
+``accept`` of each event, from one frame of ours around the work (the only way
+to see it end). The exception is passed on as it was raised; only its class is
+kept.
 """
 
 from __future__ import annotations
@@ -120,7 +121,6 @@ class Timing:
         except Exception:
             logger.debug("kaibantrace: could not record %r", self.event, exc_info=True)
 
-
     def failed(self, started: float, error: BaseException, accept: Any) -> None:
         """``end`` of a call of ``_timed_static`` that raised ``error``."""
         try:
@@ -223,7 +223,7 @@ def timed_start(client: Any, timing: Timing) -> Start:
         else:
             runner = functools.partial(in_caller_globals(_timed_call, depth), timing, wrapped,
                                        accept)
-        timing._last = (module_globals, wrapped, accept, runner)
+        timing._last = (module_globals, wrapped, accept, runner)  # the function, not its object
         return runner
 
     return start

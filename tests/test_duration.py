@@ -493,3 +493,22 @@ class TestNeverInTheWay:
         assert [(s["type"], s["payload"].get("kaibantrace.held_back")) for s in signals] == [
             ("loop", None), (ERROR, None), ("loop", "2"), (ERROR, "2")]
         assert signals[2]["payload"][OUTCOME] == "error"
+
+    def test_a_timed_method_does_not_keep_its_object_alive(self) -> None:
+        import gc
+        import weakref
+
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+
+        class Team:
+            @client.track("kickoff", duration=True)
+            def kickoff(self) -> None:
+                pass
+
+        with capture():
+            team = Team()
+            team.kickoff()
+            gone = weakref.ref(team)
+            del team
+            gc.collect()
+        assert gone() is None
