@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 Accept = Callable[[RawEvent], None]
 F = TypeVar("F")
 
+_Timer: Any = None  # _timing.Timer, once timed() is first used
+
 _generation = 0
 """Bumped by anything that must make every client decide again."""
 
@@ -670,9 +672,11 @@ class Telemetry:
         ``name`` with its duration and outcome, as ``track(name, duration=True)`` does
         for a call; a block that raises also sends the error signal, and the exception
         passes through. Never raises at run time, except in strict mode."""
-        from ._timing import Timer
-
-        return Timer(self, name, payload)
+        global _Timer
+        if _Timer is None:  # imported at the first use: it brings wrapt in
+            from ._timing import Timer as _Timer
+        timer: Timer = _Timer(self, name, payload)
+        return timer
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait up to ``timeout`` seconds; ``True`` when every earlier event was delivered.

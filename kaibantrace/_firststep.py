@@ -38,7 +38,12 @@ async def _coroutine_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, /) 
     try:
         result = await wrapped(*args, **kwargs)
     except BaseException as error:
-        steps.end(begun, error)
+        try:
+            steps.end(begun, error)
+        except steps.Strict:  # strict mode's report of a run that succeeded
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     steps.end(begun, None)
     return result
@@ -50,7 +55,12 @@ async def _awaitable_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, inn
     try:
         result = await inner
     except BaseException as error:
-        steps.end(begun, error)
+        try:
+            steps.end(begun, error)
+        except steps.Strict:  # strict mode's report of a run that succeeded
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     steps.end(begun, None)
     return result
@@ -62,7 +72,12 @@ def _generator_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, inner: An
     try:
         result = yield from inner
     except BaseException as error:  # GeneratorExit too: closed before it was exhausted
-        steps.end(begun, error)
+        try:
+            steps.end(begun, error)
+        except steps.Strict:  # strict mode's report of a run that succeeded
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     steps.end(begun, None)
     return result
@@ -92,7 +107,12 @@ async def _async_generator_steps(steps: Any, wrapped: Any, args: Any, kwargs: An
             else:
                 step = inner.asend(sent)
     except BaseException as error:
-        steps.end(begun, error)
+        try:
+            steps.end(begun, error)
+        except steps.Strict:  # strict mode's report of a run that succeeded
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     steps.end(begun, None)
 

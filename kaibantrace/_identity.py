@@ -40,6 +40,12 @@ def after_fork_in_child() -> None:
     _process_identity = None
 
 
+if hasattr(os, "register_at_fork"):
+    # Here, not only with the client's hooks (made when a sender starts): a child is a
+    # new user in capture() and debug output too.
+    os.register_at_fork(after_in_child=after_fork_in_child)
+
+
 def process_identity() -> str:
     """This process's random identity, made at first use; only its hash is ever sent."""
     global _process_identity

@@ -46,7 +46,10 @@ def outcome_of(error: Optional[BaseException]) -> str:
     if isinstance(error, Exception):
         return ERROR
     if isinstance(error, SystemExit):  # sys.exit(), and click's way of ending a command
-        return SUCCESS if error.code in (None, 0) else ERROR
+        if error.code is None or (type(error.code) in (int, bool) and error.code == 0):
+            return SUCCESS
+        # click ends Ctrl-C with sys.exit(1): an interruption still
+        return CANCELLED if issubclass(error_class(error), KeyboardInterrupt) else ERROR
     if isinstance(error, GeneratorExit):
         return CLOSED
     # KeyboardInterrupt, asyncio.CancelledError, trio.Cancelled: stopped from outside.
@@ -99,6 +102,20 @@ class Failure:
         if personal_data_kind(self.event) is None:
             fields[EVENT_KEY] = self.event
         return fields
+
+
+def error_class(error: BaseException) -> type:
+    """The class an error signal names: the exception's own, except for a ``SystemExit``
+    raised while handling another, as click ends a command that failed (a
+    ``ClickException``, or Ctrl-C as ``Abort``): then the one that started it."""
+    seen = error
+    for _ in range(3):  # click: KeyboardInterrupt -> Abort -> SystemExit(1)
+        if not isinstance(seen, SystemExit) or seen.__context__ is None:
+            break
+        seen = seen.__context__
+    while isinstance(seen.__context__, KeyboardInterrupt) and not isinstance(seen, KeyboardInterrupt):
+        seen = seen.__context__  # Abort from Ctrl-C: it was an interruption
+    return type(seen)
 
 
 def error_id(error: type) -> str:

@@ -600,9 +600,7 @@ def default_parameters(ci: bool) -> Dict[str, str]:
     }
 
 
-# Names already checked. TelemetryDeck's error signal is kaibantrace's own, the one
-# name with the reserved prefix that is sent.
-_known_good_names: set[str] = {ERROR_SIGNAL}
+_known_good_names: set[str] = set()
 _TIMED = (Measured, Failure)
 
 
@@ -662,8 +660,9 @@ def _identify(raw: RawEvent, ctx: EncodeContext) -> Tuple[str, str, str]:
     """Check the event's name; the app it is for, its session ID and the hashed user it
     is sent as: the project for a CLI event, else the process (never the session, which
     is sent)."""
-    name, _, session, identifier, _, _ = raw
-    if not (isinstance(name, str) and name in _known_good_names):
+    name, payload, session, identifier, _, _ = raw
+    if not (isinstance(name, str) and name in _known_good_names) and not (
+            type(payload) is Failure and name == ERROR_SIGNAL):  # ours: the one reserved name sent
         _check_runtime_name(name, ctx)
     session_id = session.id
     if identifier is None:
@@ -682,7 +681,11 @@ def _fields(name: str, payload: Any, ctx: EncodeContext) -> Dict[str, str]:
         return {}
     fields = clean_payload(name, payload, ctx.reporter, ctx.strict)
     if ctx.defaults:
-        fields = {**ctx.defaults, **fields}
+        merged = {**ctx.defaults, **fields}
+        if fields and _encoded_size(merged) > MAX_PAYLOAD_BYTES:  # each fits, not both
+            _refuse(name, _OVERSIZED, ctx.reporter, ctx.strict)
+            merged = dict(ctx.defaults)
+        fields = merged
     return {**fields, **ours} if ours else fields
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from ._errors import EventError
 from ._log import logger
@@ -36,6 +37,7 @@ from ._outcome import (
     Failure,
     Measured,
     _new_tuple,
+    error_class,
     measured,
     outcome_of,
 )
@@ -57,6 +59,7 @@ class Firing:
     """Steps of work tracked without its duration: the event at the start."""
 
     __slots__ = ("fire",)
+    Strict = EventError  # what ``end`` may raise (templates see no module names)
 
     def __init__(self, fire: Callable[[Any, Any, Any], None]) -> None:
         self.fire = fire
@@ -72,6 +75,7 @@ class Timing:
     """Steps of work tracked with its duration: the event at the end."""
 
     __slots__ = ("_last", "client", "describe", "event", "static")
+    Strict = EventError  # what ``end`` may raise (templates see no module names)
 
     def __init__(self, client: Any, event: str,
                  describe: Optional[Callable[[Any, Any, Any], Described]],
@@ -119,7 +123,7 @@ class Timing:
         except EventError:
             raise
         except Exception:
-            logger.debug("kaibantrace: could not record %r", self.event, exc_info=True)
+            _quietly_log(self.event)
 
     def failed(self, started: float, error: BaseException, accept: Any) -> None:
         """``end`` of a call of ``_timed_static`` that raised ``error``."""
@@ -133,10 +137,12 @@ class Timing:
 def finish(client: Any, event: str, begun: Tuple[Any, Optional[str], Any, float],
            seconds: float, error: Optional[BaseException], accept: Any = None) -> None:
     """Record the timed event (and the error signal, if the work raised). Never raises
-    over the work's own exception; in strict mode, raises a problem of a clean run.
+    over the work's own exception, not even near the recursion limit; in strict mode,
+    raises a problem of the payload after a run that succeeded.
 
     ``accept`` is where the call's start was routed, for a call of a function: a
     clock reading apart. Otherwise the route is found now."""
+    problem: Optional[EventError] = None
     try:
         if accept is None:
             accept = client._route()
@@ -145,14 +151,25 @@ def finish(client: Any, event: str, begun: Tuple[Any, Optional[str], Any, float]
         payload, identifier, session, _ = begun
         outcome = outcome_of(error)
         now = _now()
-        accept((event, measured(payload, seconds, outcome), session, identifier, now, None))
+        try:
+            accept((event, measured(payload, seconds, outcome), session, identifier, now, None))
+        except EventError as raised:  # strict mode: the error signal is still recorded
+            problem = raised
         if outcome == ERROR:
-            accept((ERROR_SIGNAL, Failure(type(error), event), session, identifier, now, None))
-    except EventError:
-        if error is None:
-            raise
+            assert error is not None
+            accept((ERROR_SIGNAL, Failure(error_class(error), event), session, identifier, now,
+                    None))
     except Exception:
+        _quietly_log(event)
+    if problem is not None and outcome_of(error) == SUCCESS:
+        raise problem
+
+
+def _quietly_log(event: str) -> None:
+    try:
         logger.debug("kaibantrace: could not record %r", event, exc_info=True)
+    except Exception:  # RecursionError, at the depth the work itself failed at
+        pass
 
 
 def _timed_through(_steps: Any, _subject: Any, _call: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -161,7 +178,12 @@ def _timed_through(_steps: Any, _subject: Any, _call: Any, /, *args: Any, **kwar
     try:
         _result = _call(*args, **kwargs)
     except BaseException as _error:
-        _steps.end(_begun, _error)
+        try:
+            _steps.end(_begun, _error)
+        except _steps.Strict:  # strict mode's report of a run that succeeded (sys.exit(0))
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     _steps.end(_begun, None)
     return _result
@@ -173,7 +195,12 @@ def _timed_call(_timing: Any, _target: Any, _accept: Any, /, *args: Any, **kwarg
     try:
         _result = _target(*args, **kwargs)
     except BaseException as _error:
-        _timing.end(_begun, _error, _accept)
+        try:
+            _timing.end(_begun, _error, _accept)
+        except _timing.Strict:  # strict mode's report of a run that succeeded (sys.exit(0))
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     _timing.end(_begun, None, _accept)
     return _result
@@ -187,7 +214,12 @@ def _timed_static(_timing: Any, _target: Any, _accept: Any, _clock: Any, /, *arg
     try:
         _result = _target(*args, **kwargs)
     except BaseException as _error:
-        _timing.failed(_started, _error, _accept)
+        try:
+            _timing.failed(_started, _error, _accept)
+        except _timing.Strict:  # strict mode's report of a run that succeeded (sys.exit(0))
+            raise
+        except Exception:  # never in place of the work's own exception
+            pass
         raise
     _timing.done(_started, _accept)
     return _result
@@ -230,7 +262,10 @@ def timed_start(client: Any, timing: Timing) -> Start:
 
 
 class Timer:
-    """``with client.timed(name):`` (or ``async with``): the block, timed as a tracked call."""
+    """``with client.timed(name):`` (or ``async with``): the block, timed as a tracked call.
+
+    One object may be entered again before it is left, nested or by concurrent
+    threads or asyncio tasks: each block is timed on its own."""
 
     __slots__ = ("_begun", "_client", "_event", "_payload")
 
@@ -238,26 +273,38 @@ class Timer:
         self._client = client
         self._event = event
         self._payload = payload
-        self._begun: Begun = None
+        self._begun: Dict[Tuple[int, int], List[Begun]] = {}  # by thread and task, innermost last
 
     def __enter__(self) -> Timer:
-        self._begun = None
+        begun: Begun = None
         try:
             client = self._client
             if client._route() is not None:
                 payload = self._payload
                 if payload is not None:  # what will be sent, as it is now
-                    payload = snapshot_payload(payload, refuse_oversized=not client._encoded_at_call())
-                self._begun = (payload, None, client._session(), _clock())
+                    payload = snapshot_payload(payload,
+                                               refuse_oversized=not client._encoded_at_call())
+                begun = (payload, None, client._session(), _clock())
         except Exception:
-            logger.debug("kaibantrace: could not start timing %r", self._event, exc_info=True)
+            _quietly_log(self._event)
+        self._begun.setdefault(_block_key(), []).append(begun)
         return self
 
     def __exit__(self, kind: Optional[Type[BaseException]], error: Optional[BaseException],
                  traceback: Optional[TracebackType]) -> None:
-        begun, self._begun = self._begun, None
-        if begun is not None:
-            finish(self._client, self._event, begun, _clock() - begun[3], error)
+        try:
+            key = _block_key()
+            blocks = self._begun[key]
+            begun = blocks.pop()
+            if not blocks:
+                del self._begun[key]
+            if begun is not None:
+                finish(self._client, self._event, begun, _clock() - begun[3], error)
+        except EventError:
+            if error is None:
+                raise
+        except Exception:
+            pass
 
     async def __aenter__(self) -> Timer:
         return self.__enter__()
@@ -265,3 +312,15 @@ class Timer:
     async def __aexit__(self, kind: Optional[Type[BaseException]], error: Optional[BaseException],
                         traceback: Optional[TracebackType]) -> None:
         self.__exit__(kind, error, traceback)
+
+
+def _block_key() -> Tuple[int, int]:
+    """Which thread, and which asyncio task in it, a block runs in."""
+    task = None
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running event loop in this thread
+            pass
+    return threading.get_ident(), id(task)

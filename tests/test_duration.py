@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -320,7 +321,9 @@ class TestDefaultPayload:
     @pytest.mark.parametrize(("payload", "message"), [
         ({"contact": "alice@example.com"}, "looks like an e-mail address"),
         ({"TelemetryDeck.Signal.x": "1"}, "reserved"),
-        ({"bad": object()}, "field dropped"),
+        ({"bad": object()}, "'bad' is a object; only text"),
+        ({"kaibantrace.held_back": "9"}, "prefix kaibantrace adds"),
+        ({"big": "x" * 2000}, "at most 1 KiB"),
         (["not", "a", "mapping"], "must be a mapping"),
     ])
     def test_checked_once_when_configured(self, payload: Any, message: str) -> None:
@@ -400,7 +403,8 @@ class TestCli:
         assert [(s["payload"]["command"], s["payload"][OUTCOME]) for s in timed] == [
             ("run", "success"), ("deploy", "error")]
         errors = [s for s in signals if s["type"] == ERROR]
-        assert [e["payload"]["TelemetryDeck.Error.id"] for e in errors] == ["SystemExit"]
+        assert [e["payload"]["TelemetryDeck.Error.id"] for e in errors] == [
+            "click.exceptions.ClickException"]  # what ended the command, not its SystemExit(1)
         # CLI events keep the project identity, the error signal too
         assert errors[0]["clientUser"] == timed[1]["clientUser"]
 
@@ -512,3 +516,138 @@ class TestNeverInTheWay:
             del team
             gc.collect()
         assert gone() is None
+
+
+class TestReviewedEdges:
+    def test_a_value_naming_this_machine_is_dropped_not_raised(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """It may pass on the author's machine: on a user's, it must not stop the program."""
+        monkeypatch.setenv("LOGNAME", "community")
+        monkeypatch.setenv("USER", "community")
+        from kaibantrace import _privacy
+
+        _privacy.forget_local_markers()
+        try:
+            client = kaibantrace.Telemetry(app_id=APP_ID,
+                                           default_payload={"edition": "community", "v": "1"})
+        finally:
+            monkeypatch.undo()
+            _privacy.forget_local_markers()
+        assert dict(client.settings.default_payload or {}) == {"v": "1"}
+
+    def test_event_and_default_payload_together_stay_under_4_kib(self) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, default_payload={"a": "x" * 900})
+        with capture(strict=False) as signals:
+            client.emit("ev", {"b": "y" * 3500})
+        assert signals[0]["payload"] == {"a": "x" * 900}  # the event's own fields were too many
+
+    def test_strict_mode_reports_a_bad_payload_of_a_run_that_succeeded(self) -> None:
+        """click ends every command with SystemExit(0): that is a success, checked in strict
+        mode; and a run that raised still records its error signal, its own exception raised."""
+        client = kaibantrace.Telemetry(app_id=APP_ID, strict=True)
+
+        @client.track("ok", duration=True, payload=lambda call: {"mail": "bob@example.com"})
+        def ok() -> None:
+            sys.exit(0)
+
+        @client.track("bad", duration=True, payload=lambda call: {"mail": "bob@example.com"})
+        def bad() -> None:
+            raise BoardError("x")
+
+        with capture(), pytest.raises(kaibantrace.PrivacyError):
+            ok()
+        with capture() as signals, pytest.raises(BoardError):
+            bad()
+        assert [s["type"] for s in signals] == [ERROR]
+
+    def test_recursion_error_of_the_work_is_the_one_raised(self) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID, max_per_minute=0)
+
+        @client.track("deep", duration=True)
+        def deep(n: int) -> int:
+            return deep(n + 1)
+
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(300)
+        try:
+            with capture(strict=False), pytest.raises(RecursionError) as caught:
+                deep(0)
+        finally:
+            sys.setrecursionlimit(limit)
+        assert caught.value.__context__ is None
+
+    def test_click_ctrl_c_is_cancelled_and_a_click_error_named(
+            self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        import click
+        from click.testing import CliRunner
+
+        monkeypatch.chdir(tmp_path)
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+
+        @click.group()
+        def cli() -> None:
+            pass
+
+        @cli.command()
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        @cli.command()
+        def fail() -> None:
+            raise click.UsageError("no target")
+
+        tracked = client.track_cli("cli_used", duration=True)(cli)
+        with capture() as signals:
+            CliRunner().invoke(tracked, ["interrupt"])
+            CliRunner().invoke(tracked, ["fail"])
+        got = [(s["type"], s["payload"].get(OUTCOME), s["payload"].get("TelemetryDeck.Error.id"))
+               for s in signals if s["type"] != "install"]
+        assert got == [("cli_used", "cancelled", None), ("cli_used", "error", None),
+                       (ERROR, None, "click.exceptions.UsageError")]
+
+    def test_one_timer_times_overlapping_blocks(self) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        timer = client.timed("load")
+
+        async def job(pause: float) -> None:
+            async with timer:
+                await asyncio.sleep(pause)
+
+        async def main() -> None:
+            await asyncio.gather(job(0.02), job(0.2))
+
+        with capture() as signals:
+            asyncio.run(main())
+            with timer:
+                with timer:
+                    pass
+                time.sleep(0.02)
+        durations = [seconds(s) for s in signals]
+        assert len(durations) == 4
+        assert 0.02 <= durations[0] < 0.2 <= durations[1]
+        assert durations[2] < 0.02 <= durations[3]
+
+    def test_the_error_signal_name_stays_reserved_for_emit(self) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        with capture(strict=False) as signals:
+            client.emit(ERROR, {"TelemetryDeck.Error.id": "forged"})
+        assert signals == []
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    def test_a_forked_child_is_a_new_user_in_a_capture_too(self) -> None:
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        read, write = os.pipe()
+        with capture() as signals:
+            client.emit("parent")
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    client.emit("child")
+                    os.write(write, signals[-1]["clientUser"].encode())
+                finally:
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as pipe:
+                child_user = pipe.read()
+            os.waitpid(pid, 0)
+        assert len(child_user) == 64 and child_user != signals[0]["clientUser"]
