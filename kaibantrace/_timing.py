@@ -273,18 +273,20 @@ class Timer:
         self._client = client
         self._event = event
         self._payload = payload
-        self._begun: Dict[Tuple[int, int], List[Begun]] = {}  # by thread and task, innermost last
+        # By thread and task, innermost last: the start, and where it was routed.
+        self._begun: Dict[Tuple[int, int], List[Any]] = {}
 
     def __enter__(self) -> Timer:
-        begun: Begun = None
+        begun: Any = None
         try:
             client = self._client
-            if client._route() is not None:
+            accept = client._route()
+            if accept is not None:
                 payload = self._payload
                 if payload is not None:  # what will be sent, as it is now
                     payload = snapshot_payload(payload,
                                                refuse_oversized=not client._encoded_at_call())
-                begun = (payload, None, client._session(), _clock())
+                begun = (payload, None, client._session(), _clock(), accept)
         except Exception:
             _quietly_log(self._event)
         self._begun.setdefault(_block_key(), []).append(begun)
@@ -299,7 +301,8 @@ class Timer:
             if not blocks:
                 del self._begun[key]
             if begun is not None:
-                finish(self._client, self._event, begun, _clock() - begun[3], error)
+                finish(self._client, self._event, begun[:4], _clock() - begun[3], error,
+                       begun[4])
         except EventError:
             if error is None:
                 raise
