@@ -31,6 +31,31 @@ class BoardError(Exception):
     """An author's own exception: its qualified name is what an error signal carries."""
 
 
+def click_chains() -> bool:
+    """Whether the installed click raises a failed command's SystemExit while handling the
+    exception that failed it (before 8.5), so that the exception is its ``__context__``."""
+    import click
+    from click.testing import CliRunner
+
+    @click.command()
+    def fail() -> None:
+        raise click.UsageError("x")
+
+    seen: List[BaseException] = []
+    main = fail.main
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except SystemExit as exit:
+            seen.append(exit)
+            raise
+
+    fail.main = recording  # type: ignore[method-assign]
+    CliRunner().invoke(fail, [])
+    return seen[0].__context__ is not None
+
+
 def seconds(signal: Dict[str, Any]) -> float:
     text = signal["payload"][DURATION]
     assert THREE_DECIMALS.match(text), text
@@ -403,8 +428,9 @@ class TestCli:
         assert [(s["payload"]["command"], s["payload"][OUTCOME]) for s in timed] == [
             ("run", "success"), ("deploy", "error")]
         errors = [s for s in signals if s["type"] == ERROR]
-        assert [e["payload"]["TelemetryDeck.Error.id"] for e in errors] == [
-            "click.exceptions.ClickException"]  # what ended the command, not its SystemExit(1)
+        # what ended the command, where click raises its SystemExit(1) while handling it
+        expected = "click.exceptions.ClickException" if click_chains() else "SystemExit"
+        assert [e["payload"]["TelemetryDeck.Error.id"] for e in errors] == [expected]
         # CLI events keep the project identity, the error signal too
         assert errors[0]["clientUser"] == timed[1]["clientUser"]
 
@@ -602,8 +628,32 @@ class TestReviewedEdges:
             CliRunner().invoke(tracked, ["fail"])
         got = [(s["type"], s["payload"].get(OUTCOME), s["payload"].get("TelemetryDeck.Error.id"))
                for s in signals if s["type"] != "install"]
-        assert got == [("cli_used", "cancelled", None), ("cli_used", "error", None),
-                       (ERROR, None, "click.exceptions.UsageError")]
+        if click_chains():  # click before 8.5 exits while handling what ended the command
+            assert got == [("cli_used", "cancelled", None), ("cli_used", "error", None),
+                           (ERROR, None, "click.exceptions.UsageError")]
+        else:  # click 8.5 exits after it: only the exit status is left
+            assert got == [("cli_used", "error", None), (ERROR, None, "SystemExit"),
+                           ("cli_used", "error", None), (ERROR, None, "SystemExit")]
+
+    @pytest.mark.parametrize(("handled", "outcome", "error_id"), [
+        (KeyboardInterrupt, "cancelled", None), (ValueError, "error", "ValueError")])
+    def test_an_exit_while_handling_an_exception_is_named_by_it(
+            self, handled: type, outcome: str, error_id: Any) -> None:
+        """``except X: sys.exit(1)``, as CLIs end a failed run: the error is X."""
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+
+        @client.track("run", duration=True)
+        def run() -> None:
+            try:
+                raise handled()
+            except handled:
+                sys.exit(1)
+
+        with capture() as signals, pytest.raises(SystemExit):
+            run()
+        assert signals[0]["payload"][OUTCOME] == outcome
+        assert [s["payload"].get("TelemetryDeck.Error.id") for s in signals[1:]] == (
+            [error_id] if error_id else [])
 
     def test_one_timer_times_overlapping_blocks(self) -> None:
         client = kaibantrace.Telemetry(app_id=APP_ID)
