@@ -19,6 +19,7 @@ import click
 
 import kaibantrace
 
+TOOL = "click_cli.py"  # what users type; a real tool would say e.g. "boardtool"
 CLI_APP_ID = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"  # a made-up app ID for this demo tool
 
 
@@ -53,12 +54,12 @@ def migrate(target: str) -> None:
 def telemetry(args: List[str]) -> None:
     """See or change this tool's telemetry: status, disable, enable, log..."""
     click.get_current_context().exit(
-        kaibantrace.command_line(list(args), prog="click_cli.py telemetry"))
+        kaibantrace.command_line(list(args), prog=f"{TOOL} telemetry"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     demo = _demo.Demo(local_app_id=CLI_APP_ID)
-    kaibantrace.configure(**demo.settings)
+    kaibantrace.configure(**demo.settings, tool_name=TOOL)  # named in the first-run notice
     try:
         cli.main(args=argv, standalone_mode=False)  # or cli(...): both are counted
     finally:

@@ -20,6 +20,7 @@ import typer
 
 import kaibantrace
 
+TOOL = "typer_cli.py"  # what users type; a real tool would say e.g. "boardtool"
 CLI_APP_ID = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"  # a made-up app ID for this demo tool
 
 app = typer.Typer(help="A pretend board tool that reports anonymous usage telemetry.")
@@ -43,7 +44,7 @@ def migrate(target: str) -> None:
 @kaibantrace.telemetry_commands  # running these is not a use of the tool: nothing is recorded
 def telemetry(ctx: typer.Context) -> None:
     """See or change this tool's telemetry: status, disable, enable, log..."""
-    raise typer.Exit(kaibantrace.command_line(ctx.args, prog="typer_cli.py telemetry"))
+    raise typer.Exit(kaibantrace.command_line(ctx.args, prog=f"{TOOL} telemetry"))
 
 
 tracked = kaibantrace.track_cli("cli_used")(app)
@@ -51,7 +52,7 @@ tracked = kaibantrace.track_cli("cli_used")(app)
 
 def main(argv: Optional[List[str]] = None) -> int:
     demo = _demo.Demo(local_app_id=CLI_APP_ID)
-    kaibantrace.configure(**demo.settings)
+    kaibantrace.configure(**demo.settings, tool_name=TOOL)  # named in the first-run notice
     try:
         tracked(args=argv, standalone_mode=False)
     finally:

@@ -93,7 +93,7 @@ def configure(**settings: Unpack[Options]) -> None:
     ``strict``, ``batch_size``, ``flush_interval``, ``max_queue``, ``timeout``,
     ``exit_timeout``, ``backoff``, ``profile``, ``default_parameters``,
     ``local_secret``, ``detached_delivery``, ``max_per_minute``, ``default_payload``,
-    ``transport``. Raises
+    ``tool_name``, ``transport``. Raises
     ``ConfigurationError`` naming a bad value and ``TypeError`` naming an
     unknown setting; see ``Telemetry.configure``.
     """

@@ -24,7 +24,16 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _handoff, _outbox, _prefs, _sentlog
-from ._config import PROFILES, Decision, canonical_app_id, decide, in_ci, ingest_url, keyed_with_local_secret
+from ._config import (
+    PROFILES,
+    Decision,
+    canonical_app_id,
+    decide,
+    in_ci,
+    ingest_url,
+    keyed_with_local_secret,
+    why_nothing_is_sent,
+)
 from ._handoff import DELIVERY_BOUND
 from ._identity import hash_user, keyed_identity, project_id
 from ._state import config_dir, state_dir
@@ -37,7 +46,7 @@ SOURCES = {
     "DO_NOT_TRACK": "the DO_NOT_TRACK environment variable",
     "saved preference": "your saved choice (`{prog} disable`)",
     "retired endpoint": "the ingest endpoint, which answered 410 Gone and is retired",
-    "default": "the default (telemetry is on unless you opt out)",
+    "default": "the default, as no one opted out",
 }
 
 
@@ -82,6 +91,7 @@ def _run(argv: Optional[Sequence[str]], client: Optional[Telemetry], prog: str) 
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) and usage errors (2)
         return int(stop.code or 0)
+    args.client_given = client is not None
     try:
         result: Dict[str, Any] = args.run(telemetry, args)
     except _OutputGone:
@@ -285,10 +295,19 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
     pending = sum(n for n in counts.values() if n is not None)
     last = _sentlog.last_sent()
     delivering = {app: pid for app in apps if (pid := _handoff.running(directory, app)) is not None}
+    endpoint = ingest_url(telemetry.settings, os.environ)
+    settings = telemetry.settings if args.app is None else telemetry.settings.replace(app_id=args.app)
+    # The ``kaibantrace`` command itself speaks for every program on the machine, whose
+    # app IDs are their own; a client handed over by a program is that program.
+    any_app = app_id is None and args.client_given is False
+    blocked = why_nothing_is_sent(settings, decision, os.environ, any_app=any_app)
     result = {
         "enabled": decision.enabled,
         "decided_by": decision.decided_by,
         "debug": decision.debug,
+        "can_send": blocked is None,
+        "cannot_send_because": blocked,
+        "endpoint": endpoint,
         "app_id": app_id,
         "profile": decision.profile,
         "saved_preference": _prefs.saved_choice(),
@@ -302,12 +321,15 @@ def _status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         "delivery_runs": sum(len(_outbox.delivery_runs(directory, app)) for app in apps),
     }
     if not args.json:
-        state = "on" if decision.enabled else "off"
-        if decision.enabled and decision.debug:
-            state = "on, debug mode (printed, never sent)"
-        _say(f"Telemetry is {state}.")
+        if not decision.enabled:
+            _say("Telemetry is off.")
+        elif blocked is not None:
+            _say(f"Telemetry is on, but nothing can be sent: {blocked}.")
+        else:
+            _say("Telemetry is on.")
         _say(f"  decided by:  {_describe(decision.decided_by, args)}")
         _say(f"  app:         {app_id or '(none configured)'}")
+        _say(f"  endpoint:    {endpoint or '(none usable)'}")
         _say(f"  profile:     {decision.profile}")
         _say(f"  waiting:     {pending} signal(s) in the outbox")
         _say(f"  last sent:   {last or 'never (from this machine)'}")

@@ -53,6 +53,7 @@ from ._config import (
     in_ci,
     ingest_url,
     keyed_with_local_secret,
+    unusable_endpoint,
 )
 from ._errors import DropEvent, EventError
 from ._identity import Session, SessionNode, SessionScope, project_id
@@ -136,6 +137,7 @@ class Telemetry:
                  default_parameters: Optional[bool] = None, local_secret: Optional[bool] = None,
                  detached_delivery: Optional[bool] = None, max_per_minute: Optional[int] = None,
                  default_payload: Optional[Mapping[str, Any]] = None,
+                 tool_name: Optional[str] = None,
                  transport: Optional[Transport] = None) -> None:
         self._settings = Settings().replace(
             app_id=app_id, endpoint=endpoint, namespace=namespace, salt=salt,
@@ -144,7 +146,7 @@ class Telemetry:
             max_queue=max_queue, timeout=timeout, exit_timeout=exit_timeout,
             backoff=backoff, profile=profile, default_parameters=default_parameters,
             local_secret=local_secret, detached_delivery=detached_delivery,
-            max_per_minute=max_per_minute, default_payload=default_payload)
+            max_per_minute=max_per_minute, default_payload=default_payload, tool_name=tool_name)
         self._transport = transport
         self._number = next(_client_ids)
         self._session_var: contextvars.ContextVar[Optional[SessionNode]] = contextvars.ContextVar(
@@ -153,6 +155,7 @@ class Telemetry:
         # this thread inside the lock must not deadlock the host.
         self._lock = threading.RLock()
         self._reporter = Reporter()
+        self._debug_reporter = Reporter(echo=True)  # debug mode: warnings on stderr too
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -406,13 +409,14 @@ class Telemetry:
         if app_id is not None and purge_outbox(state_dir(), app_id):
             logger.debug("kaibantrace: opted out; removed signals an earlier run left unsent")
 
-    def _cli_run_starts(self) -> None:
+    def _cli_run_starts(self, mounted_at: Callable[[], Optional[str]] = lambda: None) -> None:
         """At the first ``track_cli`` call: the first-run notice, then the install event.
 
         Both only while telemetry is on and outside CI. The notice goes to a
         terminal only; when it was shown, this run sends nothing (its events
         wait in the outbox, so opting out before the next run means they are
-        never sent).
+        never sent). ``mounted_at`` finds where the CLI mounted kaibantrace's
+        commands, asked only when the notice is shown, so it can name them.
         """
         if self._cli_seen:
             return
@@ -430,7 +434,7 @@ class Telemetry:
                 # and a run that holds, never a run that sends unannounced.
                 self._hold()
                 if _prefs.mark_notice_shown(app_id) and not _show_notice(
-                        self._settings.opt_out_env):
+                        notice(self._settings, mounted_at)):
                     _prefs.forget_notice(app_id)
             project = project_id()
             if not _prefs.install_recorded(app_id, project):
@@ -545,7 +549,9 @@ class Telemetry:
                      "--backoff", repr(s.backoff)]
         if s.profile is not None:
             arguments += ["--profile", s.profile]
-        return _handoff.hand_off(state_dir(), decision.app_id, url, arguments)
+        # The outbox's own directory: the environment may name another one by now.
+        directory = os.path.dirname(getattr(outbox, "path", "")) or state_dir()
+        return _handoff.hand_off(directory, decision.app_id, url, arguments)
 
     def _no_app_id(self, raw: RawEvent) -> None:
         self._lose("no_app_id")
@@ -555,21 +561,27 @@ class Telemetry:
             self._no_app_id_logged = True
             logger.debug("kaibantrace: no app ID configured; events are not sent")
 
-    def _context(self, decision: Decision, *, strict: bool) -> EncodeContext:
-        """How this client encodes now: its settings, the profile, the secret, the defaults."""
+    def _context(self, decision: Decision, *, strict: bool, saves: bool = True) -> EncodeContext:
+        """How this client encodes now: its settings, the profile, the secret, the defaults.
+
+        ``saves=False`` (a capture) keys identities without ever writing a secret."""
         s = self._settings
         kaibanjs = decision.profile == "kaibanjs"
         keyed = keyed_with_local_secret(s)
         ci = in_ci(os.environ)
-        secret = (lambda: _prefs.local_secret(persist=not ci)) if keyed else None
+        secret: Optional[Callable[[], bytes]] = None
+        if keyed:
+            secret = (lambda: _prefs.local_secret(persist=not ci)) if saves else _prefs.unsaved_secret
         defaults = default_parameters(ci) if s.default_parameters and not kaibanjs else None
         if s.default_payload:  # the author's own, checked once when configured
             defaults = {**(defaults or {}), **s.default_payload}
-        return EncodeContext(decision.app_id or "", s.salt, s.test_mode, strict, self._reporter,
+        reporter = self._debug_reporter if decision.debug else self._reporter
+        return EncodeContext(decision.app_id or "", s.salt, s.test_mode, strict, reporter,
                              secret, defaults, decision.cli_app_id)
 
-    def _encode_now(self, raw: RawEvent, decision: Decision, *, strict: bool) -> Dict[str, Any]:
-        return build_signal(raw, self._context(decision, strict=strict))
+    def _encode_now(self, raw: RawEvent, decision: Decision, *, strict: bool,
+                    saves: bool = True) -> Dict[str, Any]:
+        return build_signal(raw, self._context(decision, strict=strict, saves=saves))
 
     def _print_debug(self, raw: RawEvent, decision: Decision) -> None:
         try:
@@ -577,14 +589,16 @@ class Telemetry:
         except DropEvent as drop:
             self._lose(drop.cause)
             return
-        url = ingest_url(self._settings, os.environ) or "(no usable endpoint)"
+        url = (ingest_url(self._settings, os.environ)
+               or f"no usable endpoint ({unusable_endpoint(os.environ)})")
         note = "" if decision.app_id else " (no app ID configured, so nothing would be sent)"
         sys.stderr.write(f"[kaibantrace debug] would send to {url}{note}: "
                          f"{encode_body([signal]).decode('utf-8')}\n")
 
     def _record(self, raw: RawEvent, capture: Capture, decision: Decision) -> None:
         try:
-            capture.signals.append(self._encode_now(raw, decision, strict=capture.strict))
+            capture.signals.append(self._encode_now(raw, decision, strict=capture.strict,
+                                                    saves=False))
         except DropEvent as drop:
             self._lose(drop.cause)
 
@@ -742,12 +756,28 @@ class Telemetry:
         return f"<kaibantrace.Telemetry app_id={self._settings.app_id!r}>"
 
 
-NOTICE = """\
-{prog} collects anonymous usage data: which commands run, never their arguments,
-file contents, paths or anything that identifies you. Nothing was sent this time.
-Turn it off with {opt_out}=1 (or DO_NOT_TRACK=1), or for every tool that uses
-kaibantrace with `kaibantrace disable`. `kaibantrace log` shows what was sent.
-"""
+def notice(settings: Settings, mounted_at: Callable[[], Optional[str]]) -> str:
+    """The first-run notice: what is collected, and how to turn it off, in the tool's words.
+
+    It names the tool (``tool_name``, else the script's name) and, when the CLI
+    mounted kaibantrace's commands, the tool's own ``telemetry disable`` rather
+    than the ``kaibantrace`` command, which a user of the tool may not know.
+    """
+    tool = settings.tool_name or _program_name()
+    where = mounted_at() if tool else None
+    if tool and where:
+        off = f"or with `{tool} {where} disable`."
+        log = f"`{tool} {where} log` shows what was sent."
+    else:
+        off = "or for every tool that uses kaibantrace with `kaibantrace disable`."
+        log = "`kaibantrace log` shows what was sent."
+    import textwrap
+
+    return textwrap.fill(
+        f"{tool or 'This program'} collects anonymous usage data: which commands run, never "
+        f"their arguments, file contents, paths or anything that identifies you. Nothing was "
+        f"sent this time. Turn it off with {settings.opt_out_env}=1 (or DO_NOT_TRACK=1), "
+        f"{off} {log}", width=79, break_on_hyphens=False, break_long_words=False) + "\n"
 
 
 def _stderr_is_terminal() -> bool:
@@ -757,20 +787,21 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def _program_name() -> str:
-    """What the user typed: the script's name, or the package's for ``python -m package``."""
+def _program_name() -> Optional[str]:
+    """What the user typed to run this program: the script's name, or the package's for
+    ``python -m package``; ``None`` for ``python -c``, a REPL or an embedded interpreter."""
     path = sys.argv[0] if sys.argv and isinstance(sys.argv[0], str) else ""
     name = os.path.basename(path)
     if name == "__main__.py":
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return name or "This program"
+    return name if name and not name.startswith("-") else None
 
 
-def _show_notice(opt_out_env: str) -> bool:
+def _show_notice(text: str) -> bool:
     """Print the first-run notice on stderr (the caller found it a terminal); whether it
     was written."""
     try:
-        sys.stderr.write(NOTICE.format(prog=_program_name(), opt_out=opt_out_env))
+        sys.stderr.write(text)
         sys.stderr.flush()
         return True
     except Exception:

@@ -18,7 +18,7 @@ objects are recognised by what they have.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 def _children(node: Any) -> Optional[Dict[str, Any]]:
@@ -96,6 +96,30 @@ def telemetry_commands(target: Any) -> Any:
         raise TypeError(f"kaibantrace: telemetry_commands() cannot mark a "
                         f"{type(target).__name__}") from None
     return target
+
+
+def mounted_at(target: Any, parser: Any) -> Optional[str]:
+    """Where the CLI mounted kaibantrace's commands (``"telemetry"``), or ``None``.
+
+    Looked for breadth first, at most three levels down, so the notice can say
+    ``mytool telemetry disable``. Never raises: finding it is a nicety.
+    """
+    try:
+        root = parser() if callable(parser) and not hasattr(parser, "_actions") else parser
+        level: List[Tuple[Tuple[str, ...], Any]] = [
+            ((), root if root is not None else _as_click(target))]
+        for _ in range(3):
+            deeper: List[Tuple[Tuple[str, ...], Any]] = []
+            for path, node in level:
+                for name, child in (_children(node) or {}).items():
+                    child = _as_click(child)
+                    if _is_ours(child):
+                        return " ".join((*path, name))
+                    deeper.append(((*path, name), child))
+            level = deeper
+    except Exception:
+        pass
+    return None
 
 
 def _is_ours(node: Any) -> bool:

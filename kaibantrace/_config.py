@@ -42,6 +42,7 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _UNSET_WORDS = frozenset({"", "0", "false", "no", "off", "n", "f"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")  # a command a user types, as printed
 
 
 def flag_is_set(raw: Optional[str]) -> bool:
@@ -76,6 +77,7 @@ class Settings(NamedTuple):
     detached_delivery: bool = True
     max_per_minute: int = 60
     default_payload: Optional[Mapping[str, str]] = None
+    tool_name: Optional[str] = None
 
     def replace(self, **changes: object) -> Settings:
         """A copy with ``changes`` applied, skipping ``None`` values, validated."""
@@ -116,6 +118,7 @@ class Options(TypedDict, total=False):
     detached_delivery: Optional[bool]
     max_per_minute: Optional[int]
     default_payload: Optional[Mapping[str, Any]]
+    tool_name: Optional[str]
     transport: Optional[Transport]
 
 
@@ -153,6 +156,10 @@ def validate(settings: Settings) -> Settings:
         value = getattr(s, name)
         _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 60,
                 f"{name} must be a number of seconds above 0 and at most 60")
+    _expect(s.tool_name is None or (isinstance(s.tool_name, str)
+                                    and _TOOL_NAME.fullmatch(s.tool_name) is not None),
+            "tool_name must be the command users type, 1-64 letters, digits, '.', '_', '+' "
+            "or '-', such as 'mytool'")
     if s.default_payload is not None:
         s = s._replace(default_payload=_checked_default_payload(s.default_payload))
     return s
@@ -431,6 +438,30 @@ def ingest_url(settings: Settings, environ: Mapping[str, str]) -> Optional[str]:
 
         base += f"namespace/{quote(settings.namespace, safe='')}/"
     return base
+
+
+def why_nothing_is_sent(settings: Settings, decision: Decision, environ: Mapping[str, str],
+                        *, any_app: bool = False) -> Optional[str]:
+    """Why no signal of this client can leave the machine now, in words for its user, or
+    ``None`` when signals can be sent. What ``kaibantrace status`` says, so that "on" is
+    never shown for a client that drops every event. ``any_app``: asked for every program
+    on the machine (the ``kaibantrace`` command), whose app IDs are their own business."""
+    if not decision.enabled:
+        return "telemetry is off"
+    if decision.debug:
+        return "in debug mode signals are printed on stderr, never sent"
+    if decision.app_id is None and not any_app:
+        return f"no app ID is configured (app_id in the program's code, or {ENV_APP_ID})"
+    if ingest_url(settings, environ) is None:
+        return unusable_endpoint(environ)
+    return None
+
+
+def unusable_endpoint(environ: Mapping[str, str]) -> str:
+    """Why the endpoint from the environment cannot be used (the only way to have none:
+    one given in code is checked when configured)."""
+    value = (environ.get(ENV_ENDPOINT) or "").strip()
+    return f"{ENV_ENDPOINT}={value} is unusable: it {endpoint_problem(value)}"
 
 
 _reported_env: set[str] = set()

@@ -24,7 +24,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ._clihooks import TrackedCli
-from ._commands import OWN_COMMANDS, command_argv, command_of
+from ._commands import OWN_COMMANDS, command_argv, command_of, mounted_at
 from ._errors import EventError
 from ._firststep import first_step_start
 from ._identity import project_id
@@ -115,7 +115,8 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
         command = command_of(wrapped, parser, command_argv(args, kwargs))
         if command == OWN_COMMANDS:
             return None  # the CLI's own ``telemetry`` commands are not a use of the CLI
-        client._cli_run_starts()  # the first-run notice and the install event
+        # The first-run notice (naming the CLI's own telemetry commands) and the install event.
+        client._cli_run_starts(lambda: mounted_at(wrapped, parser))
         data = static if dynamic is None else payload_for(wrapped, args, kwargs)
         return _with_command(client, data, command), project_id()
 

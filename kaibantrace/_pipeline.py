@@ -122,12 +122,18 @@ def name_problem(name: object) -> Optional[str]:
 
 
 class Reporter:
-    """Reports a problem: raises in strict mode, else logs a WARNING once per cause."""
+    """Reports a problem: raises in strict mode, else logs a WARNING once per cause.
+
+    With ``echo`` (debug mode) the warning is also printed on stderr, beside the
+    signals debug mode prints there: a developer trying things out has rarely
+    configured logging, and the ``kaibantrace`` logger is silent until they do.
+    """
 
     _MAX_REMEMBERED = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, *, echo: bool = False) -> None:
         self._seen: set[Tuple[str, str, str]] = set()
+        self._echo = echo
 
     def problem(self, cause: str, event: str, key: str, message: str, *, strict: bool,
                 privacy: bool = False) -> None:
@@ -137,6 +143,11 @@ class Reporter:
         if marker not in self._seen and len(self._seen) < self._MAX_REMEMBERED:
             self._seen.add(marker)
             logger.warning("kaibantrace: %s", message)
+            if self._echo:
+                try:
+                    sys.stderr.write(f"[kaibantrace debug] warning: {message}\n")
+                except Exception:  # a closed or replaced stream: the log line stands
+                    pass
 
 
 def js_text(value: Any) -> str:

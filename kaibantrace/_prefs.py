@@ -42,6 +42,7 @@ ENABLED = "enabled"
 
 _cache: Dict[str, Tuple[Tuple[int, ...], Any]] = {}
 _secret: Optional[bytes] = None
+_unsaved: Optional[bytes] = None  # a capture's, when no secret was saved
 _secret_lock = threading.Lock()
 _reported: Set[str] = set()
 
@@ -205,6 +206,20 @@ def local_secret(*, persist: bool) -> bytes:
         return _secret
 
 
+def unsaved_secret() -> bytes:
+    """The saved secret when there is one, else one for this process that is never written.
+
+    What ``kaibantrace.testing.capture`` keys identities with: recording signals
+    in a test must not leave a secret in the user's config directory, yet a CLI
+    event recorded on a machine that has one shows the identity it would send.
+    """
+    global _unsaved
+    with _secret_lock:
+        if _unsaved is None:
+            _unsaved = existing_secret() or os.urandom(32)
+        return _unsaved
+
+
 def _create_secret() -> Optional[bytes]:
     """Write a new secret in full beside its place, then link it there only if nothing is
     there yet: a reader never sees a half-written secret, and a race has one winner."""
@@ -234,9 +249,9 @@ def _remove_quietly(path: str) -> None:
 
 def forget_in_memory() -> None:
     """Read every file again at the next use (the secret too): after ``reset``, and in tests."""
-    global _secret
+    global _secret, _unsaved
     with _secret_lock:
-        _secret = None
+        _secret = _unsaved = None
     _cache.clear()
     _reported.clear()
 

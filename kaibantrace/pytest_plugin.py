@@ -1,9 +1,13 @@
 """pytest plugin, loaded automatically when kaibantrace is installed.
 
-It opts telemetry out for the whole test run by setting
-``KAIBAN_TELEMETRY_OPT_OUT=1`` and ``DO_NOT_TRACK=1`` (subprocesses inherit
-them), so a test suite never sends anything, even from clients with an opt-out
-variable of their own. It offers two fixtures:
+For the whole test run it opts telemetry out, by setting
+``KAIBAN_TELEMETRY_OPT_OUT=1`` and ``DO_NOT_TRACK=1``, and points kaibantrace's
+state and config directories (``KAIBAN_TELEMETRY_DIR``,
+``KAIBAN_TELEMETRY_CONFIG_DIR``) at a temporary directory removed at the end.
+Subprocesses inherit all four. So a test suite never sends anything, even from
+clients with an opt-out variable of their own, and never writes an outbox, a
+sent log, a secret or a marker in the real home directory, even from a test
+that opts back in. It offers two fixtures:
 
 * ``telemetry_events``: the signals recorded by ``kaibantrace.testing.capture``
   in strict mode, so a bad event name or payload fails the test at the call;
@@ -15,31 +19,37 @@ Disable it with ``-p no:kaibantrace``.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from ._config import ENV_DO_NOT_TRACK, ENV_OPT_OUT
+from ._config import ENV_CONFIG_DIR, ENV_DIR, ENV_DO_NOT_TRACK, ENV_OPT_OUT
 from .testing import Collector, capture
 
-_VARIABLES = (ENV_OPT_OUT, ENV_DO_NOT_TRACK)
-_saved: List[Dict[str, Optional[str]]] = []
+_VARIABLES = (ENV_OPT_OUT, ENV_DO_NOT_TRACK, ENV_DIR, ENV_CONFIG_DIR)
+_saved: List[Tuple[str, Dict[str, Optional[str]]]] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _saved.append({name: os.environ.get(name) for name in _VARIABLES})
-    for name in _VARIABLES:
-        os.environ[name] = "1"
+    scratch = tempfile.mkdtemp(prefix="kaibantrace-pytest-")
+    _saved.append((scratch, {name: os.environ.get(name) for name in _VARIABLES}))
+    os.environ.update({ENV_OPT_OUT: "1", ENV_DO_NOT_TRACK: "1",
+                       ENV_DIR: os.path.join(scratch, "state"),
+                       ENV_CONFIG_DIR: os.path.join(scratch, "config")})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not _saved:
         return
-    for name, previous in _saved.pop().items():
-        if previous is None:
+    scratch, previous = _saved.pop()
+    for name, value in previous.items():
+        if value is None:
             os.environ.pop(name, None)
         else:
-            os.environ[name] = previous
+            os.environ[name] = value
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture

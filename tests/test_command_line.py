@@ -54,11 +54,47 @@ class TestStatus:
         done = kaibantrace_command("status", KAIBAN_TELEMETRY_APP_ID=APP_ID)
         assert done.returncode == 0 and done.stderr == ""
         assert "Telemetry is on." in done.stdout and APP_ID in done.stdout
+        assert "  endpoint:    https://nom.telemetrydeck.com/v2/\n" in done.stdout
+        assert "  decided by:  the default, as no one opted out\n" in done.stdout
         report = as_json(kaibantrace_command("status", "--json", KAIBAN_TELEMETRY_APP_ID=APP_ID))
         assert report["enabled"] is True and report["decided_by"] == "default"
+        assert (report["can_send"], report["cannot_send_because"]) == (True, None)
+        assert report["endpoint"] == "https://nom.telemetrydeck.com/v2/"
         assert report["app_id"] == APP_ID and report["pending"] == 0
         assert report["state_dir"] == os.environ["KAIBAN_TELEMETRY_DIR"]
         assert report["last_sent"] is None
+
+    @pytest.mark.parametrize(("env", "why"), [
+        ({"KAIBAN_TELEMETRY_ENDPOINT": "ftp://x", "KAIBAN_TELEMETRY_APP_ID": APP_ID},
+         "KAIBAN_TELEMETRY_ENDPOINT=ftp://x is unusable: it must be an https:// URL"),
+        ({"KAIBAN_TELEMETRY_ENDPOINT": "http://collector.example/v2/"},
+         "KAIBAN_TELEMETRY_ENDPOINT=http://collector.example/v2/ is unusable: it must use "
+         "https:// unless the host is loopback (127.0.0.1, ::1, localhost)"),
+        ({"KAIBAN_TELEMETRY_DEBUG": "1", "KAIBAN_TELEMETRY_APP_ID": APP_ID},
+         "in debug mode signals are printed on stderr, never sent")])
+    def test_says_plainly_when_nothing_can_be_sent(self, env: Dict[str, str], why: str) -> None:
+        """On, yet every event would be dropped (or only printed): status says so and why,
+        never a bare "Telemetry is on."."""
+        done = kaibantrace_command("status", **env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == f"Telemetry is on, but nothing can be sent: {why}."
+        report = as_json(kaibantrace_command("status", "--json", **env))
+        assert report["enabled"] is True
+        assert (report["can_send"], report["cannot_send_because"]) == (False, why)
+        usable = "KAIBAN_TELEMETRY_ENDPOINT" not in env
+        assert report["endpoint"] == ("https://nom.telemetrydeck.com/v2/" if usable else None)
+        assert ("  endpoint:    (none usable)\n" in done.stdout) is not usable
+
+    def test_an_authors_client_without_an_app_id_cannot_send(
+            self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Mounted in a tool whose client has no app ID, status says that is why; the
+        ``kaibantrace`` command itself speaks for every program, whatever their app IDs."""
+        assert kaibantrace.command_line(["status"], client=kaibantrace.Telemetry(),
+                                        prog="mytool telemetry") == 0
+        assert capsys.readouterr().out.splitlines()[0] == (
+            "Telemetry is on, but nothing can be sent: no app ID is configured (app_id in the "
+            "program's code, or KAIBAN_TELEMETRY_APP_ID).")
+        assert kaibantrace_command("status").stdout.splitlines()[0] == "Telemetry is on."
 
     @pytest.mark.parametrize("variable", ["KAIBAN_TELEMETRY_OPT_OUT", "DO_NOT_TRACK"])
     def test_names_the_variable_that_decided(self, variable: str) -> None:
@@ -66,6 +102,7 @@ class TestStatus:
         assert "Telemetry is off." in done.stdout and variable in done.stdout
         report = as_json(kaibantrace_command("status", "--json", **{variable: "1"}))
         assert (report["enabled"], report["decided_by"]) == (False, variable)
+        assert (report["can_send"], report["cannot_send_because"]) == (False, "telemetry is off")
 
     def test_counts_what_waits_in_the_outbox(self, refused_url: str) -> None:
         leave_signals(refused_url, 7)

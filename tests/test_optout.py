@@ -122,6 +122,34 @@ class TestDebugAndNoAppId:
         assert client._sender is None
         only_the_control_arrives(client, collector, monkeypatch, "KAIBAN_TELEMETRY_DEBUG")
 
+    def test_debug_prints_warnings_beside_the_signals(self, make_client: MakeClient,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+        """With no logging configured, a bad name or a dropped field is still seen in debug
+        mode: on stderr, once per cause, next to the signal as it would be sent."""
+        client = make_client()
+        monkeypatch.setenv("KAIBAN_TELEMETRY_DEBUG", "1")
+        client.emit("bad name!")
+        client.emit("ok", {"mail": "someone@example.com", "n": 1})
+        client.emit("ok", {"mail": "other@example.com", "n": 2})
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0] == ("[kaibantrace debug] warning: event name 'bad name!' may only contain "
+                            "letters, digits and the characters _ . : -; event dropped")
+        assert lines[1] == ("[kaibantrace debug] warning: payload field 'mail' of 'ok' looks "
+                            "like an e-mail address; field dropped")
+        assert [line.split(":")[0] for line in lines[2:]] == ["[kaibantrace debug] would send to http"] * 2
+        assert len(lines) == 4  # once per cause, as the log line
+
+    def test_warnings_stay_off_stderr_outside_debug_mode(
+            self, make_client: MakeClient, capsys: pytest.CaptureFixture[str],
+            caplog: pytest.LogCaptureFixture) -> None:
+        """A library's warnings are the host's logging's to show; only debug mode prints."""
+        client = make_client()
+        client.emit("bad name!")
+        assert client.flush(5) is False  # the event was dropped...
+        assert "event name 'bad name!'" in caplog.text  # ...and said so in the log
+        assert capsys.readouterr().err == ""
+
     def test_without_app_id_nothing_is_sent(self, collector: Collector,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
         """With no app ID, events are dropped without a thread; debug mode still shows them."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -11,9 +15,12 @@ from typing import Any
 import pytest
 
 import kaibantrace
+from kaibantrace import _prefs
+from kaibantrace._config import keyed_with_local_secret
+from kaibantrace._identity import hash_user, keyed_identity
 from kaibantrace.testing import Collector, capture, check_request
 
-from .conftest import APP_ID
+from .conftest import APP_ID, subprocess_env
 
 pytest_plugins = ["pytester"]
 
@@ -114,6 +121,60 @@ class TestCapture:
         assert client._route() is None
 
 
+def home_only_env(home: pathlib.Path, **extra: str) -> dict[str, str]:
+    """A child's environment as on a user's machine: no kaibantrace or XDG directories set,
+    ``home`` as the home directory."""
+    env = {name: value for name, value in subprocess_env().items()
+           if not name.startswith(("KAIBAN_TELEMETRY_", "XDG_", "PYTEST_"))}
+    env.update(HOME=str(home), **extra)
+    return env
+
+
+class TestNothingWrittenAtHome:
+    def test_capture_writes_no_file(self, tmp_path: pathlib.Path) -> None:
+        """A capture around a CLI run (keyed by the local secret) and an event leaves the
+        home directory empty, outside pytest too."""
+        home = tmp_path / "home"
+        home.mkdir()
+        code = """if True:
+            import kaibantrace
+            from kaibantrace.testing import capture
+
+            @kaibantrace.track_cli("run_board")
+            def main():
+                kaibantrace.emit("workflow_started")
+
+            with capture() as signals:
+                main()
+            print(sorted(s["type"] for s in signals))
+        """
+        done = subprocess.run([sys.executable, "-c", code], env=home_only_env(home), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "['run_board', 'workflow_started']\n"
+        assert list(home.rglob("*")) == []
+
+    def test_capture_keys_cli_identities_with_the_saved_secret(
+            self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+        """Where a secret was saved, a capture shows the clientUser a real run would send."""
+        monkeypatch.chdir(tmp_path)
+        _prefs.forget_in_memory()
+        saved = _prefs.local_secret(persist=True)
+        assert os.path.exists(_prefs.secret_path())
+        _prefs.forget_in_memory()
+
+        @kaibantrace.track_cli("run_board")
+        def main() -> None:
+            pass
+
+        with capture() as signals:
+            main()
+        settings = kaibantrace.default_client().settings
+        assert keyed_with_local_secret(settings)  # else the secret would not matter
+        keyed = keyed_identity(kaibantrace.project_id(), saved)
+        assert signals[0]["clientUser"] == hash_user(keyed, settings.salt)
+
+
 class TestReset:
     def test_reset_restores_the_default_client(self, collector: Collector) -> None:
         """testing.reset() stops the default sender and forgets configuration."""
@@ -154,6 +215,51 @@ class TestPytestPlugin:
         """)
         result = pytester.runpytest_subprocess()
         result.assert_outcomes(passed=4)
+
+    def test_a_users_suite_writes_nothing_in_the_home_directory(
+            self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+            tmp_path: pathlib.Path) -> None:
+        """Even a test that opts back in and sends to the collector writes its outbox and
+        sent log in the plugin's temporary directory, which is gone after the run."""
+        home = tmp_path / "home"
+        home.mkdir()
+        for name, value in home_only_env(home).items():
+            monkeypatch.setenv(name, value)
+        for name in list(os.environ):
+            if name.startswith(("KAIBAN_TELEMETRY_", "XDG_")):
+                monkeypatch.delenv(name)
+        where = tmp_path / "where.txt"
+        pytester.makepyfile(test_user=f"""
+            import os, kaibantrace
+            from kaibantrace.testing import capture
+            APP = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"
+
+            def test_sends(telemetry_collector, monkeypatch):
+                monkeypatch.delenv("KAIBAN_TELEMETRY_OPT_OUT")
+                monkeypatch.delenv("DO_NOT_TRACK")
+                client = kaibantrace.Telemetry(app_id=APP, endpoint=telemetry_collector.url)
+                client.emit("ping")
+                assert client.flush(5)
+                client.shutdown()
+                state = os.environ["KAIBAN_TELEMETRY_DIR"]
+                assert "sent.log" in os.listdir(state)
+                with open({str(where)!r}, "w") as out:
+                    out.write(state)
+
+            def test_cli_under_capture():
+                @kaibantrace.track_cli("run_board")
+                def main():
+                    pass
+                with capture() as signals:
+                    main()
+                assert signals[0]["type"] == "run_board"
+        """)
+        result = pytester.runpytest_subprocess()
+        result.assert_outcomes(passed=2)
+        state = where.read_text()
+        assert not state.startswith(str(home))
+        assert not os.path.exists(state)
+        assert list(home.rglob("*")) == []
 
     def test_plugin_can_be_disabled(self, pytester: pytest.Pytester,
                                     monkeypatch: pytest.MonkeyPatch) -> None:

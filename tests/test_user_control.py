@@ -90,6 +90,8 @@ _CLI = textwrap.dedent("""
         run = commands.add_parser("run")
         run.add_argument("--name")
         commands.add_parser("init")
+        if os.environ.get("MOUNTED"):  # the tool offers kaibantrace's commands as its own
+            kaibantrace.telemetry_commands(commands.add_parser("telemetry"))
         return parser
 
     @kaibantrace.track_cli("cli_used", parser=build)
@@ -97,7 +99,8 @@ _CLI = textwrap.dedent("""
         build().parse_args(argv)
         return 0
 
-    kaibantrace.configure(app_id=os.environ["APP"], endpoint=os.environ["URL"])
+    kaibantrace.configure(app_id=os.environ["APP"], endpoint=os.environ["URL"],
+                          tool_name=os.environ.get("TOOL_NAME"))
     main(sys.argv[1:])
     if os.environ.get("FORK"):  # a child of this run emits and flushes too
         pid = os.fork()
@@ -145,8 +148,13 @@ class TestFirstRunNotice:
     def test_shown_once_on_a_terminal_and_that_run_sends_nothing(self, collector: Collector,
                                                                  tmp_path: Path) -> None:
         said = run_cli(collector.url, "run", terminal=True, cwd=tmp_path, FLUSH="1")
-        assert "collects anonymous usage data" in said and "KAIBAN_TELEMETRY_OPT_OUT=1" in said
-        assert "kaibantrace disable" in said
+        assert " ".join(said.split()) == (
+            "This program collects anonymous usage data: which commands run, never their "
+            "arguments, file contents, paths or anything that identifies you. Nothing was sent "
+            "this time. Turn it off with KAIBAN_TELEMETRY_OPT_OUT=1 (or DO_NOT_TRACK=1), or for "
+            "every tool that uses kaibantrace with `kaibantrace disable`. `kaibantrace log` "
+            "shows what was sent.")
+        assert max(len(line) for line in said.splitlines()) <= 79
         assert collector.requests == []  # even though the run flushed
         assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 2  # install + cli_used
         assert (Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"]) / f"notice-{APP_ID.lower()}").exists()
@@ -187,12 +195,75 @@ class TestFirstRunNotice:
         assert collector.requests == []
         assert rows_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == 1  # cli_used, no install
 
+    def test_names_the_tool_and_its_own_telemetry_commands(self, collector: Collector,
+                                                           tmp_path: Path) -> None:
+        """A tool that gave its name and mounted kaibantrace's commands sends its users to
+        those, not to a ``kaibantrace`` command they may never have heard of."""
+        said = run_cli(collector.url, "run", terminal=True, cwd=tmp_path, TOOL_NAME="boardtool",
+                       MOUNTED="1")
+        flat = " ".join(said.split())
+        assert flat.startswith("boardtool collects anonymous usage data: ")
+        assert flat.endswith("Turn it off with KAIBAN_TELEMETRY_OPT_OUT=1 (or DO_NOT_TRACK=1), "
+                             "or with `boardtool telemetry disable`. `boardtool telemetry log` "
+                             "shows what was sent.")
+
+    def test_a_tool_name_without_mounted_commands_points_to_kaibantrace(
+            self, collector: Collector, tmp_path: Path) -> None:
+        said = run_cli(collector.url, "run", terminal=True, cwd=tmp_path, TOOL_NAME="boardtool")
+        flat = " ".join(said.split())
+        assert flat.startswith("boardtool collects anonymous usage data: ")
+        assert "with `kaibantrace disable`. `kaibantrace log` shows what was sent." in flat
+
+    def test_finds_the_mounted_commands_in_click_typer_and_argparse(self) -> None:
+        import argparse
+
+        import click
+        import typer
+
+        from kaibantrace._commands import mounted_at
+
+        @click.group()
+        def cli() -> None: ...
+
+        @cli.group()
+        def admin() -> None: ...
+
+        @admin.command()
+        @kaibantrace.telemetry_commands
+        def telemetry() -> None: ...
+
+        app = typer.Typer()
+
+        @app.command()
+        def run() -> None: ...
+
+        @app.command("telemetry")
+        @kaibantrace.telemetry_commands
+        def telemetry_app() -> None: ...
+
+        parser = argparse.ArgumentParser()
+        commands = parser.add_subparsers()
+        commands.add_parser("run")
+        kaibantrace.telemetry_commands(commands.add_parser("privacy"))
+        assert mounted_at(cli, None) == "admin telemetry"
+        assert mounted_at(app, None) == "telemetry"
+        assert mounted_at(None, parser) == "privacy"
+        assert mounted_at(None, lambda: parser) == "privacy"
+        assert mounted_at(admin.commands["telemetry"], None) is None  # nothing below it
+        assert mounted_at(object(), None) is None
+
+    @pytest.mark.parametrize("bad", ["", "my tool", "tool\n", "x" * 65, 7])
+    def test_a_tool_name_that_is_no_command_is_refused(self, bad: object) -> None:
+        with pytest.raises(kaibantrace.ConfigurationError, match="tool_name"):
+            kaibantrace.Telemetry(tool_name=bad)  # type: ignore[arg-type]
+
     @pytest.mark.parametrize(("argv0", "expected"), [
         ("/usr/local/bin/boardtool", "boardtool"),
         ("/site-packages/boardtool/__main__.py", "boardtool"),  # python -m boardtool
-        ("", "This program")])
+        ("-c", None),  # python -c: no name the user would recognise
+        ("", None)])
     def test_names_the_program_the_user_ran(self, monkeypatch: pytest.MonkeyPatch,
-                                            argv0: str, expected: str) -> None:
+                                            argv0: str, expected: Optional[str]) -> None:
         from kaibantrace._client import _program_name
 
         monkeypatch.setattr(sys, "argv", [argv0])
