@@ -1,10 +1,10 @@
-"""Every benchmark in one run, a table of ratios and targets, and the README's section.
+"""Every benchmark in one run, a table of ratios and targets, and the documentation's figures.
 
 Run from the repository root::
 
     python benchmarks/run_all.py              # everything, about 13 minutes
     python benchmarks/run_all.py --quick      # fewer rounds, about 5 minutes
-    python benchmarks/run_all.py --readme     # and rewrite the README's "Performance" section
+    python benchmarks/run_all.py --readme     # and rewrite the figures in docs/performance.md
 
 It runs ``bench_overhead.py`` (per-call cost, import cost), ``bench_delivery.py``
 (exit delay, memory, delivery rate), ``bench_host.py`` (host slowdown,
@@ -267,13 +267,19 @@ def markdown(figures: Dict[str, Any], command: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_readme(text: str) -> None:
-    path = os.path.join(ROOT, "README.md")
+PERFORMANCE_PAGE = os.path.join("docs", "performance.md")
+
+
+def write_readme(text: str, path: Optional[str] = None) -> None:
+    """Put ``text`` between the START and END markers of the documentation's Performance
+    page (``path``, default ``docs/performance.md``), keeping the rest of the page. The
+    README holds only a short hand-written table of the headline figures."""
+    path = path or os.path.join(ROOT, PERFORMANCE_PAGE)
     with open(path, encoding="utf-8") as handle:
-        readme = handle.read()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = readme.split(START, 1)
+        page = handle.read()
+    if START not in page or END not in page:
+        raise SystemExit(f"{os.path.relpath(path, ROOT)} has no {START} ... {END} markers")
+    head, rest = page.split(START, 1)
     _, tail = rest.split(END, 1)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(f"{head}{START}\n{text}{END}{tail}")
@@ -283,7 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds in every benchmark")
     parser.add_argument("--readme", action="store_true",
-                        help="rewrite the README's Performance section from this run")
+                        help="rewrite the figures in docs/performance.md (the documentation's "
+                             "Performance page) from this run")
     args = parser.parse_args(argv)
     quick = ["--quick"] if args.quick else []
     figures: Dict[str, Any] = {}
@@ -310,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handle.write("# Benchmark results\n\n" + text)
     if args.readme:
         write_readme(text)
-        print("README.md: Performance section rewritten")
+        print("docs/performance.md: benchmark figures rewritten")
     return status
 
 

@@ -65,7 +65,7 @@ class TestImport:
 
     def test_a_first_track_loads_wrapt_and_its_own_modules_only(self) -> None:
         """Opted out, a first ``@track`` and call load ``wrapt`` (with what the installed
-        wrapt imports, as the README's table says for each wrapt series), kaibantrace's own
+        wrapt imports, as docs/performance.md's table says for each wrapt series), kaibantrace's own
         modules and ``contextvars``; never SQLite or any HTTP code."""
         code = textwrap.dedent("""
             import json, sys
@@ -91,7 +91,7 @@ class TestImport:
         assert all(name.startswith("kaibantrace.") or name in ("contextvars", "_contextvars")
                    for name in rest), rest
         series = tuple(int(part) for part in wrapt_version.split(".")[:2])
-        # The README's "What importing costs" table, row by row.
+        # The "What importing costs" table of docs/performance.md, row by row.
         assert ("socket" in by_wrapt) == (series >= (2, 0)), (wrapt_version, by_wrapt)
         assert ("asyncio" in by_wrapt) == (series >= (2, 2)), (wrapt_version, by_wrapt)
         assert ("ssl" in by_wrapt) == (series >= (2, 2)), (wrapt_version, by_wrapt)
