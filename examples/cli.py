@@ -1,7 +1,7 @@
 """A command-line tool that reports KaibanJS's CLI events: init, run and deploy.
 
 Run it with ``python examples/cli.py run`` (or ``init``, ``deploy``; add
-``--help`` for options). No internet needed; see ``quickstart.py`` for the
+``--help`` for options). No internet needed; see ``_demo.py`` for the
 environment variables it honours.
 
 CLI events differ from library events in who they are from. ``track_cli``
@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     demo = _demo.Demo(local_app_id=None)
     # The KaibanJS profile, so this sends exactly what KaibanJS's CLI sends: its CLI app
-    # ID (no app ID is configured), its signal names with no payload, the seed's project
+    # ID (no app ID is configured), its signal names with no payload, KaibanJS's project
     # identity, and its install event ("install_kaibanjs") the first time the tool runs
     # in a project on this machine.
     kaibantrace.configure(**demo.settings, profile="kaibanjs")

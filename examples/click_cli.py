@@ -1,7 +1,7 @@
 """A click CLI that reports which sub-command ran, and offers its own ``telemetry`` commands.
 
 Run it with ``python examples/click_cli.py run --name demo`` (or ``db migrate v2``,
-``telemetry status``). Needs ``click``. No internet needed: see ``quickstart.py``
+``telemetry status``). Needs ``click``. No internet needed: see ``_demo.py``
 for the environment variables it honours.
 
 ``track_cli`` on the click group records one event per run, with the

@@ -1,7 +1,7 @@
 """A typer CLI that reports which sub-command ran.
 
 Run it with ``python examples/typer_cli.py run --name demo`` (or ``db migrate v2``).
-Needs ``typer``. No internet needed: see ``quickstart.py`` for the environment
+Needs ``typer``. No internet needed: see ``_demo.py`` for the environment
 variables it honours.
 
 ``track_cli`` wraps the typer app and records one event per run with the

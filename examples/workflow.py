@@ -1,7 +1,7 @@
 """A tiny "agent workflow" library that ships telemetry of its own.
 
 Run it with ``python examples/workflow.py`` (no internet needed; see
-``quickstart.py`` for the environment variables it honours).
+``_demo.py`` for the environment variables it honours).
 
 What it shows:
 

@@ -388,7 +388,8 @@ def _reset(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
         if removed:
             _say(f"Forgot {', '.join(removed)}: the saved choice, the first-run notices, the "
                   "install markers and the local secret, whichever existed.")
-            _say("A new secret is made at the next send; the notice shows again on a terminal.")
+            _say("A new secret is made at the next CLI event; the notice shows again on a "
+                  "terminal.")
         else:
             _say("Nothing to forget: no saved choice, notice or install marker, or local secret.")
         state = "on" if decision.enabled else "off"

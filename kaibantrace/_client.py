@@ -43,6 +43,7 @@ from ._config import (
     ENV_APP_ID,
     ENV_DEBUG,
     ENV_DO_NOT_TRACK,
+    ENV_OPT_OUT,
     ENV_PROFILE,
     Decision,
     Options,
@@ -114,7 +115,7 @@ def _encoded_key(name: str) -> Any:
 
 
 _ENV_KEYS = (_encoded_key(ENV_DO_NOT_TRACK), _encoded_key(ENV_DEBUG), _encoded_key(ENV_APP_ID),
-             _encoded_key(ENV_PROFILE))
+             _encoded_key(ENV_PROFILE), _encoded_key(ENV_OPT_OUT))
 _client_ids = itertools.count(1)
 
 
@@ -268,7 +269,8 @@ class Telemetry:
                     return None
                 keys, seen = _ENV_KEYS, self._seen_env
                 if (data.get(keys[0]) is seen[0] and data.get(keys[1]) is seen[1]
-                        and data.get(keys[2]) is seen[2] and data.get(keys[3]) is seen[3]):
+                        and data.get(keys[2]) is seen[2] and data.get(keys[3]) is seen[3]
+                        and data.get(keys[4]) is seen[4]):
                     return self._accept
         return self._reroute()
 
@@ -294,7 +296,8 @@ class Telemetry:
             return self._limited(self._save_after_exit, decision)
         if self._closed:
             return None
-        if _captures and (decision.enabled or not _captures[-1].respect_opt_out):
+        if _captures and (decision.enabled or (decision.decided_by != "code"
+                                               and not _captures[-1].respect_opt_out)):
             # A capture records every event, the budget aside: tests of an author's code
             # want to see each call's event, and a capture holds nothing for long.
             capture = _captures[-1]
@@ -418,7 +421,7 @@ class Telemetry:
         never sent). ``mounted_at`` finds where the CLI mounted kaibantrace's
         commands, asked only when the notice is shown, so it can name them.
         """
-        if self._cli_seen:
+        if self._cli_seen or _captures:  # a capture records events, nothing on disk
             return
         self._cli_seen = True
         try:

@@ -127,8 +127,8 @@ def validate(settings: Settings) -> Settings:
     s = settings
     if s.app_id is not None:
         app_id = canonical_app_id(s.app_id)
-        _expect(app_id is not None, "app_id must be a TelemetryDeck app ID, a UUID such as "
-                "'15E9347E-9EE5-4971-A8FB-61D91F3EBA12'")
+        _expect(app_id is not None, "app_id must be a TelemetryDeck app ID: a UUID, written "
+                "like '00000000-0000-4000-8000-000000000000', from your TelemetryDeck app")
         s = s._replace(app_id=app_id)
     if s.endpoint is not None:
         problem = endpoint_problem(s.endpoint)
@@ -339,7 +339,7 @@ def keyed_with_local_secret(settings: Settings) -> bool:
     """Whether CLI identities are keyed with the machine's secret before hashing.
 
     On unless the author turned it off or chose the KaibanJS profile in code
-    (the seed's identities). ``KAIBAN_TELEMETRY_PROFILE`` alone never lowers
+    (KaibanJS's identities). ``KAIBAN_TELEMETRY_PROFILE`` alone never lowers
     this protection.
     """
     if settings.local_secret is not None:
@@ -359,7 +359,9 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     profile = profile_of(settings, environ)
     if settings.opt_out:
         return Decision(False, "code", False, None, profile)
-    for name in (settings.opt_out_env, ENV_DO_NOT_TRACK):
+    # The client's own variable, then the two that switch off every program using
+    # kaibantrace, whatever variable of its own a library chose.
+    for name in dict.fromkeys((settings.opt_out_env, ENV_OPT_OUT, ENV_DO_NOT_TRACK)):
         raw = environ.get(name)
         # KaibanJS opts out on any non-empty value of its variable; its profile does too.
         kaibanjs_style = profile == "kaibanjs" and name == settings.opt_out_env and bool(raw)

@@ -9,7 +9,7 @@ Three identifiers exist, as in KaibanJS:
 * a **session**: a random UUID, one per ``session()`` block, or one per
   client outside any block, sent as ``sessionID``. It is made lazily, at the
   first event or the first read of ``Session.id``.
-* a **project ID** for CLI events: the seed's formula, exactly, so a Python
+* a **project ID** for CLI events: KaibanJS's formula, exactly, so a Python
   port reports the same project as KaibanJS would; its hash is a CLI event's
   ``clientUser``.
 
@@ -157,9 +157,9 @@ def random_uuid() -> str:
 
 
 def _md5_hex(text: str) -> str:
-    # The seed's formula uses MD5 as a fingerprint, not for security; saying so
+    # KaibanJS's formula uses MD5 as a fingerprint, not for security; saying so
     # keeps it working where OpenSSL runs in FIPS mode. A build that refuses MD5
-    # even so gets the pure-Python one: the ID must be the seed's everywhere.
+    # even so gets the pure-Python one: the ID must be KaibanJS's everywhere.
     import hashlib  # deferred, as in every hashing function here: a cost only when hashing
 
     data = text.encode("utf-8")
@@ -182,8 +182,9 @@ def project_id(cwd: Optional[str] = None, environ: Optional[Mapping[str, str]] =
 
     ``md5(basename(cwd) + "-" + md5(HOME or USERPROFILE or ""))``, with
     JavaScript's ``||``: an empty variable counts as missing. The value is an
-    unsalted hash of low-entropy inputs, so kaibantrace sends only its salted
-    SHA-256, never the ID itself.
+    unsalted hash of low-entropy inputs, so kaibantrace never sends it: CLI
+    events carry ``SHA-256(HMAC(secret, ID) + salt)``, keyed with this machine's
+    secret, or in the KaibanJS profile ``SHA-256(ID + salt)``, as KaibanJS sends.
     """
     env = os.environ if environ is None else environ
     directory = os.getcwd() if cwd is None else os.fspath(cwd)
@@ -203,7 +204,7 @@ def hash_user(identifier: str, salt: str) -> str:
 def keyed_identity(identifier: str, secret: bytes) -> str:
     """``identifier`` keyed with this machine's secret (HMAC-SHA256, hex), before it is hashed.
 
-    The seed's project ID is an unsalted hash of a project name and a home
+    KaibanJS's project ID is an unsalted hash of a project name and a home
     directory; a dictionary of common names reverses it. Keyed with a secret
     that never leaves the machine, what is sent can no longer be matched to
     any guess.

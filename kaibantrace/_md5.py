@@ -1,4 +1,4 @@
-"""MD5 in pure Python, for the one place the seed's formula needs it: the project ID.
+"""MD5 in pure Python, for the one place KaibanJS's formula needs it: the project ID.
 
 KaibanJS's project ID is an MD5 fingerprint, and kaibantrace must compute the
 same value everywhere. ``hashlib.md5(usedforsecurity=False)`` works even where

@@ -570,7 +570,7 @@ class EncodeContext:
     """What encoding needs from the client's settings, fixed for one batch.
 
     ``secret`` gives the local secret that CLI identities are keyed with
-    before hashing (``None``: the seed's plain identities); it is called only
+    before hashing (``None``: KaibanJS's plain identities); it is called only
     when an event has such an identity, so library-only use never makes one.
     ``defaults`` are the coarse default parameters, when the author asked.
     ``cli_app_id`` is where events with a CLI identity go, when not ``app_id``.

@@ -4,10 +4,13 @@ For the whole test run it opts telemetry out, by setting
 ``KAIBAN_TELEMETRY_OPT_OUT=1`` and ``DO_NOT_TRACK=1``, and points kaibantrace's
 state and config directories (``KAIBAN_TELEMETRY_DIR``,
 ``KAIBAN_TELEMETRY_CONFIG_DIR``) at a temporary directory removed at the end.
-Subprocesses inherit all four. So a test suite never sends anything, even from
-clients with an opt-out variable of their own, and never writes an outbox, a
-sent log, a secret or a marker in the real home directory, even from a test
-that opts back in. It offers two fixtures:
+Unless the run names one, it also points ``KAIBAN_TELEMETRY_ENDPOINT`` at a
+closed port on 127.0.0.1. Subprocesses inherit these variables. So a test
+suite never sends anything, even from clients with an opt-out variable of
+their own, and even a test that opts back in can reach no endpoint but the one
+it gives in code (a ``telemetry_collector``'s); nor does it ever write an
+outbox, a sent log, a secret or a marker in the real home directory. It offers
+two fixtures:
 
 * ``telemetry_events``: the signals recorded by ``kaibantrace.testing.capture``
   in strict mode, so a bad event name or payload fails the test at the call;
@@ -25,10 +28,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from ._config import ENV_CONFIG_DIR, ENV_DIR, ENV_DO_NOT_TRACK, ENV_OPT_OUT
+from ._config import ENV_CONFIG_DIR, ENV_DIR, ENV_DO_NOT_TRACK, ENV_ENDPOINT, ENV_OPT_OUT
 from .testing import Collector, capture
 
-_VARIABLES = (ENV_OPT_OUT, ENV_DO_NOT_TRACK, ENV_DIR, ENV_CONFIG_DIR)
+_VARIABLES = (ENV_OPT_OUT, ENV_DO_NOT_TRACK, ENV_DIR, ENV_CONFIG_DIR, ENV_ENDPOINT)
+NOWHERE = "http://127.0.0.1:9/v2/"
+"""Where signals go in a test run that names no endpoint: the discard port, closed on
+loopback, so a connection is refused at once and nothing leaves the machine."""
 _saved: List[Tuple[str, Dict[str, Optional[str]]]] = []
 
 
@@ -38,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update({ENV_OPT_OUT: "1", ENV_DO_NOT_TRACK: "1",
                        ENV_DIR: os.path.join(scratch, "state"),
                        ENV_CONFIG_DIR: os.path.join(scratch, "config")})
+    if not os.environ.get(ENV_ENDPOINT, "").strip():
+        os.environ[ENV_ENDPOINT] = NOWHERE
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -39,12 +39,15 @@ __all__ = ["Collector", "MemoryTransport", "ReceivedRequest", "capture", "reset"
 def capture(*, strict: bool = True, respect_opt_out: bool = False) -> Iterator[List[Dict[str, Any]]]:
     """Record the signals every client would send inside the block, as wire-format dicts.
 
-    Nothing is queued, no thread starts and nothing is sent. By default the
-    capture ignores opt-out from the environment, so it works under the pytest
-    plugin (which opts the whole test run out); pass ``respect_opt_out=True`` to
-    check that an opted-out program records nothing. With ``strict`` (the
-    default) a bad event name or payload raises at the call instead of being
-    logged, so the test fails where the mistake is.
+    Nothing is queued, no thread starts, nothing is sent and no file is written
+    (no outbox, secret or first-run marker; a CLI run records no install event).
+    By default the capture ignores the machine's opt-out (the environment, a
+    saved ``kaibantrace disable``), so it works under the pytest plugin, which
+    opts the whole test run out; ``opt_out=True`` in a client's code is still
+    honoured. Pass ``respect_opt_out=True`` to check that an opted-out program
+    records nothing. With ``strict`` (the default) a bad event name or payload
+    raises at the call instead of being logged, so the test fails where the
+    mistake is.
     """
     sink = _client.Capture(strict=strict, respect_opt_out=respect_opt_out)
     _client._captures.append(sink)

@@ -42,10 +42,16 @@ class TestDecide:
         assert (decision.enabled, decision.decided_by) == (False, "DO_NOT_TRACK")
 
     def test_custom_opt_out_variable_is_independent(self) -> None:
-        """A client with its own variable ignores another client's variable."""
+        """A client with its own variable ignores another library's variable..."""
+        decision = decide(Settings(opt_out_env="MYLIB_NO_TELEMETRY"),
+                          {"OTHERLIB_NO_TELEMETRY": "1"})
+        assert decision.enabled is True
+
+    def test_the_shared_variable_covers_clients_with_their_own(self) -> None:
+        """...but KAIBAN_TELEMETRY_OPT_OUT, like DO_NOT_TRACK, switches every client off."""
         decision = decide(Settings(opt_out_env="MYLIB_NO_TELEMETRY"),
                           {"KAIBAN_TELEMETRY_OPT_OUT": "1"})
-        assert decision.enabled is True
+        assert (decision.enabled, decision.decided_by) == (False, "KAIBAN_TELEMETRY_OPT_OUT")
 
     def test_opt_out_beats_debug(self) -> None:
         """Opted out, debug mode is off too: nothing is printed either."""

@@ -105,6 +105,23 @@ class TestOptOutValues:
         assert [s["type"] for s in collector.wait_for(1)] == ["other"]
         assert mine._sender is None
 
+    @pytest.mark.parametrize("variable", ["KAIBAN_TELEMETRY_OPT_OUT", "DO_NOT_TRACK"])
+    def test_the_shared_variables_switch_off_libraries_with_their_own(
+            self, make_client: MakeClient, collector: Collector,
+            monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+        """One variable switches off every program that uses kaibantrace, whatever opt-out
+        variable a library chose; also for a client that already sent (the fast path)."""
+        mine = make_client(opt_out_env="MYLIB_TELEMETRY_OPT_OUT")
+        mine.emit("before")
+        assert mine.flush(5)
+        monkeypatch.setenv(variable, "1")
+        mine.emit("after")
+        assert mine.decision().decided_by == variable
+        monkeypatch.delenv(variable)
+        mine.emit("control")
+        assert mine.flush(5)
+        assert [s["type"] for s in collector.wait_for(2)] == ["before", "control"]
+
 
 class TestDebugAndNoAppId:
     def test_debug_prints_and_sends_nothing(self, make_client: MakeClient, collector: Collector,

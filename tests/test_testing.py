@@ -112,6 +112,15 @@ class TestCapture:
             kaibantrace.emit("unseen")
         assert [s["type"] for s in signals] == ["seen"] and honoured == []
 
+    def test_honours_an_opt_out_written_in_code(self) -> None:
+        """``opt_out=True`` is the program's own decision, not the test run's: a library's
+        test that its switch works passes under the plugin's fixture too."""
+        switched_off = kaibantrace.Telemetry(app_id=APP_ID, opt_out=True)
+        with capture() as signals:
+            switched_off.emit("never")
+            kaibantrace.Telemetry(app_id=APP_ID).emit("control")
+        assert [s["type"] for s in signals] == ["control"]
+
     def test_restores_routing_afterwards(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """After the block, an opted-out client is opted out again."""
         monkeypatch.setenv("KAIBAN_TELEMETRY_OPT_OUT", "1")
@@ -125,20 +134,24 @@ def home_only_env(home: pathlib.Path, **extra: str) -> dict[str, str]:
     """A child's environment as on a user's machine: no kaibantrace or XDG directories set,
     ``home`` as the home directory."""
     env = {name: value for name, value in subprocess_env().items()
-           if not name.startswith(("KAIBAN_TELEMETRY_", "XDG_", "PYTEST_"))}
+           if not name.startswith(("KAIBAN_TELEMETRY_", "XDG_", "PYTEST_", "DO_NOT_TRACK"))}
     env.update(HOME=str(home), **extra)
     return env
 
 
 class TestNothingWrittenAtHome:
     def test_capture_writes_no_file(self, tmp_path: pathlib.Path) -> None:
-        """A capture around a CLI run (keyed by the local secret) and an event leaves the
-        home directory empty, outside pytest too."""
+        """A capture around a CLI run (keyed by the local secret, a first run in this project)
+        and an event leaves the home directory empty, outside pytest and opted in too: no
+        secret, no install marker, no notice marker, no outbox."""
         home = tmp_path / "home"
         home.mkdir()
-        code = """if True:
+        code = f"""if True:
             import kaibantrace
             from kaibantrace.testing import capture
+
+            kaibantrace.configure(app_id={APP_ID!r})
+            assert kaibantrace.default_client().enabled
 
             @kaibantrace.track_cli("run_board")
             def main():
@@ -246,6 +259,12 @@ class TestPytestPlugin:
                 with open({str(where)!r}, "w") as out:
                     out.write(state)
 
+            def test_no_endpoint_beyond_this_machine(monkeypatch):
+                monkeypatch.delenv("KAIBAN_TELEMETRY_OPT_OUT")
+                monkeypatch.delenv("DO_NOT_TRACK")
+                assert kaibantrace.command_line(["status", "--json"],
+                                                client=kaibantrace.Telemetry(app_id=APP)) == 0
+
             def test_cli_under_capture():
                 @kaibantrace.track_cli("run_board")
                 def main():
@@ -254,8 +273,9 @@ class TestPytestPlugin:
                     main()
                 assert signals[0]["type"] == "run_board"
         """)
-        result = pytester.runpytest_subprocess()
-        result.assert_outcomes(passed=2)
+        result = pytester.runpytest_subprocess("-s")
+        result.assert_outcomes(passed=3)
+        assert '"endpoint": "http://127.0.0.1:9/v2/"' in result.stdout.str()
         state = where.read_text()
         assert not state.startswith(str(home))
         assert not os.path.exists(state)
