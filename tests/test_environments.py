@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -14,13 +15,24 @@ from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env
 
+# These environments' packages are an extra of their own (they do not ship wheels for every
+# Python and platform); without them the tests skip and say how to get them.
+_MISSING = "{} is not installed: pip install -e '.[environments]'"
+
 
 def test_in_a_jupyter_kernel_signals_arrive_and_shutdown_is_not_held_up(
-        collector: Collector) -> None:
+        collector: Collector, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """A real IPython kernel runs decorated code cell by cell; the signals arrive, and the
     kernel shuts down as promptly with telemetry as a kernel does anyway."""
-    pytest.importorskip("ipykernel")
-    manager_module = pytest.importorskip("jupyter_client.manager")
+    pytest.importorskip("ipykernel", reason=_MISSING.format("ipykernel"))
+    manager_module = pytest.importorskip("jupyter_client.manager",
+                                         reason=_MISSING.format("jupyter_client"))
+    # IPython's profile (~/.ipython) and Jupyter's runtime, data and config directories go
+    # to this test's temporary directory, for the kernel and for this process alike.
+    for variable, name in [("IPYTHONDIR", "ipython"), ("JUPYTER_RUNTIME_DIR", "jupyter-runtime"),
+                           ("JUPYTER_DATA_DIR", "jupyter-data"),
+                           ("JUPYTER_CONFIG_DIR", "jupyter-config")]:
+        monkeypatch.setenv(variable, str(tmp_path / name))
     manager = manager_module.KernelManager(kernel_name="python3")
     manager.start_kernel(env=subprocess_env())
     client = manager.client()
@@ -71,7 +83,7 @@ _GEVENT = textwrap.dedent("""
 def test_in_a_gevent_patched_process(collector: Collector) -> None:
     """With threads and sockets monkey-patched, events from greenlets are delivered and the
     process exits cleanly."""
-    pytest.importorskip("gevent")
+    pytest.importorskip("gevent", reason=_MISSING.format("gevent"))
     done = subprocess.run([sys.executable, "-c", _GEVENT, APP_ID, collector.url],
                           env=subprocess_env(), capture_output=True, text=True, timeout=90)
     assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
