@@ -16,8 +16,8 @@ Each test's outcome (from ``--junitxml``) in runs 2 and 3 must equal its
 outcome in run 1. A test whose outcome differs is printed with its message,
 and the script exits 1, unless the test is in ``ALLOWED_DIFFERENCES`` below.
 The opted-out run must send nothing; the run with telemetry on must deliver
-events. Sdists are downloaded once with pip into a cache directory
-(``$XDG_CACHE_HOME/kaibantrace-tests``, else ``~/.cache/kaibantrace-tests``).
+events. Sdists are downloaded once with pip into a cache directory of this
+user's in the system's temporary directory, never in the home directory.
 
 Exit status: 0 when every outcome matches; 1 when some differ or a check on
 the events fails; 2 when a run broke (timeout, pytest crashed or collected
@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -212,8 +213,20 @@ if __name__ != "__main__" and os.environ.get(ENV_PACKAGES):
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kaibantrace-tests"
+    """``kaibantrace-tests-<uid>`` in the temporary directory, private to this user (a fresh
+    one when that name is someone else's): the suite writes nothing in the home directory,
+    and the libraries' own tests run outside this project's tree, where its pytest
+    configuration would apply to them."""
+    path = Path(tempfile.gettempdir()) / f"kaibantrace-tests-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = path.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() \
+                and not info.st_mode & 0o077:
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="kaibantrace-tests-"))
 
 
 class DownloadFailed(Exception):
@@ -251,8 +264,12 @@ def fetch(library: Library, cache: Path) -> Path:
             command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                        "--no-deps", "--no-binary", ":all:", f"{library.name}=={library.version}",
                        "-d", scratch]
+            # pip, and what it asks for its user agent (a rustup shim writes its settings),
+            # see a home directory of their own: nothing lands in the real one.
+            env = {**os.environ, "HOME": scratch, "PIP_NO_CACHE_DIR": "1"}
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                      env=env, cwd=scratch)
             except subprocess.TimeoutExpired as exc:
                 raise DownloadFailed(f"pip download {library.name} timed out") from exc
             got = _cached_sdist(Path(scratch), library)

@@ -59,7 +59,9 @@ class TestImport:
         out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
                              capture_output=True, text=True, timeout=60, check=True).stdout
         new = ast.literal_eval(out)  # the list of module names the child printed
-        assert new and all(name.startswith("kaibantrace.") or name == "kaibantrace"
+        # ``__future__`` is the compiler's few lines behind ``from __future__ import
+        # annotations``; an editable install's import hook has often loaded it already.
+        assert new and all(name.startswith("kaibantrace.") or name in ("kaibantrace", "__future__")
                            for name in new), new
         assert "kaibantrace._client" not in new
 
