@@ -46,7 +46,7 @@ def package_files() -> list[str]:
         listed = []
     if not listed:
         listed = [os.path.relpath(path, ROOT).replace(os.sep, "/")
-                  for path in glob.glob(os.path.join(ROOT, PACKAGE, "*"))
+                  for path in glob.glob(os.path.join(ROOT, PACKAGE, "**", "*"), recursive=True)
                   if os.path.isfile(path)]
     return sorted(name for name in listed
                   if name.endswith(".py") or name == f"{PACKAGE}/py.typed")
@@ -74,7 +74,7 @@ def check_wheel(wheel: str) -> str:
     allowed = expected | {f"{dist_info}/{m}" for m in OPTIONAL_METADATA}
     problems = [f"unexpected in the wheel: {m}" for m in members if m not in allowed]
     problems += [f"missing from the wheel: {m}" for m in sorted(expected - set(members))]
-    for line in ["kaibantrace = kaibantrace._cli:main",
+    for line in ["kaibantrace = kaibantrace._cli.command:main",
                  "kaibantrace = kaibantrace.pytest_plugin"]:
         if line not in entry_points:
             problems.append(f"entry_points.txt lacks {line!r}")

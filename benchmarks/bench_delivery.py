@@ -63,7 +63,7 @@ from bench_overhead import APP_ID, OPTED_OUT, Case, ExitRun, check
 import kaibantrace
 
 POSTHOG_KEY = "phc_kaibantrace_benchmark"
-MAX_OUTBOX = 10_000  # the outbox bound the issue sets (kaibantrace._outbox.MAX_SIGNALS)
+MAX_OUTBOX = 10_000  # the outbox bound the issue sets (kaibantrace._delivery.outbox.MAX_SIGNALS)
 EXIT_BUDGET_MS = 100.0
 EXIT_RATIO = 10.0
 MEMORY_BUDGET_MB = 30.0
@@ -622,7 +622,7 @@ TRANSPORT_SCRIPT = textwrap.dedent("""
     import http.client, json, sys, time
     from urllib.parse import urlsplit
     import kaibantrace
-    from kaibantrace._transport import HttpTransport, Result
+    from kaibantrace._delivery.transport import HttpTransport, Result
     from kaibantrace.testing import MemoryTransport
 
     app_id, url, per_round, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

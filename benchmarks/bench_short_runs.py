@@ -28,7 +28,7 @@ Two sections (``--only`` picks one):
   PostHog runs against a loopback server of its own (also a thread here).
   After each loop the benchmark waits, for 30 s at most, until every event
   has arrived, and then until no delivery process runs
-  (``kaibantrace._handoff.running``). Figures: events delivered, each exactly
+  (``kaibantrace._delivery.handoff.running``). Figures: events delivered, each exactly
   once or not, and how long after the loop's last exit the last of them
   arrived; the delivery processes started (the outbox's ``delivery_runs``);
   the exit delay, the median of the rounds' figures.
@@ -87,8 +87,8 @@ import bench_overhead as overhead
 from bench_overhead import APP_ID, CHILD_ENV, OPTED_OUT, check
 
 import kaibantrace
-from kaibantrace._handoff import DELIVERY_BOUND, running
-from kaibantrace._outbox import delivery_runs, waiting
+from kaibantrace._delivery.handoff import DELIVERY_BOUND, running
+from kaibantrace._delivery.outbox import delivery_runs, waiting
 from kaibantrace.testing import Collector
 
 HERE = os.path.dirname(os.path.abspath(__file__))

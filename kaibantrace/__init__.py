@@ -32,23 +32,23 @@ if TYPE_CHECKING:
 
     from typing_extensions import Unpack
 
-    from ._client import F, Telemetry
-    from ._commands import telemetry_commands
-    from ._config import Decision, Options, Settings
-    from ._identity import Session, SessionScope, project_id
-    from ._timing import Timer
+    from ._client.client import F, Telemetry
+    from ._client.commands import telemetry_commands
+    from ._client.timing import Timer
+    from ._encode.identity import Session, SessionScope, project_id
+    from ._policy.config import Decision, Options, Settings
 
 # The rest of the public face is loaded at its first use (PEP 562), so that
 # ``import kaibantrace`` costs next to nothing: the client, its configuration
 # and its identities come in with the first ``configure``, ``track`` or event.
 _LAZY = {
-    "Telemetry": "_client",
-    "Decision": "_config",
-    "Settings": "_config",
-    "Session": "_identity",
-    "SessionScope": "_identity",
-    "project_id": "_identity",
-    "telemetry_commands": "_commands",
+    "Telemetry": "_client.client",
+    "Decision": "_policy.config",
+    "Settings": "_policy.config",
+    "Session": "_encode.identity",
+    "SessionScope": "_encode.identity",
+    "project_id": "_encode.identity",
+    "telemetry_commands": "_client.commands",
 }
 
 
@@ -76,7 +76,7 @@ def default_client() -> Telemetry:
     global _default
     client = _default
     if client is None:
-        from ._client import Telemetry
+        from ._client.client import Telemetry
 
         with _default_lock:
             if _default is None:
@@ -148,7 +148,7 @@ def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telem
     A CLI can mount these under its own name: ``mytool telemetry status`` is
     ``command_line(["status"], client=my_client, prog="mytool telemetry")``.
     """
-    from ._cli import command_line as run
+    from ._cli.command import command_line as run
 
     return run(argv, client=client, prog=prog)
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from ._cli import command_line
+from ._cli.command import command_line
 
 if __name__ == "__main__":
     sys.exit(command_line())

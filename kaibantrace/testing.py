@@ -28,9 +28,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Type
 
-from . import _client
-from ._config import Settings
-from ._transport import MemoryTransport
+from ._client import client as _client
+from ._delivery.transport import MemoryTransport
+from ._policy.config import Settings
 
 __all__ = ["Collector", "MemoryTransport", "ReceivedRequest", "capture", "reset"]
 
@@ -65,7 +65,8 @@ def reset() -> None:
     Files are read again afterwards (the saved choice, the local secret), so a
     test that points ``KAIBAN_TELEMETRY_CONFIG_DIR`` elsewhere sees that directory.
     """
-    from . import _prefs, default_client
+    from . import default_client
+    from ._policy import prefs as _prefs
 
     default_client()._reset(Settings())
     _prefs.forget_in_memory()

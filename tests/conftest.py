@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator, List
 import pytest
 
 import kaibantrace
-from kaibantrace import _handoff
-from kaibantrace._outbox import outbox_path
+from kaibantrace._delivery import handoff as _handoff
+from kaibantrace._delivery.outbox import outbox_path
 from kaibantrace.testing import Collector, reset
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,10 +12,11 @@ from typing import Any, Callable, Iterator, List, Optional
 import pytest
 
 import kaibantrace
-from kaibantrace import ConfigurationError, PrivacyError, _client, events
-from kaibantrace._budget import HELD_BACK_KEY, MAX_NAMES, Budget
-from kaibantrace._identity import Session
-from kaibantrace._pipeline import CleanPayload, PayloadFailed, RawEvent
+from kaibantrace import ConfigurationError, PrivacyError, events
+from kaibantrace._client import client as _client
+from kaibantrace._client.budget import HELD_BACK_KEY, MAX_NAMES, Budget
+from kaibantrace._encode.identity import Session
+from kaibantrace._encode.pipeline import CleanPayload, PayloadFailed, RawEvent
 from kaibantrace.testing import Collector, capture
 
 from .conftest import subprocess_env

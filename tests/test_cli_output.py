@@ -15,8 +15,8 @@ from typing import List
 import pytest
 
 import kaibantrace
-from kaibantrace import _sentlog
-from kaibantrace._cli import OUTPUT_GONE, printable
+from kaibantrace._cli.command import OUTPUT_GONE, printable
+from kaibantrace._delivery import sentlog as _sentlog
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, subprocess_env

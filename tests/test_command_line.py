@@ -16,7 +16,7 @@ from typing import Any, Dict
 import pytest
 
 import kaibantrace
-from kaibantrace import _prefs
+from kaibantrace._policy import prefs as _prefs
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env
@@ -227,7 +227,8 @@ class TestIdentityCommands:
         assert status["profile"] == "kaibanjs" and status["app_id"] is None
 
     def test_processes_making_the_secret_at_once_agree_on_one(self) -> None:
-        code = "from kaibantrace import _prefs; print(_prefs.local_secret(persist=True).hex())"
+        code = ("from kaibantrace._policy import prefs; "
+                "print(prefs.local_secret(persist=True).hex())")
         children = [subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(),
                                      stdout=subprocess.PIPE, text=True) for _ in range(6)]
         secrets = {child.communicate(timeout=60)[0].strip() for child in children}
@@ -302,7 +303,7 @@ class TestLogAndFlush:
             assert client.flush(10)
         finally:
             client.shutdown()
-        from kaibantrace import _sentlog
+        from kaibantrace._delivery import sentlog as _sentlog
 
         with open(_sentlog.log_path(), "ab") as handle:
             handle.write(b"\xff\xfe not json \x80\n")
@@ -368,14 +369,14 @@ class TestTransparencyLogFormat:
             assert client.flush(10)
         finally:
             client.shutdown()
-        from kaibantrace import _sentlog
+        from kaibantrace._delivery import sentlog as _sentlog
 
         facts, body, end = Path(_sentlog.log_path()).read_bytes().split(b"\n")
         assert body == collector.requests[0].body and end == b""
         assert json.loads(facts)["body_bytes"] == len(body)
 
     def test_records_of_the_one_line_form_are_still_read(self) -> None:
-        from kaibantrace import _sentlog
+        from kaibantrace._delivery import sentlog as _sentlog
 
         path = Path(_sentlog.log_path())
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +386,7 @@ class TestTransparencyLogFormat:
 
     def test_bounded_by_rotating_before_a_write_would_pass_the_limit(self) -> None:
         """Each file stays within 256 KiB; the newest records are read across both files."""
-        from kaibantrace import _sentlog
+        from kaibantrace._delivery import sentlog as _sentlog
 
         body = b'[{"type":"' + b"x" * 3000 + b'"}]'
         for i in range(300):  # about 900 KB in all: rotates several times

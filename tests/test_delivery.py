@@ -220,7 +220,8 @@ class TestShutdown:
         """shutdown() wakes the writer, asleep while a batch fills, and the poster: the
         poster's last pass waits for the writer's last batch (here slowed to 0.3 s) rather
         than leave it in the outbox for the next run."""
-        from kaibantrace import _client, _outbox
+        from kaibantrace._client import client as _client
+        from kaibantrace._delivery import outbox as _outbox
 
         def slow_outbox(directory: str, app_id: str) -> _outbox.Outbox:
             box = _outbox.open_outbox(directory, app_id)

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterator, List
 import pytest
 
 import kaibantrace
-from kaibantrace import _timing
+from kaibantrace._client import timing as _timing
 from kaibantrace.testing import Collector, capture
 
 from .conftest import APP_ID
@@ -550,7 +550,7 @@ class TestReviewedEdges:
         """It may pass on the author's machine: on a user's, it must not stop the program."""
         monkeypatch.setenv("LOGNAME", "community")
         monkeypatch.setenv("USER", "community")
-        from kaibantrace import _privacy
+        from kaibantrace._encode import privacy as _privacy
 
         _privacy.forget_local_markers()
         try:

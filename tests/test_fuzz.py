@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kaibantrace
-from kaibantrace import _privacy
-from kaibantrace._identity import Session
-from kaibantrace._pipeline import (
+from kaibantrace._encode import privacy as _privacy
+from kaibantrace._encode.identity import Session
+from kaibantrace._encode.pipeline import (
     MAX_PAYLOAD_BYTES,
     DropEvent,
     EncodeContext,

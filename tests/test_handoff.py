@@ -24,8 +24,8 @@ from typing import Iterator, List, Optional
 import pytest
 
 import kaibantrace
-from kaibantrace import _handoff
-from kaibantrace._outbox import SqliteOutbox, delivery_runs, outbox_path
+from kaibantrace._delivery import handoff as _handoff
+from kaibantrace._delivery.outbox import SqliteOutbox, delivery_runs, outbox_path
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env

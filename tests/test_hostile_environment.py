@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import kaibantrace
-from kaibantrace._outbox import MemoryOutbox, SqliteOutbox, open_outbox, outbox_path, purge
+from kaibantrace._delivery.outbox import MemoryOutbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env
@@ -192,7 +192,7 @@ class TestUnusableStateDirectory:
 
 def test_a_secret_planted_in_a_directory_others_can_write_is_never_used(tmp_path: Path) -> None:
     """Had another user written the secret, they could reverse the identities it keys."""
-    from kaibantrace import _prefs
+    from kaibantrace._policy import prefs as _prefs
 
     config = Path(os.environ["KAIBAN_TELEMETRY_CONFIG_DIR"])
     config.mkdir(parents=True, exist_ok=True)

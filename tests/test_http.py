@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import pytest
 
 import kaibantrace
-from kaibantrace._config import endpoint_problem
-from kaibantrace._transport import USER_AGENT, HttpTransport, Result
+from kaibantrace._delivery.transport import USER_AGENT, HttpTransport, Result
+from kaibantrace._policy.config import endpoint_problem
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, subprocess_env
@@ -773,7 +773,7 @@ _WITHOUT_PYSOCKS_CHILD = textwrap.dedent("""
             said.append(record.getMessage())
 
     logging.getLogger("kaibantrace").addHandler(Keep())
-    from kaibantrace._transport import HttpTransport
+    from kaibantrace._delivery.transport import HttpTransport
 
     transport = HttpTransport()
     outcomes = [transport.send(sys.argv[1], b"[]", 2) for _ in range(2)]

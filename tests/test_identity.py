@@ -16,7 +16,7 @@ from typing import Callable
 import pytest
 
 import kaibantrace
-from kaibantrace._identity import hash_user
+from kaibantrace._encode.identity import hash_user
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID
@@ -50,7 +50,7 @@ class TestProjectId:
     def test_pure_python_md5_matches_hashlib(self) -> None:
         import random
 
-        from kaibantrace._md5 import md5_hex
+        from kaibantrace._encode.md5 import md5_hex
 
         rng = random.Random(7)
         for size in [*range(130), 1000, 4097]:  # every padding case, and several blocks

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kaibantrace._pipeline import Reporter, clean_payload
+from kaibantrace._encode.pipeline import Reporter, clean_payload
 
 TABLE = [
     ([1.0, 2.5],

@@ -17,8 +17,8 @@ from typing import Callable, List
 import pytest
 
 import kaibantrace
-from kaibantrace._fallback import MEMORY_BASE, FallbackOutbox
-from kaibantrace._outbox import MemoryOutbox, Outbox, SqliteOutbox, open_outbox, outbox_path, purge
+from kaibantrace._delivery.fallback import MEMORY_BASE, FallbackOutbox
+from kaibantrace._delivery.outbox import MemoryOutbox, Outbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env

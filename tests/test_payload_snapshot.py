@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kaibantrace
-from kaibantrace import EventError, PrivacyError, _pipeline
-from kaibantrace._errors import DropEvent
-from kaibantrace._identity import Session
-from kaibantrace._pipeline import (
+from kaibantrace import EventError, PrivacyError
+from kaibantrace._encode import pipeline as _pipeline
+from kaibantrace._encode.identity import Session
+from kaibantrace._encode.pipeline import (
     MAX_PAYLOAD_BYTES,
     CleanPayload,
     EncodeContext,
@@ -34,6 +34,7 @@ from kaibantrace._pipeline import (
     encode_event,
     snapshot_payload,
 )
+from kaibantrace._errors import DropEvent
 from kaibantrace.testing import Collector, capture
 
 from .conftest import APP_ID, subprocess_env

@@ -10,8 +10,8 @@ import socket
 import pytest
 
 from kaibantrace import EventError, PrivacyError
-from kaibantrace._identity import Session
-from kaibantrace._pipeline import (
+from kaibantrace._encode.identity import Session
+from kaibantrace._encode.pipeline import (
     EncodeContext,
     Reporter,
     build_signal,
@@ -20,7 +20,7 @@ from kaibantrace._pipeline import (
     name_problem,
     received_at,
 )
-from kaibantrace._privacy import forget_local_markers, personal_data_kind
+from kaibantrace._encode.privacy import forget_local_markers, personal_data_kind
 
 
 def clean(payload: object, strict: bool = False) -> dict[str, str]:
@@ -220,7 +220,7 @@ class TestFastEncoding:
         refuses exactly what it refuses, over many generated events."""
         import random
 
-        from kaibantrace._pipeline import DropEvent, encode_event, encode_signal
+        from kaibantrace._encode.pipeline import DropEvent, encode_event, encode_signal
 
         rng = random.Random(20261202)
         sessions = [Session() for _ in range(3)]

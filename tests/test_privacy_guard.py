@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kaibantrace import EventError, _privacy
-from kaibantrace._pipeline import MAX_PAYLOAD_BYTES, Reporter, clean_payload
-from kaibantrace._privacy import MAX_CHECKED_CHARS, personal_data_kind
+from kaibantrace import EventError
+from kaibantrace._encode import privacy as _privacy
+from kaibantrace._encode.pipeline import MAX_PAYLOAD_BYTES, Reporter, clean_payload
+from kaibantrace._encode.privacy import MAX_CHECKED_CHARS, personal_data_kind
 
 MachineFactory = Callable[[str, str], None]
 

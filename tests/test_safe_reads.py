@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict
 
 import pytest
 
-from kaibantrace import _prefs, _state
+from kaibantrace._policy import prefs as _prefs
+from kaibantrace._policy import state as _state
 
 from .conftest import APP_ID, subprocess_env
 
@@ -32,7 +33,7 @@ BOUND = 30.0  # seconds; the calls take milliseconds when nothing blocks
 
 _PROBE = textwrap.dedent("""
     import json, sys, kaibantrace
-    from kaibantrace import _prefs
+    from kaibantrace._policy import prefs as _prefs
     kaibantrace.configure(app_id=sys.argv[1], endpoint=sys.argv[2])
     decision = kaibantrace.default_client().decision()
     report = {"enabled": decision.enabled, "decided_by": decision.decided_by,

@@ -20,17 +20,17 @@ import pytest
 
 import kaibantrace
 from kaibantrace import EventError, PrivacyError, events
-from kaibantrace._config import Options, Settings, canonical_app_id, decide
-from kaibantrace._identity import Session
-from kaibantrace._outbox import outbox_path
-from kaibantrace._pipeline import (
+from kaibantrace._delivery.outbox import outbox_path
+from kaibantrace._encode.identity import Session
+from kaibantrace._encode.pipeline import (
     EncodeContext,
     Reporter,
     build_signal,
     float_value_of,
     snapshot_payload,
 )
-from kaibantrace._state import state_dir
+from kaibantrace._policy.config import Options, Settings, canonical_app_id, decide
+from kaibantrace._policy.state import state_dir
 from kaibantrace.testing import Collector, MemoryTransport, capture
 
 from .conftest import APP_ID, subprocess_env
@@ -296,7 +296,7 @@ class TestPayloadValues:
             watched = ("decimal", "fractions", "numbers", "uuid", "pathlib")
             before = {name for name in watched if name in sys.modules}
             import kaibantrace
-            from kaibantrace import _client
+            from kaibantrace._client import client as _client
             sink = _client.Capture(strict=False, respect_opt_out=False)
             _client._captures.append(sink)  # what testing.capture() does; testing imports uuid
             kaibantrace.emit("evt", {"s": "x", "i": 1, "f": 1.5, "b": True, "o": object()},

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 import kaibantrace
-from kaibantrace import _prefs
-from kaibantrace._config import keyed_with_local_secret
-from kaibantrace._identity import hash_user, keyed_identity
+from kaibantrace._encode.identity import hash_user, keyed_identity
+from kaibantrace._policy import prefs as _prefs
+from kaibantrace._policy.config import keyed_with_local_secret
 from kaibantrace.testing import Collector, capture, check_request
 
 from .conftest import APP_ID, subprocess_env

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 
 import kaibantrace
-from kaibantrace import _prefs
-from kaibantrace._config import Settings, decide
+from kaibantrace._policy import prefs as _prefs
+from kaibantrace._policy.config import Settings, decide
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, rows_in_outbox, subprocess_env
@@ -220,7 +220,7 @@ class TestFirstRunNotice:
         import click
         import typer
 
-        from kaibantrace._commands import mounted_at
+        from kaibantrace._client.commands import mounted_at
 
         @click.group()
         def cli() -> None: ...
@@ -264,7 +264,7 @@ class TestFirstRunNotice:
         ("", None)])
     def test_names_the_program_the_user_ran(self, monkeypatch: pytest.MonkeyPatch,
                                             argv0: str, expected: Optional[str]) -> None:
-        from kaibantrace._client import _program_name
+        from kaibantrace._client.client import _program_name
 
         monkeypatch.setattr(sys, "argv", [argv0])
         assert _program_name() == expected

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 
 import kaibantrace
-from kaibantrace import _identity
+from kaibantrace._encode import identity as _identity
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID

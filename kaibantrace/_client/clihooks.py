@@ -29,9 +29,9 @@ from typing import Any, Dict
 
 import wrapt
 
-from ._log import logger
-from ._timing import run_steps
-from ._wrappers import Start, Tracked, _get, lookup
+from .._log import logger
+from .timing import run_steps
+from .wrappers import Start, Tracked, _get, lookup
 
 _TYPER_NAMES = frozenset({"info", "registered_callback", "registered_commands"})
 

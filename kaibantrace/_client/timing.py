@@ -28,9 +28,10 @@ import time
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
-from ._errors import EventError
-from ._log import logger
-from ._outcome import (
+from .._encode.pipeline import snapshot_payload
+from .._errors import EventError
+from .._log import logger
+from .outcome import (
     ERROR,
     ERROR_SIGNAL,
     SUCCESS,
@@ -41,8 +42,7 @@ from ._outcome import (
     measured,
     outcome_of,
 )
-from ._pipeline import snapshot_payload
-from ._wrappers import Start, in_caller_globals
+from .wrappers import Start, in_caller_globals
 
 # What ``describe`` gives for one call: the event's payload and CLI identity, or
 # ``None`` when this call records nothing (the CLI's own ``telemetry`` command).

@@ -33,12 +33,12 @@ import threading
 import time
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Union
 
-from ._fallback import FallbackOutbox
-from ._fork import guard as fork_guard
-from ._log import logger
-from ._outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row, row_problem
-from ._pipeline import RawEvent
-from ._transport import Outcome, Result, Transport
+from .._encode.pipeline import RawEvent
+from .._fork import guard as fork_guard
+from .._log import logger
+from .fallback import FallbackOutbox
+from .outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row, row_problem
+from .transport import Outcome, Result, Transport
 
 FAILURES_BEFORE_CIRCUIT_OPENS = 3
 _BACKOFF_MAX = 300.0

@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._log import logger
-from ._state import ensure_private_dir, open_private_file, read_private_file, state_dir
+from .._log import logger
+from .._policy.state import ensure_private_dir, open_private_file, read_private_file, state_dir
 
 MAX_BYTES = 256 * 1024
 READ_LIMIT = 64 * MAX_BYTES  # far above what one write of a claim's requests makes

@@ -29,7 +29,7 @@ import stat
 import sys
 from typing import Mapping, Optional
 
-from ._config import ENV_CONFIG_DIR, ENV_DIR
+from .config import ENV_CONFIG_DIR, ENV_DIR
 
 
 def state_dir(environ: Optional[Mapping[str, str]] = None) -> str:

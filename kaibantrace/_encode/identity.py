@@ -166,7 +166,7 @@ def _md5_hex(text: str) -> str:
     try:
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
     except (ValueError, TypeError, AttributeError):  # refused, or an md5 without the flag
-        from ._md5 import md5_hex
+        from .md5 import md5_hex
 
         return md5_hex(data)
 

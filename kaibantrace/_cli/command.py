@@ -23,8 +23,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from . import _handoff, _outbox, _prefs, _sentlog
-from ._config import (
+from .._delivery import handoff as _handoff
+from .._delivery import outbox as _outbox
+from .._delivery import sentlog as _sentlog
+from .._delivery.handoff import DELIVERY_BOUND
+from .._encode.identity import hash_user, keyed_identity, project_id
+from .._policy import prefs as _prefs
+from .._policy.config import (
     PROFILES,
     Decision,
     canonical_app_id,
@@ -34,12 +39,10 @@ from ._config import (
     keyed_with_local_secret,
     why_nothing_is_sent,
 )
-from ._handoff import DELIVERY_BOUND
-from ._identity import hash_user, keyed_identity, project_id
-from ._state import config_dir, state_dir
+from .._policy.state import config_dir, state_dir
 
 if TYPE_CHECKING:
-    from ._client import Telemetry
+    from .._client.client import Telemetry
 
 SOURCES = {
     "code": "the program's own code (opt_out=True)",
@@ -83,7 +86,7 @@ def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telem
 
 
 def _run(argv: Optional[Sequence[str]], client: Optional[Telemetry], prog: str) -> int:
-    from . import default_client
+    from .. import default_client
 
     telemetry = client if client is not None else default_client()
     parser = _parser(prog)
@@ -444,7 +447,7 @@ def _project_id(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any
 
 
 def _flush(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]:
-    from ._client import Telemetry as Client
+    from .._client.client import Telemetry as Client
 
     decision = _decision(telemetry, args)
     if not decision.enabled:

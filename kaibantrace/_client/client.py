@@ -37,9 +37,31 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
-from . import _fork, _handoff, _prefs, _sentlog, events
-from ._budget import Budget
-from ._config import (
+from .. import _fork, events
+from .._delivery import handoff as _handoff
+from .._delivery import sentlog as _sentlog
+from .._delivery.outbox import MemoryOutbox, Outbox, open_outbox
+from .._delivery.outbox import purge as purge_outbox
+from .._delivery.sender import _SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF, Counters, Encoded, Sender, Target
+from .._delivery.transport import HttpTransport, Transport
+from .._encode.identity import Session, SessionNode, SessionScope, project_id
+from .._encode.identity import after_fork_in_child as identity_after_fork
+from .._encode.pipeline import (
+    EncodeContext,
+    FloatValue,
+    RawEvent,
+    Reporter,
+    build_signal,
+    default_parameters,
+    encode_body,
+    encode_event,
+    float_value_of,
+    snapshot_payload,
+)
+from .._errors import DropEvent, EventError
+from .._log import logger
+from .._policy import prefs as _prefs
+from .._policy.config import (
     ENV_APP_ID,
     ENV_DEBUG,
     ENV_DO_NOT_TRACK,
@@ -56,32 +78,13 @@ from ._config import (
     keyed_with_local_secret,
     unusable_endpoint,
 )
-from ._errors import DropEvent, EventError
-from ._identity import Session, SessionNode, SessionScope, project_id
-from ._identity import after_fork_in_child as identity_after_fork
-from ._log import logger
-from ._outbox import MemoryOutbox, Outbox, open_outbox
-from ._outbox import purge as purge_outbox
-from ._pipeline import (
-    EncodeContext,
-    FloatValue,
-    RawEvent,
-    Reporter,
-    build_signal,
-    default_parameters,
-    encode_body,
-    encode_event,
-    float_value_of,
-    snapshot_payload,
-)
-from ._sender import _SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF, Counters, Encoded, Sender, Target
-from ._state import state_dir
-from ._transport import HttpTransport, Transport
+from .._policy.state import state_dir
+from .budget import Budget
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from ._timing import Timer
+    from .timing import Timer
 
 Accept = Callable[[RawEvent], None]
 F = TypeVar("F")
@@ -664,7 +667,7 @@ class Telemetry:
         raised, also a ``TelemetryDeck.Error.occurred`` signal naming the
         exception's class. The exception itself passes through untouched.
         """
-        from ._decorators import make_decorator
+        from .decorators import make_decorator
 
         return make_decorator(self, name, payload, cli=False, duration=duration)
 
@@ -680,7 +683,7 @@ class Telemetry:
         ``install`` event. ``duration=True`` times the run, as for ``track``
         (``sys.exit(0)``, as click ends a command, counts as success).
         """
-        from ._decorators import make_decorator
+        from .decorators import make_decorator
 
         return make_decorator(self, name, payload, cli=True, parser=parser, duration=duration)
 
@@ -691,7 +694,7 @@ class Telemetry:
         passes through. Never raises at run time, except in strict mode."""
         global _Timer
         if _Timer is None:  # imported at the first use: it brings wrapt in
-            from ._timing import Timer as _Timer
+            from .timing import Timer as _Timer
         timer: Timer = _Timer(self, name, payload)
         return timer
 

@@ -25,7 +25,7 @@ import functools
 from types import CoroutineType, FunctionType
 from typing import Any, AsyncGenerator, Generator
 
-from ._wrappers import Start, in_caller_globals
+from .wrappers import Start, in_caller_globals
 
 _ITERABLE_COROUTINE = 0x100  # inspect.CO_ITERABLE_COROUTINE, what types.coroutine sets
 

@@ -41,9 +41,9 @@ import sys
 import time
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 
-from ._config import ENV_DETACHED, flag_is_set
-from ._log import logger
-from ._state import ensure_private_dir, open_private_file
+from .._log import logger
+from .._policy.config import ENV_DETACHED, flag_is_set
+from .._policy.state import ensure_private_dir, open_private_file
 
 DELIVERY_BOUND = 30.0  # seconds a delivery process may live, whatever happens
 _POLL = 0.05
@@ -177,7 +177,7 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
 # until then (see ``_interpreter_flags``), so a ``json.py`` (or another copy of
 # kaibantrace) in the directory the user ran the program from is never imported instead.
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
-         "from kaibantrace._cli import main; main()")
+         "from kaibantrace._cli.command import main; main()")
 
 
 def _interpreter_flags() -> List[str]:
@@ -370,9 +370,9 @@ def _deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str],
     if lock_fd is not None:  # started by a program's exit: a process of its own to bound
         _end_at_the_latest(bound + 5.0)
         lower_priority()
-    from ._client import Telemetry
-    from ._outbox import waiting
-    from ._state import state_dir
+    from .._client.client import Telemetry
+    from .._policy.state import state_dir
+    from .outbox import waiting
 
     directory = state_dir()
     fd = adopt_lock(directory, app_id, lock_fd)
@@ -441,7 +441,7 @@ def _deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str],
 
 
 def _note_run(directory: str, app_id: str) -> None:
-    from ._outbox import SqliteOutbox, outbox_path
+    from .outbox import SqliteOutbox, outbox_path
 
     try:
         SqliteOutbox(outbox_path(directory, app_id)).note_delivery_run(os.getpid())

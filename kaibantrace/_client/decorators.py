@@ -23,13 +23,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
-from ._clihooks import TrackedCli
-from ._commands import OWN_COMMANDS, command_argv, command_of, mounted_at
-from ._errors import EventError
-from ._firststep import first_step_start
-from ._identity import project_id
-from ._log import logger
-from ._pipeline import (
+from .._encode.identity import project_id
+from .._encode.pipeline import (
     CleanPayload,
     PayloadFailed,
     Reporter,
@@ -37,11 +32,16 @@ from ._pipeline import (
     name_problem,
     snapshot_payload,
 )
-from ._timing import Described, Firing, Timing, timed_start
-from ._wrappers import Start, Tracked, call_with_caller_globals
+from .._errors import EventError
+from .._log import logger
+from .clihooks import TrackedCli
+from .commands import OWN_COMMANDS, command_argv, command_of, mounted_at
+from .firststep import first_step_start
+from .timing import Described, Firing, Timing, timed_start
+from .wrappers import Start, Tracked, call_with_caller_globals
 
 if TYPE_CHECKING:
-    from ._client import Telemetry
+    from .client import Telemetry
 
 
 

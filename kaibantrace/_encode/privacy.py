@@ -70,7 +70,7 @@ import os
 import re
 from typing import Dict, Optional, Tuple
 
-from ._fork import guard as fork_guard
+from .._fork import guard as fork_guard
 
 # Characters of a text that are checked; at least the pipeline's MAX_PAYLOAD_BYTES (a
 # text longer than that cannot be sent), which cannot be imported here (it imports us).

@@ -18,11 +18,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional, Tuple, TypedDict
 
-from ._errors import ConfigurationError
-from ._log import logger
+from .._errors import ConfigurationError
+from .._log import logger
 
 if TYPE_CHECKING:
-    from ._transport import Transport
+    from .._delivery.transport import Transport
 
 ENV_OPT_OUT = "KAIBAN_TELEMETRY_OPT_OUT"
 ENV_DO_NOT_TRACK = "DO_NOT_TRACK"
@@ -177,7 +177,7 @@ def _checked_default_payload(payload: object) -> Mapping[str, str]:
     refuses on *this* machine (it names this user, host or home) is dropped with a
     warning instead: it may pass on the author's machine and must not stop a user's
     program."""
-    from ._pipeline import CleanPayload, Reporter, clean_payload
+    from .._encode.pipeline import CleanPayload, Reporter, clean_payload
 
     _expect(isinstance(payload, Mapping), "default_payload must be a mapping of field names "
             f"to values, not {type(payload).__name__}")
@@ -354,7 +354,7 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     ``"DO_NOT_TRACK"``, ``"saved preference"`` (``kaibantrace disable``),
     ``"retired endpoint"`` (it answered 410 Gone) or ``"default"``.
     """
-    from . import _prefs  # here, not at the top: _prefs needs this module's names
+    from . import prefs as _prefs  # here, not at the top: _prefs needs this module's names
 
     profile = profile_of(settings, environ)
     if settings.opt_out:

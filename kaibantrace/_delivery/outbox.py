@@ -44,10 +44,10 @@ from typing import (
     Tuple,
 )
 
-from ._config import canonical_app_id, companion_apps
-from ._fork import guarded
-from ._log import logger
-from ._state import create_private_file, ensure_private_dir
+from .._fork import guarded
+from .._log import logger
+from .._policy.config import canonical_app_id, companion_apps
+from .._policy.state import create_private_file, ensure_private_dir
 
 if TYPE_CHECKING:
     import sqlite3

@@ -24,10 +24,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protocol, Union
 
-from ._config import breaks_a_request_line, is_loopback
-from ._fork import guard as fork_guard
-from ._log import logger
-from ._version import __version__
+from .._fork import guard as fork_guard
+from .._log import logger
+from .._policy.config import breaks_a_request_line, is_loopback
+from .._version import __version__
 
 if TYPE_CHECKING:
     import requests

@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from ._log import logger
-from ._state import (
+from .._log import logger
+from .state import (
     check_private_dir,
     config_dir,
     ensure_private_dir,

@@ -1,0 +1,1 @@
+"""The ``kaibantrace`` command: see, stop, audit and flush telemetry."""

@@ -1,0 +1,1 @@
+"""An event made into a signal: the pipeline, the privacy guard, and who it is from."""
