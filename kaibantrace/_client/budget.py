@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from .._encode.outcome import Failure, Measured
 from .._encode.pipeline import CleanPayload, RawEvent
-from .outcome import Failure, Measured
 
 HELD_BACK_KEY = "kaibantrace.held_back"
 """The payload field that carries how many signals of the name were held back before this one."""

@@ -28,10 +28,7 @@ import time
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
-from .._encode.pipeline import snapshot_payload
-from .._errors import EventError
-from .._log import logger
-from .outcome import (
+from .._encode.outcome import (
     ERROR,
     ERROR_SIGNAL,
     SUCCESS,
@@ -42,6 +39,9 @@ from .outcome import (
     measured,
     outcome_of,
 )
+from .._encode.pipeline import snapshot_payload
+from .._errors import EventError
+from .._log import logger
 from .wrappers import Start, in_caller_globals
 
 # What ``describe`` gives for one call: the event's payload and CLI identity, or

@@ -26,12 +26,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
 
-from .._client.outcome import ERROR_SIGNAL, Failure, Measured
 from .._errors import DropEvent, EventError, PrivacyError
 from .._fork import guard as fork_guard
 from .._log import logger
 from .._version import __version__
 from .identity import Session, hash_user, keyed_identity, process_identity
+from .outcome import ERROR_SIGNAL, Failure, Measured
 from .privacy import credential_key, personal_data_kind
 
 if TYPE_CHECKING:

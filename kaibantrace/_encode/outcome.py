@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from .._encode.privacy import personal_data_kind
+from .privacy import personal_data_kind
 
 DURATION_KEY = "TelemetryDeck.Signal.durationInSeconds"
 OUTCOME_KEY = "kaibantrace.outcome"
