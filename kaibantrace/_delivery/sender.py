@@ -15,10 +15,10 @@ Two threads do the rest, so that neither waits for the other:
 * the *poster* claims a batch from the outbox (leftovers of earlier runs
   included), posts it, and deletes it after a 2xx, or drops it for good after
   a refusal (400, 401, 403, 404, 413, 422, 501, 505). After any other answer it
-  waits, with exponential backoff and jitter from ``backoff`` seconds up to 300,
-  never less than ``Retry-After``; after three failed attempts in a row the
-  circuit opens and this process never touches the network again: what is
-  left stays in the outbox for a later run.
+  waits as ``retry.RetryPolicy`` decides: exponential backoff and jitter from
+  ``backoff`` seconds up to 300, never less than ``Retry-After``; after three
+  failed attempts in a row the circuit opens and this process never touches
+  the network again: what is left stays in the outbox for a later run.
 
 At interpreter exit the main thread itself writes what is still queued to the
 outbox (the writer may be waiting for another process's lock), then gives the
@@ -38,10 +38,9 @@ from .._fork import guard as fork_guard
 from .._log import logger
 from .fallback import FallbackOutbox
 from .outbox import MAX_SIGNALS, Added, MemoryOutbox, Outbox, Row, row_problem
+from .retry import RetryPolicy
 from .transport import Outcome, Result, Transport
 
-FAILURES_BEFORE_CIRCUIT_OPENS = 3
-_BACKOFF_MAX = 300.0
 _FIRST_REQUEST_AT_EXIT = 0.05  # budget left (s) for a request at exit when none was timed yet
 _SETUP_DELAY = 0.05  # the poster imports its HTTP stack only once the process has run this long
 SETUP_DELAY_WITH_HAND_OFF = 1.0  # as long, when a delivery process will take what is left at exit
@@ -155,6 +154,7 @@ class Sender:
         self._on_retired = on_retired
         self.transport = transport
         self._counters = counters
+        self._policy = RetryPolicy(backoff)  # when to try again; the circuit
         self.retune(batch_size=batch_size, flush_interval=flush_interval, max_queue=max_queue,
                     timeout=timeout, backoff=backoff)
         self._setup_delay = setup_delay
@@ -180,11 +180,6 @@ class Sender:
         self._marker_lock = threading.Lock()
         self._markers_queued = 0  # flush markers in the queue, so ``pending`` needs no scan
         self._last_added = 0
-        self._failures = 0
-        self._backoff = backoff
-        self._retry_at = 0.0  # monotonic; our own backoff, which a flush may cut short
-        self._floor_at = 0.0  # monotonic; the server's Retry-After, which nothing cuts short
-        self._circuit_open = False
         self.holding = False  # send nothing in this process (the run that showed the notice)
         self.ignore_shared_backoff = False  # the user asked to send now (``kaibantrace flush``)
         self.passes = 0  # sending passes the poster finished (the command line waits for one)
@@ -222,7 +217,7 @@ class Sender:
         self._interval = flush_interval
         self._max_queue = max_queue
         self._timeout = timeout
-        self._backoff_start = backoff
+        self._policy.start = backoff
 
     def start(self) -> bool:
         """Start both threads; ``False`` when no thread can be started (interpreter exit)."""
@@ -613,9 +608,10 @@ class Sender:
 
     def _next_wake(self) -> Optional[float]:
         """Seconds until the poster has something to do unasked, or ``None`` to wait for work."""
-        if self._circuit_open or self.holding or not (self._counters.in_outbox or self._markers):
+        if self._policy.circuit_open or self.holding or not (self._counters.in_outbox
+                                                             or self._markers):
             return None
-        wait = max(self._retry_at, self._floor_at) - time.monotonic()
+        wait = self._policy.next_attempt() - time.monotonic()
         wait = max(wait, self._shared_floor - time.time())
         if wait > 0:
             return wait
@@ -650,7 +646,7 @@ class Sender:
         At exit, one batch at a time.
         """
         assert target.url is not None
-        if self._circuit_open or self.holding or not self._may_try_now(outbox, target.url):
+        if self._policy.circuit_open or self.holding or not self._may_try_now(outbox, target.url):
             return False
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
         if remaining is not None and (remaining < 0.01 or (
@@ -679,7 +675,7 @@ class Sender:
             return False
         try:
             for start in range(0, len(rows), self._batch_size):
-                if start and (self._stopping or self._circuit_open or self.holding
+                if start and (self._stopping or self._policy.circuit_open or self.holding
                               or not self._still_wanted(target)):
                     return False
                 if not self._post_chunk(outbox, target, rows[start:start + self._batch_size], timeout):
@@ -739,7 +735,7 @@ class Sender:
         if outcome.result is Result.SENT:
             self._forget(outbox, ids)
             self._counters.sent += len(rows)
-            self._failures, self._backoff = 0, self._backoff_start
+            self._policy.succeeded()
             if self._shared_failures:
                 self._shared_failures = 0
                 self._quietly(lambda: outbox.record_success(target.url or ""))
@@ -747,7 +743,7 @@ class Sender:
             return True
         if outcome.result is Result.REJECTED:
             self._forget(outbox, ids)
-            self._failures = 0
+            self._policy.rejected()
             self._log_once("rejected", "kaibantrace: the ingest service refused a batch "
                            f"({outcome.detail}); dropped, not retried")
             self._lose(len(rows), "rejected")
@@ -774,7 +770,7 @@ class Sender:
 
     def _retire(self, outbox: Outbox, target: Target) -> None:
         """410 Gone: record it for good, drop what waits for this endpoint, never send again."""
-        self._circuit_open = True
+        self._policy.retired()
         self.last_problem = "the endpoint answered 410 Gone: it is retired, and what waited was dropped"
         try:
             self._on_retired(target)
@@ -810,12 +806,12 @@ class Sender:
 
     def _may_try_now(self, outbox: Outbox, url: str) -> bool:
         now = time.monotonic()
-        if now < self._floor_at and not self._stopping:
+        if not self._policy.past_floor(now, exiting=self._stopping):
             return False
         if not (self.ignore_shared_backoff or self._shared_backoff_over(outbox, url)):
             return False
         # A waiting flush, or the exit, may cut our own backoff short.
-        return now >= self._retry_at or bool(self._markers) or self._stopping
+        return self._policy.may_try(now, cut_short=bool(self._markers), exiting=self._stopping)
 
     def _shared_backoff_over(self, outbox: Outbox, url: str) -> bool:
         """Whether another process's backoff for this endpoint has run out.
@@ -840,8 +836,8 @@ class Sender:
 
     def _shared_circuit_open(self) -> bool:
         """Whether the processes of this app, together, failed often enough to stop asking now."""
-        return (not self.ignore_shared_backoff and self._shared_failures >= FAILURES_BEFORE_CIRCUIT_OPENS
-                and self._shared_floor > time.time())
+        return not self.ignore_shared_backoff and RetryPolicy.shared_circuit_open(
+            self._shared_failures, self._shared_floor, time.time())
 
     def _post(self, url: str, body: bytes, timeout: float, count: int) -> Outcome:
         self._counters.requests += 1
@@ -860,34 +856,22 @@ class Sender:
     @property
     def circuit_open(self) -> bool:
         """Whether this process has stopped touching the network (failures or 410 Gone)."""
-        return self._circuit_open
+        return self._policy.circuit_open
 
     def _failed(self, outcome: Outcome, outbox: Outbox, url: str) -> None:
         self.last_problem = outcome.detail
-        self._failures += 1
-        floor = min(outcome.retry_after or 0.0, _BACKOFF_MAX)
-        import random  # deferred: only a failed request needs jitter
-
-        def shared_delay(failures: int) -> float:
-            """The wait every process of the app keeps after ``failures`` in a row."""
-            grown = self._backoff_start * 2.0 ** min(failures - 1, 16)
-            return min(max(grown, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
-
+        policy = self._policy
         try:
-            health = outbox.record_failure(url, shared_delay)
+            health = outbox.record_failure(
+                url, lambda failures: policy.shared_delay(failures, outcome.retry_after))
             self._shared_failures = health.failures
         except Exception:
             logger.debug("kaibantrace: could not record the endpoint's failure", exc_info=True)
-        if self._failures >= FAILURES_BEFORE_CIRCUIT_OPENS:
-            self._circuit_open = True
+        if not policy.failed(time.monotonic(), outcome.retry_after):
             self._log_once("circuit", f"kaibantrace: ingest unreachable ({outcome.detail}); not "
                            "sending again in this process, undelivered signals wait in the outbox")
             return
         self._counters.retried += 1
-        now = time.monotonic()
-        self._floor_at = now + floor
-        self._retry_at = now + min(max(self._backoff, floor), _BACKOFF_MAX) * random.uniform(1, 1.25)
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
     def _resolve_markers(self, *, force: bool, target: Optional[Target] = None) -> None:
         """Answer the flushes whose events are all delivered, or can no longer be soon.
@@ -902,7 +886,7 @@ class Sender:
         outbox = self._outbox
         if target is None:
             target = self._target()
-        give_up = (force or self._circuit_open or self._shared_circuit_open() or self.holding
+        give_up = (force or self._policy.circuit_open or self._shared_circuit_open() or self.holding
                    or target is None or not target.wanted)
         answered = []
         for marker in markers:
