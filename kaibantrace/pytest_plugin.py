@@ -28,7 +28,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from ._policy.config import ENV_CONFIG_DIR, ENV_DIR, ENV_DO_NOT_TRACK, ENV_ENDPOINT, ENV_OPT_OUT
+from ._policy.config import ENV_DO_NOT_TRACK, ENV_ENDPOINT, ENV_OPT_OUT
+from ._policy.state import ENV_CONFIG_DIR, ENV_DIR
 from .testing import Collector, capture
 
 _VARIABLES = (ENV_OPT_OUT, ENV_DO_NOT_TRACK, ENV_DIR, ENV_CONFIG_DIR, ENV_ENDPOINT)

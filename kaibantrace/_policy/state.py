@@ -29,7 +29,8 @@ import stat
 import sys
 from typing import Mapping, Optional
 
-from .config import ENV_CONFIG_DIR, ENV_DIR
+ENV_DIR = "KAIBAN_TELEMETRY_DIR"
+ENV_CONFIG_DIR = "KAIBAN_TELEMETRY_CONFIG_DIR"
 
 
 def state_dir(environ: Optional[Mapping[str, str]] = None) -> str:
