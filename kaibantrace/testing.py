@@ -50,13 +50,11 @@ def capture(*, strict: bool = True, respect_opt_out: bool = False) -> Iterator[L
     mistake is.
     """
     sink = _client.Capture(strict=strict, respect_opt_out=respect_opt_out)
-    _client._captures.append(sink)
-    _client.bump_generation()
+    _client.install_capture(sink)
     try:
         yield sink.signals
     finally:
-        _client._captures.remove(sink)
-        _client.bump_generation()
+        _client.remove_capture(sink)
 
 
 def reset() -> None:
@@ -68,7 +66,7 @@ def reset() -> None:
     from . import default_client
     from ._policy import prefs as _prefs
 
-    default_client()._reset(Settings())
+    _client.restore(default_client(), Settings())
     _prefs.forget_in_memory()
 
 

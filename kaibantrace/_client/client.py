@@ -112,6 +112,25 @@ class Capture:
 _captures: List[Capture] = []
 
 
+def install_capture(capture: Capture) -> None:
+    """Record every client's events in ``capture`` (the latest installed wins) until it is
+    removed; each client decides again at its next event."""
+    _captures.append(capture)
+    bump_generation()
+
+
+def remove_capture(capture: Capture) -> None:
+    """Stop recording in ``capture``; each client decides again at its next event."""
+    _captures.remove(capture)
+    bump_generation()
+
+
+def restore(client: Telemetry, settings: Settings) -> None:
+    """Put ``client`` back as new, with ``settings``: its sender stopped, its counters and
+    sessions forgotten (``kaibantrace.testing.reset``)."""
+    client._reset(settings)
+
+
 def _encoded_key(name: str) -> Any:
     encode = getattr(os.environ, "encodekey", None)
     return encode(name) if encode is not None else name
