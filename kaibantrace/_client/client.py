@@ -1,10 +1,11 @@
 """``Telemetry``: one independent client, and the machinery every client shares.
 
-The hot path is ``Telemetry._route()``. It reads four raw environment values
-(opt-out, ``DO_NOT_TRACK``, debug, app ID) straight from ``os.environ``'s
+The hot path is ``Telemetry._route()``. It reads the raw environment values
+that decide (the client's opt-out variable, ``KAIBAN_TELEMETRY_OPT_OUT``,
+``DO_NOT_TRACK``, debug, app ID, profile) straight from ``os.environ``'s
 storage and compares them, by identity, with what it saw last time; only when
 something changed, or ``configure()``/``testing.capture()`` ran, does it call
-``_config.decide`` again. So opt-out is honoured whenever it is set, at the
+``_policy.config.decide`` again. So opt-out is honoured whenever it is set, at the
 cost of a few dictionary look-ups per event.
 
 ``_route()`` answers with the function that takes a raw event, or ``None``
@@ -16,7 +17,7 @@ when the client is opted out. The answers are:
 * no app ID: drop (logged once at DEBUG);
 * capture: encode now and record in memory (``kaibantrace.testing.capture``).
 
-Every answer but a capture stands behind the client's budget (``_budget``):
+Every answer but a capture stands behind the client's budget (``_client.budget``):
 at most ``max_per_minute`` signals of each event name a minute, the rest
 counted rather than queued, so a tracked function in a tight loop costs a
 dictionary look-up per call, not a queued event.
@@ -353,7 +354,7 @@ class Telemetry:
 
     def _limited(self, accept: Accept, decision: Decision,
                  check: Optional[Callable[[RawEvent], bool]] = None) -> Accept:
-        """``accept`` behind this client's budget (see ``_budget``), unless it has none.
+        """``accept`` behind this client's budget (see ``_client.budget``), unless it has none.
 
         The budget stands before every way out of the process (the sender, a
         direct save, debug output), so what debug mode prints is what would be
@@ -549,7 +550,7 @@ class Telemetry:
 
     def _hand_off(self) -> Optional[int]:
         """At exit: start a delivery process when signals wait for this client's app and
-        endpoint and one could send them (see ``_handoff``); its process ID, if started."""
+        endpoint and one could send them (see ``_delivery.handoff``); its process ID, if started."""
         s = self._settings
         if not self._may_hand_off():
             return None

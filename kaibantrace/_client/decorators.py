@@ -4,12 +4,12 @@ Everything that can be wrong with a decorator's arguments is checked here, at
 decoration time, where the author sees the traceback: the name, and a static
 payload (which is cleaned and privacy-checked once, so calls reuse it).
 
-The decorated callable is replaced by a ``Tracked`` proxy (``_wrappers``), which
+The decorated callable is replaced by a ``Tracked`` proxy (``_client.wrappers``), which
 keeps everything about it (signature, docstring, ``inspect`` answers, pickling,
 the caller seen from inside it) and records the event when it is called.
 Coroutine functions, generators and async generators return an object of the
 same kind that records the event when the work starts (first ``await`` or
-``next``), not when the object is created (``_firststep``).
+``next``), not when the object is created (``_client.firststep``).
 
 A payload callable receives the call's arguments, bound to the function's
 parameter names with defaults applied (``self``/``cls`` included for methods),

@@ -8,7 +8,7 @@ starts the clock) and then hands every step on to the original's object, up to
 its last, where a timed event is recorded.
 
 That object's code is one of the templates below, run under the *caller's*
-globals (see ``_wrappers.in_caller_globals``): inside the tracked body, the frame
+globals (see ``_client.wrappers.in_caller_globals``): inside the tracked body, the frame
 above belongs to the caller's module, so ``warnings.warn(stacklevel=2)`` is
 attributed, and filtered, as without telemetry. The templates use only their
 arguments and builtins, so they run unchanged under any module's globals.
@@ -30,7 +30,7 @@ from .wrappers import Start, in_caller_globals
 _ITERABLE_COROUTINE = 0x100  # inspect.CO_ITERABLE_COROUTINE, what types.coroutine sets
 
 # Each template runs the work between ``steps.begin`` (the first step) and
-# ``steps.end`` (completion, exhaustion, close or an exception; see ``_timing``).
+# ``steps.end`` (completion, exhaustion, close or an exception; see ``_client.timing``).
 
 
 async def _coroutine_steps(steps: Any, wrapped: Any, args: Any, kwargs: Any, /) -> Any:
@@ -157,7 +157,7 @@ def _async_generator(steps: Any, wrapped: Any, /, *args: Any, **kwargs: Any) -> 
 
 def first_step_start(kind: str, steps: Any) -> Start:
     """The ``Start`` of a tracked coroutine function, generator or async generator function;
-    ``steps`` (``_timing.Firing`` or ``Timing``) says what happens at the first and last."""
+    ``steps`` (``_client.timing.Firing`` or ``Timing``) says what happens at the first and last."""
     make = {"coroutine": _coroutine, "generator": _generator,
             "async generator": _async_generator}[kind]
 

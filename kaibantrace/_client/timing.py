@@ -11,7 +11,7 @@ steps exist:
   what the event will carry (the payload, computed from the arguments as they
   are at the start), and at ``end`` one more clock reading and the event, with
   its duration and outcome, then an error signal if the work raised
-  (``_outcome``).
+  (``_encode.outcome``).
 
 On the caller's thread that is all: two clock readings and the usual
 ``accept`` of each event, from one frame of ours around the work (the only way

@@ -7,7 +7,7 @@ touches a file or the network, and never raises.
 Two threads do the rest, so that neither waits for the other:
 
 * the *writer* encodes what is queued and writes it to the outbox
-  (``_outbox``) in batches, before anything is sent, so a killed process loses
+  (``_delivery.outbox``) in batches, before anything is sent, so a killed process loses
   only what it had not yet written. It never touches the network, so the queue
   keeps draining into the outbox while a request hangs: the in-memory queue is
   only a staging area, and overflows only when the host emits faster than

@@ -1,6 +1,6 @@
 """The user's saved choice and this machine's markers, as small private files.
 
-In the config directory (``_state.config_dir``):
+In the config directory (``_policy.state.config_dir``):
 
 * ``preferences.json``: what ``kaibantrace disable``/``enable`` saved;
 * ``notice-<app id>``: the first-run notice was really shown on a terminal;
@@ -13,7 +13,7 @@ In the state directory: ``retired.json``, the endpoints that answered
 ``decide`` reads the saved choice and the retired list on every decision, so
 both are cached against the file's ``lstat``: a decision costs one such call,
 and a change made by another process is seen at the next one. Every file is
-read by ``_state.read_private_file``, which cannot block the host: a FIFO, a
+read by ``_policy.state.read_private_file``, which cannot block the host: a FIFO, a
 link or a file of another user under one of these names is refused. Nothing
 here creates a file unless asked to by the user (the command line) or by a
 client that is sending; an opted-out process only ever reads.
