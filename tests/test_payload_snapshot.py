@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import kaibantrace
 from kaibantrace import EventError, PrivacyError
-from kaibantrace._encode import pipeline as _pipeline
+from kaibantrace._encode import payload as _payload
 from kaibantrace._encode.identity import Session
 from kaibantrace._encode.pipeline import (
     MAX_PAYLOAD_BYTES,
@@ -340,7 +340,7 @@ def assert_sent_and_said_alike(payload: Any) -> None:
     if isinstance(snapshot, PayloadRefused) and snapshot.cause == "size":
         assert encoded(snapshot) == (encoded({})[0], [
             ("size", "", f"payload of 'evt' {OVERSIZED_WARNING}")])
-        with mock.patch.object(_pipeline, "personal_data_kind", lambda text: None):
+        with mock.patch.object(_payload, "personal_data_kind", lambda text: None):
             text, said = encoded(payload)
         assert text == encoded({})[0] and said[-1][0] == "size"
         return

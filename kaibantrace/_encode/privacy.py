@@ -58,7 +58,8 @@ start still lets personal data there be reported as such rather than only as
 an oversized payload.
 
 The guard only answers "refuse, and why". Dropping the field and logging a
-warning that names the key (never the value) is the pipeline's job.
+warning that names the key (never the value) is the pipeline's job
+(``payload.clean_payload``, and ``pipeline`` for event names).
 
 What it does not do: prove that text is anonymous. It catches the mistakes an
 author is likely to make; it is not a substitute for sending coarse values.
@@ -72,7 +73,7 @@ from typing import Dict, Optional, Tuple
 
 from .._fork import guard as fork_guard
 
-# Characters of a text that are checked; at least the pipeline's MAX_PAYLOAD_BYTES (a
+# Characters of a text that are checked; at least payload.py's MAX_PAYLOAD_BYTES (a
 # text longer than that cannot be sent), which cannot be imported here (it imports us).
 MAX_CHECKED_CHARS = 4096
 
