@@ -399,7 +399,7 @@ class TestForkFromC:
         client.emit("parent_queued", {"i": 0, "pid": 0})
         inherited = client._sender
         assert inherited is not None
-        inherited._pid = -1  # as if this process were the child of the one that made it
+        inherited._s.pid = -1  # as if this process were the child of the one that made it
         client.emit("child", {"i": 1, "pid": 0})
         assert client._sender is not inherited
         assert client.flush(10) is True

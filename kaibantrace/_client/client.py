@@ -43,7 +43,9 @@ from .._delivery import handoff as _handoff
 from .._delivery import sentlog as _sentlog
 from .._delivery.outbox import MemoryOutbox, Outbox, open_outbox
 from .._delivery.outbox import purge as purge_outbox
-from .._delivery.sender import _SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF, Counters, Encoded, Sender, Target
+from .._delivery.poster import SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF
+from .._delivery.sender import Sender
+from .._delivery.shared import Counters, Encoded, Target
 from .._delivery.transport import HttpTransport, Transport
 from .._encode.identity import Session, SessionNode, SessionScope, project_id
 from .._encode.identity import after_fork_in_child as identity_after_fork
@@ -546,7 +548,7 @@ class Telemetry:
         """How long the poster waits before setting up HTTP (asked on its thread): a short
         run whose leftovers a delivery process will take need not set it up at all."""
         durable = getattr(outbox, "primary", outbox).durable
-        return SETUP_DELAY_WITH_HAND_OFF if durable and self._may_hand_off() else _SETUP_DELAY
+        return SETUP_DELAY_WITH_HAND_OFF if durable and self._may_hand_off() else SETUP_DELAY
 
     def _hand_off(self) -> Optional[int]:
         """At exit: start a delivery process when signals wait for this client's app and
