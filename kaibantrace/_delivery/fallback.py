@@ -24,7 +24,9 @@ from __future__ import annotations
 from typing import Callable, List, Sequence, Tuple, TypeVar
 
 from .._log import logger
-from .outbox import Added, Health, MemoryOutbox, Outbox, Row
+from .memory_outbox import MemoryOutbox
+from .outbox import Outbox
+from .outbox_records import Added, Health, Row
 
 MEMORY_BASE = 1 << 62  # far above any id SQLite gives a table of at most 10,000 live rows
 T = TypeVar("T")
