@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from ._client.client import F, Telemetry
     from ._client.commands import telemetry_commands
+    from ._client.delivery import DeliveryStatus
     from ._client.timing import Timer
     from ._encode.identity import Session, SessionScope, project_id
     from ._policy.config import Decision, Options, Settings
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Telemetry": "_client.client",
     "Decision": "_policy.config",
+    "DeliveryStatus": "_client.delivery",
     "Settings": "_policy.config",
     "Session": "_encode.identity",
     "SessionScope": "_encode.identity",
@@ -161,6 +163,7 @@ def shutdown(timeout: float = 1.0) -> None:
 __all__ = [
     "ConfigurationError",
     "Decision",
+    "DeliveryStatus",
     "EventError",
     "KaibanTraceError",
     "PrivacyError",

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Type
 
 from ._client import client as _client
+from ._client.capture import Capture
 from ._delivery.transport import MemoryTransport
 from ._policy.config import Settings
 
@@ -49,7 +50,7 @@ def capture(*, strict: bool = True, respect_opt_out: bool = False) -> Iterator[L
     raises at the call instead of being logged, so the test fails where the
     mistake is.
     """
-    sink = _client.Capture(strict=strict, respect_opt_out=respect_opt_out)
+    sink = Capture(strict=strict, respect_opt_out=respect_opt_out)
     _client.install_capture(sink)
     try:
         yield sink.signals

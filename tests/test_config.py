@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kaibantrace import ConfigurationError, Settings
-from kaibantrace._policy.config import decide, endpoint_problem, flag_is_set, ingest_url
+from kaibantrace._policy.config import decide, flag_is_set, ingest_url
+from kaibantrace._policy.endpoint import endpoint_problem
 
 
 class TestFlagParsing:

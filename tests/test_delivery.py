@@ -220,7 +220,7 @@ class TestShutdown:
         """shutdown() wakes the writer, asleep while a batch fills, and the poster: the
         poster's last pass waits for the writer's last batch (here slowed to 0.3 s) rather
         than leave it in the outbox for the next run."""
-        from kaibantrace._client import client as _client
+        from kaibantrace._client import delivery as _delivery
         from kaibantrace._delivery import outbox as _outbox
 
         def slow_outbox(directory: str, app_id: str) -> _outbox.Outbox:
@@ -234,7 +234,7 @@ class TestShutdown:
             box.add = slow_add  # type: ignore[method-assign]
             return box
 
-        monkeypatch.setattr(_client, "open_outbox", slow_outbox)
+        monkeypatch.setattr(_delivery, "open_outbox", slow_outbox)
         client = make_client(flush_interval=30)  # the writer waits for a batch to fill
         client.emit("warm")
         assert client.flush(10)  # the poster is set up and idle

@@ -28,7 +28,7 @@ import pytest
 
 import kaibantrace
 from kaibantrace._delivery.transport import USER_AGENT, HttpTransport, Result
-from kaibantrace._policy.config import endpoint_problem
+from kaibantrace._policy.endpoint import endpoint_problem
 from kaibantrace.testing import Collector
 
 from .conftest import APP_ID, subprocess_env

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Mapping, 
 import pytest
 
 import kaibantrace
+from kaibantrace._client.client import restore
 from kaibantrace.testing import Collector
 
 from . import _invisible_targets as targets
@@ -69,11 +70,11 @@ def setup(request: pytest.FixtureRequest, collector: Collector, monkeypatch: pyt
     monkeypatch.setenv("KAIBAN_TELEMETRY_ENDPOINT", collector.url)
     if not on:
         monkeypatch.setenv("KAIBAN_TELEMETRY_OPT_OUT", "1")
-    targets.CLIENT._reset()  # a sender of its own for this test's collector and state directory
+    restore(targets.CLIENT)  # a sender of its own for this test's collector and state directory
     try:
         yield Setup(on, collector, make_client() if on else make_client(opt_out=True))
     finally:
-        targets.CLIENT._reset()
+        restore(targets.CLIENT)
 
 
 async def _collect(stream: AsyncIterator[int]) -> List[int]:

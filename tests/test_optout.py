@@ -45,7 +45,7 @@ class TestOptOutValues:
         monkeypatch.setenv(variable, value)
         assert client.enabled is False
         client.emit("refused")
-        assert client._sender is None
+        assert client._delivery.sender is None
         only_the_control_arrives(client, collector, monkeypatch, variable)
 
     @pytest.mark.parametrize("value", OFF_VALUES)
@@ -87,7 +87,7 @@ class TestOptOutValues:
         """opt_out=True in code switches the client off, and configure() can switch it back."""
         client = make_client(opt_out=True)
         client.emit("refused")
-        assert client.decision().decided_by == "code" and client._sender is None
+        assert client.decision().decided_by == "code" and client._delivery.sender is None
         client.configure(opt_out=False)
         client.emit("control")
         assert client.flush(5)
@@ -103,7 +103,7 @@ class TestOptOutValues:
         other.emit("other")
         assert other.flush(5)
         assert [s["type"] for s in collector.wait_for(1)] == ["other"]
-        assert mine._sender is None
+        assert mine._delivery.sender is None
 
     @pytest.mark.parametrize("variable", ["KAIBAN_TELEMETRY_OPT_OUT", "DO_NOT_TRACK"])
     def test_the_shared_variables_switch_off_libraries_with_their_own(
@@ -136,7 +136,7 @@ class TestDebugAndNoAppId:
         (signal,) = json.loads(line.split(": ", 1)[1])
         assert signal["type"] == "debugged" and signal["payload"] == {"k": "1"}
         assert signal["appID"] == APP_ID
-        assert client._sender is None
+        assert client._delivery.sender is None
         only_the_control_arrives(client, collector, monkeypatch, "KAIBAN_TELEMETRY_DEBUG")
 
     def test_debug_prints_warnings_beside_the_signals(self, make_client: MakeClient,
@@ -172,7 +172,7 @@ class TestDebugAndNoAppId:
         """With no app ID, events are dropped without a thread; debug mode still shows them."""
         client = kaibantrace.Telemetry(endpoint=collector.url)
         client.emit("lost")
-        assert client._sender is None and client.stats()["dropped"] == {"no_app_id": 1}
+        assert client._delivery.sender is None and client.stats()["dropped"] == {"no_app_id": 1}
         assert client.flush(5) is False
         monkeypatch.setenv("KAIBAN_TELEMETRY_APP_ID", APP_ID)
         client.emit("control")

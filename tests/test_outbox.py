@@ -397,11 +397,11 @@ class TestForkFromC:
         """
         client = make_client(flush_interval=30)
         client.emit("parent_queued", {"i": 0, "pid": 0})
-        inherited = client._sender
+        inherited = client._delivery.sender
         assert inherited is not None
         inherited._s.pid = -1  # as if this process were the child of the one that made it
         client.emit("child", {"i": 1, "pid": 0})
-        assert client._sender is not inherited
+        assert client._delivery.sender is not inherited
         assert client.flush(10) is True
         # Here the "parent" is this same process, so its sender still runs and sends its own
         # queue: the parent's event arrives once, from the parent, and the child's once.

@@ -13,7 +13,7 @@ import kaibantrace
 from .conftest import subprocess_env
 
 PUBLIC = {
-    "ConfigurationError", "Decision", "EventError", "KaibanTraceError", "PrivacyError",
+    "ConfigurationError", "Decision", "DeliveryStatus", "EventError", "KaibanTraceError", "PrivacyError",
     "Session", "SessionScope", "Settings", "Telemetry", "__version__", "command_line", "configure",
     "default_client", "emit", "events", "flush", "project_id", "session", "shutdown",
     "telemetry_commands", "timed", "track", "track_cli",

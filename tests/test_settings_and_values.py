@@ -75,9 +75,9 @@ class TestCanonicalAppId:
         expected = outbox_path(state_dir(), APP_ID)
         for spelling in SPELLINGS:
             assert outbox_path(state_dir(), kaibantrace.Telemetry(app_id=spelling)
-                               ._app_id_even_if_off() or "") == expected
+                               .app_id or "") == expected
             monkeypatch.setenv("KAIBAN_TELEMETRY_APP_ID", spelling)
-            assert outbox_path(state_dir(), kaibantrace.Telemetry()._app_id_even_if_off()
+            assert outbox_path(state_dir(), kaibantrace.Telemetry().app_id
                                or "") == expected
 
     def test_signals_carry_the_canonical_app_id(self, collector: Collector) -> None:
@@ -296,9 +296,9 @@ class TestPayloadValues:
             watched = ("decimal", "fractions", "numbers", "uuid", "pathlib")
             before = {name for name in watched if name in sys.modules}
             import kaibantrace
-            from kaibantrace._client import client as _client
-            sink = _client.Capture(strict=False, respect_opt_out=False)
-            _client._captures.append(sink)  # what testing.capture() does; testing imports uuid
+            from kaibantrace._client import capture as _capture
+            sink = _capture.Capture(strict=False, respect_opt_out=False)
+            _capture.captures.append(sink)  # what testing.capture() does; testing imports uuid
             kaibantrace.emit("evt", {"s": "x", "i": 1, "f": 1.5, "b": True, "o": object()},
                              float_value=2)
             assert sink.signals[0]["payload"] == {"s": "x", "i": "1", "f": "1.5", "b": "true"}

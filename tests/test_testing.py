@@ -101,7 +101,7 @@ class TestCapture:
         with capture() as signals:
             client.emit("captured", {"n": 1})
         assert signals[0]["type"] == "captured" and signals[0]["payload"] == {"n": "1"}
-        assert client._sender is None
+        assert client._delivery.sender is None
 
     def test_ignores_environment_opt_out_by_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """By default capture works under the plugin's opt-out; respect_opt_out=True honours it."""
@@ -196,7 +196,7 @@ class TestReset:
         assert kaibantrace.flush(5)
         kaibantrace.testing.reset()
         client = kaibantrace.default_client()
-        assert client.settings == kaibantrace.Settings() and client._sender is None
+        assert client.settings == kaibantrace.Settings() and client._delivery.sender is None
         assert client.stats()["sent"] == 0
 
 

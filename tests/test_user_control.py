@@ -264,7 +264,7 @@ class TestFirstRunNotice:
         ("", None)])
     def test_names_the_program_the_user_ran(self, monkeypatch: pytest.MonkeyPatch,
                                             argv0: str, expected: Optional[str]) -> None:
-        from kaibantrace._client.client import _program_name
+        from kaibantrace._client.firstrun import _program_name
 
         monkeypatch.setattr(sys, "argv", [argv0])
         assert _program_name() == expected

@@ -36,7 +36,9 @@ from .._errors import EventError
 from .._log import logger
 from .clihooks import TrackedCli
 from .commands import OWN_COMMANDS, command_argv, command_of, mounted_at
+from .firstrun import cli_run_starts
 from .firststep import first_step_start
+from .routes import encoded_at_call
 from .timing import Described, Firing, Timing, timed_start
 from .wrappers import Start, Tracked, call_with_caller_globals
 
@@ -105,7 +107,7 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
             result = dynamic(dict(bound.arguments))
         except Exception as exc:  # reported by the pipeline, which knows if it is strict
             return PayloadFailed(type(exc).__name__)
-        return snapshot_payload(result, refuse_oversized=not client._encoded_at_call())
+        return snapshot_payload(result, refuse_oversized=not encoded_at_call(client))
 
     def describe(wrapped: Any, args: Any, kwargs: Any) -> Described:
         """This call's payload and CLI identity (telemetry is on), or ``None`` for a call
@@ -116,7 +118,7 @@ def make_decorator(client: Telemetry, name: object, payload: Any, *,
         if command == OWN_COMMANDS:
             return None  # the CLI's own ``telemetry`` commands are not a use of the CLI
         # The first-run notice (naming the CLI's own telemetry commands) and the install event.
-        client._cli_run_starts(lambda: mounted_at(wrapped, parser))
+        cli_run_starts(client, lambda: mounted_at(wrapped, parser))
         data = static if dynamic is None else payload_for(wrapped, args, kwargs)
         return _with_command(client, data, command), project_id()
 

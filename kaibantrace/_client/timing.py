@@ -42,6 +42,7 @@ from .._encode.outcome import (
 from .._encode.pipeline import snapshot_payload
 from .._errors import EventError
 from .._log import logger
+from .routes import encoded_at_call
 from .wrappers import Start, in_caller_globals
 
 # What ``describe`` gives for one call: the event's payload and CLI identity, or
@@ -285,7 +286,7 @@ class Timer:
                 payload = self._payload
                 if payload is not None:  # what will be sent, as it is now
                     payload = snapshot_payload(payload,
-                                               refuse_oversized=not client._encoded_at_call())
+                                               refuse_oversized=not encoded_at_call(client))
                 begun = (payload, None, client._session(), _clock(), accept)
         except Exception:
             _quietly_log(self._event)

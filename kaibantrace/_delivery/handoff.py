@@ -36,23 +36,30 @@ is then not a Python), in the delivery process itself, or when
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import time
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 from .._log import logger
 from .._policy.config import ENV_DETACHED, flag_is_set
 from .._policy.state import ensure_private_dir, open_private_file
 
 DELIVERY_BOUND = 30.0  # seconds a delivery process may live, whatever happens
-_POLL = 0.05
-_LOOK_AGAIN = 0.25  # seconds between the delivery process's looks at the outbox
-# How long the outbox stays empty before the delivery process ends: a command run in a
-# loop adds to it every fraction of a second, and one process then serves the loop.
-_LINGER = 2.0
 
 in_delivery_process = False  # set in a delivery process: it never hands off in turn
+
+
+@contextlib.contextmanager
+def delivering() -> Iterator[None]:
+    """While a delivery run sends (``kaibantrace deliver``): it never hands off in turn."""
+    global in_delivery_process
+    was = in_delivery_process
+    in_delivery_process = True
+    try:
+        yield
+    finally:
+        in_delivery_process = was
 
 
 def allowed(environ: Mapping[str, str]) -> bool:
@@ -162,7 +169,7 @@ def hand_off(directory: str, app_id: str, url: str, arguments: Sequence[str]) ->
             return _start_windows(argv, dict(os.environ), windows_fd)
         pid = _start(argv, dict(os.environ), fd)  # the same environment
         lower_priority(pid)  # from the start: starting Python is most of what it costs
-        _write_pid(fd, pid)  # so that ``status`` names it before it has started up
+        write_pid(fd, pid)  # so that ``status`` names it before it has started up
         return pid
     except Exception as exc:  # no process could be started: the signals wait for a later run
         logger.debug("kaibantrace: could not start a delivery process (%s)", exc)
@@ -306,18 +313,19 @@ def adopt_lock(directory: str, app_id: str, fd: Optional[int]) -> Optional[int]:
         try:
             os.set_inheritable(fd, False)
             if _lock(fd):  # the same lock, already ours: this only checks it
-                _write_pid(fd)
+                write_pid(fd)
                 return fd
         except OSError:
             pass
         return None
     taken = take_lock(directory, app_id)
     if taken is not None:
-        _write_pid(taken)
+        write_pid(taken)
     return taken
 
 
-def _write_pid(fd: int, pid: Optional[int] = None) -> None:
+def write_pid(fd: int, pid: Optional[int] = None) -> None:
+    """Write a process ID (default: this one) in the lock file, for ``status`` to show."""
     try:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -334,139 +342,11 @@ def release(fd: int) -> None:
     os.close(fd)
 
 
-class Delivered(NamedTuple):
-    """What a delivery run did: signals it sent, signals still waiting, and why it stopped
-    early (empty when it did not)."""
-
-    sent: int
-    left: int
-    problem: str = ""
-
-
-def deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], timeout: float,
-            backoff: float, bound: float = DELIVERY_BOUND, lock_fd: Optional[int] = None
-            ) -> Delivered:
-    """Send what waits in the outbox for ``app_id`` and ``url``, holding the app's delivery
-    lock, for at most ``bound`` seconds; what ``kaibantrace deliver`` runs.
-
-    Opt-out is decided again here, before anything is sent, from this process's
-    environment and the user's saved choice.
-    """
-    global in_delivery_process
-    was = in_delivery_process
-    in_delivery_process = True
-    try:
-        return _deliver(app_id, url, opt_out_env=opt_out_env, profile=profile, timeout=timeout,
-                        backoff=backoff, bound=bound, lock_fd=lock_fd)
-    finally:
-        in_delivery_process = was
-        if lock_fd is not None:
-            _cancel_alarm()
-
-
-def _deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str], timeout: float,
-             backoff: float, bound: float, lock_fd: Optional[int]) -> Delivered:
-    deadline = time.monotonic() + bound
-    if lock_fd is not None:  # started by a program's exit: a process of its own to bound
-        _end_at_the_latest(bound + 5.0)
-        lower_priority()
-    from .._client.client import Telemetry
-    from .._policy.state import state_dir
-    from .outbox import waiting
-
-    directory = state_dir()
-    fd = adopt_lock(directory, app_id, lock_fd)
-    if fd is None:
-        return Delivered(0, waiting(directory, app_id) or 0, "another delivery process is running")
-    client = Telemetry(app_id=app_id, endpoint=url, opt_out_env=opt_out_env, profile=profile,
-                       timeout=timeout, backoff=backoff, detached_delivery=False)
-    problem = ""
-    try:
-        if client.decision().enabled:
-            _note_run(directory, app_id)  # before the sender's threads share the file
-        client._route()  # decides opt-out; when on, starts the sender, which sends what waits
-        sender = client._sender
-        if sender is not None:
-            sender.bound(deadline)  # nothing still under way when the bound comes
-            sender.poke()  # this process exists to send: no setup delay
-        if sender is None:
-            decision = client.decision()
-            return Delivered(0, waiting(directory, app_id) or 0, "telemetry is off" if not
-                             decision.enabled else "nothing can be sent from here")
-        poked = time.monotonic()
-        idle_since: Optional[float] = None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                problem = f"stopped after {bound:g} s"
-                break
-            if sender.circuit_open:
-                problem = sender.last_problem or "the endpoint failed"
-                break
-            if sender.shared_floor - time.time() > left:
-                problem = "the endpoint is backing off for longer than this run may last"
-                break
-            empty = sender.passes and not client.stats()["in_outbox"]
-            if not empty:
-                idle_since = None
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            if empty and idle_since is not None and time.monotonic() - idle_since >= _LINGER:
-                # Nothing has waited for a while. Let go of the lock, then look again: a
-                # process that ended meanwhile found the lock taken and left its signals to us.
-                release(fd)
-                fd = -1
-                if not sender.outbox_count():
-                    break
-                retaken = take_lock(directory, app_id)
-                if retaken is None:
-                    break  # the other process started a delivery of its own
-                fd = retaken
-                _write_pid(fd)
-                idle_since = None
-                sender.poke()
-            elif time.monotonic() - poked >= _LOOK_AGAIN:
-                # Rows may be leased by a process that has ended, or added by one that found
-                # this one running: have the poster look again, rather than at its own pace.
-                sender.poke()
-                poked = time.monotonic()
-            time.sleep(_POLL)
-    finally:
-        client.shutdown(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
-        if fd >= 0:
-            release(fd)
-    stats = client.stats()
-    return Delivered(int(stats["sent"]), waiting(directory, app_id) or 0,  # type: ignore[call-overload]
-                     problem)
-
-
-def _note_run(directory: str, app_id: str) -> None:
+def note_run(directory: str, app_id: str) -> None:
+    """Record in the app's outbox that a delivery run started (``status`` counts them)."""
     from .outbox import SqliteOutbox, outbox_path
 
     try:
         SqliteOutbox(outbox_path(directory, app_id)).note_delivery_run(os.getpid())
     except Exception:
         logger.debug("kaibantrace: could not note the delivery run", exc_info=True)
-
-
-def _cancel_alarm() -> None:
-    import signal
-
-    alarm = getattr(signal, "alarm", None)
-    if alarm is not None:
-        try:
-            alarm(0)
-        except ValueError:  # not the main thread: none was set
-            pass
-
-
-def _end_at_the_latest(seconds: float) -> None:
-    """Have the system end this process after ``seconds``, even if a thread is stuck in a
-    call that takes no timeout (a name lookup): a delivery process never outlives its bound."""
-    import signal
-    import threading
-
-    alarm = getattr(signal, "alarm", None)
-    if alarm is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        alarm(max(1, int(seconds + 0.999)))

@@ -8,8 +8,9 @@ Two threads do the rest, so that neither waits for the other:
 
 * the *writer* (``_delivery.writer``) encodes what is queued and writes it to
   the outbox (``_delivery.outbox``) before anything is sent;
-* the *poster* (``_delivery.poster``) claims batches from the outbox, posts
-  them, and deletes them once answered; when to try again after a failure is
+* the *poster* (``_delivery.poster``) wakes when there is something to send
+  and runs a pass of ``_delivery.posting``: claim batches from the outbox,
+  post them, delete them once answered; when to try again after a failure is
   ``_delivery.backoff``'s to say.
 
 What the caller, the two threads and the exit hook share is in one
@@ -29,6 +30,7 @@ from typing import Callable, List, Optional, Tuple
 from .._encode.pipeline import RawEvent
 from .outbox import Outbox
 from .poster import SETUP_DELAY, Poster
+from .posting import Posting
 from .shared import Counters, Encoded, FlushMarker, SenderState, Target
 from .transport import Transport
 from .writer import Writer
@@ -50,8 +52,9 @@ class Sender:
                               flush_interval=flush_interval, max_queue=max_queue,
                               timeout=timeout, backoff=backoff)
         self._writer = Writer(self._s)
-        self._poster = Poster(self._s, transport=transport, on_sent=on_sent,
-                              on_retired=on_retired, setup_delay=setup_delay)
+        self._posting = Posting(self._s, transport=transport, on_sent=on_sent,
+                                on_retired=on_retired)
+        self._poster = Poster(self._s, self._posting, setup_delay=setup_delay)
         self._writer_thread: Optional[threading.Thread] = None
         self._poster_thread: Optional[threading.Thread] = None
         self.accept = self._s.accept
@@ -151,7 +154,7 @@ class Sender:
         outbox = self.outbox
         if outbox is None:
             return
-        self._poster.claims.await_answer_due(grace)
+        self._posting.claims.await_answer_due(grace)
         # Signals only memory holds (no outbox file, a full disk, a file locked past the
         # exit budget) end with the process: counted, never silently gone.
         memory = getattr(outbox, "memory", None)
@@ -159,7 +162,7 @@ class Sender:
             memory = outbox
         if memory is not None:
             self._s.lose(memory.count_mine(1 << 63), "unsaved_at_exit")
-        self._poster.claims.settle(outbox)
+        self._posting.claims.settle(outbox)
 
     def bound(self, deadline: float) -> None:
         """Send nothing that could still be under way at ``deadline`` (monotonic): a delivery
@@ -191,7 +194,7 @@ class Sender:
 
     @property
     def transport(self) -> Transport:
-        return self._poster.transport
+        return self._posting.transport
 
     @property
     def pending(self) -> int:
@@ -201,17 +204,17 @@ class Sender:
     @property
     def in_flight(self) -> int:
         """Signals in the request being sent right now."""
-        return self._poster.in_flight
+        return self._posting.in_flight
 
     @property
     def passes(self) -> int:
         """Sending passes the poster finished (the command line waits for one)."""
-        return self._poster.passes
+        return self._posting.passes
 
     @property
     def last_problem(self) -> str:
         """How the last failed request ended, for the command line."""
-        return self._poster.last_problem
+        return self._posting.last_problem
 
     @property
     def circuit_open(self) -> bool:
@@ -221,7 +224,7 @@ class Sender:
     @property
     def shared_floor(self) -> float:
         """Wall-clock time before which another process's backoff forbids an attempt (0: none)."""
-        return self._poster.backoff.floor
+        return self._posting.backoff.floor
 
     @property
     def holding(self) -> bool:

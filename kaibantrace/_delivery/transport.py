@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Protoco
 
 from .._fork import guard as fork_guard
 from .._log import logger
-from .._policy.config import breaks_a_request_line, is_loopback
+from .._policy.endpoint import breaks_a_request_line, is_loopback
 from .._version import __version__
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional, Tuple, Typ
 
 from .._errors import ConfigurationError
 from .._log import logger
+from .endpoint import endpoint_problem
 
 if TYPE_CHECKING:
     from .._delivery.transport import Transport
@@ -158,48 +159,9 @@ def validate(settings: Settings) -> Settings:
                                     and _TOOL_NAME.fullmatch(s.tool_name) is not None),
             "tool_name must be the command users type, 1-64 letters, digits, '.', '_', '+' "
             "or '-', such as 'mytool'")
-    if s.default_payload is not None:
-        s = s._replace(default_payload=_checked_default_payload(s.default_payload))
+    # default_payload is checked by the encoder, where the client is made or configured
+    # (``_encode.payload.checked_default_payload``): this layer cannot clean a payload.
     return s
-
-
-# What the privacy guard finds only by looking at the machine it runs on.
-_OF_THIS_MACHINE = ("the user name", "the host name", "the home directory")
-
-
-def _checked_default_payload(payload: object) -> Mapping[str, str]:
-    """The payload every event carries, as text, checked here once.
-
-    A mistake in the code (a key that is reserved or not text, a value that cannot be
-    sent, more than 1 KiB) raises, on every machine alike. A value the privacy guard
-    refuses on *this* machine (it names this user, host or home) is dropped with a
-    warning instead: it may pass on the author's machine and must not stop a user's
-    program."""
-    from .._encode.pipeline import CleanPayload, Reporter, clean_payload
-
-    _expect(isinstance(payload, Mapping), "default_payload must be a mapping of field names "
-            f"to values, not {type(payload).__name__}")
-    assert isinstance(payload, Mapping)
-    for key in payload:
-        _expect(not (isinstance(key, str) and key.lower().startswith("kaibantrace.")),
-                f"default_payload key {key!r} uses the prefix kaibantrace adds its own fields "
-                "with")
-
-    class _Checker(Reporter):
-        def problem(self, cause: str, event: str, key: str, message: str, *, strict: bool,
-                    privacy: bool = False) -> None:
-            if privacy and any(kind in message for kind in _OF_THIS_MACHINE):
-                super().problem(cause, event, key, message, strict=False)
-            else:
-                raise ConfigurationError("kaibantrace: default_payload: " + message.replace(
-                    " of 'default_payload'", "").replace("; field dropped", "").replace(
-                    "; sent without payload", ""))
-
-    cleaned = CleanPayload(clean_payload("default_payload", payload, _Checker(), strict=False))
-    size = sum(len(key) + len(value) + 6 for key, value in cleaned.items())
-    _expect(size <= 1024, "default_payload must be at most 1 KiB as JSON, leaving room for each "
-            "event's own fields")
-    return cleaned
 
 
 def is_app_id(value: object) -> bool:
@@ -235,63 +197,6 @@ def _is_int(value: object) -> bool:
 def _expect(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigurationError(f"kaibantrace: {message}")
-
-
-def endpoint_problem(url: str) -> Optional[str]:
-    """What is wrong with an ingest URL, or ``None`` when it is usable.
-
-    Plain ``http`` is allowed only to a loopback host, so a typo can never send
-    signals in clear text across a network.
-    """
-    if not isinstance(url, str):
-        return "must be a string"
-    if breaks_a_request_line(url):
-        return "must not hold spaces or control characters"
-    from urllib.parse import urlsplit  # deferred, as below: only a configured URL needs it
-
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-    except ValueError:
-        return "is not a valid URL"
-    if not host.isascii() and not _is_idna(host):
-        return "has a host name that IDNA cannot encode, so no request could reach it"
-    if parts.scheme == "https" and host:
-        return None
-    if parts.scheme == "http" and is_loopback(host):
-        return None
-    if parts.scheme == "http":
-        return "must use https:// unless the host is loopback (127.0.0.1, ::1, localhost)"
-    return "must be an https:// URL"
-
-
-def _is_idna(host: str) -> bool:
-    """Whether an internationalised host name can be sent (as ``requests`` encodes it)."""
-    import idna  # comes with requests; loaded only for a host name that is not ASCII
-
-    try:
-        idna.encode(host, uts46=True)
-    except (idna.IDNAError, UnicodeError, ValueError):
-        return False
-    return True
-
-
-def breaks_a_request_line(url: str) -> bool:
-    """Whether ``url`` holds a space or control character, which in an HTTP request line
-    would end it early or start a header of the URL's choosing."""
-    return any(c <= " " or c == "\x7f" for c in url)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine's loopback interface."""
-    if host == "localhost":
-        return True
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 PROFILES = ("default", "kaibanjs")
