@@ -3,6 +3,7 @@ and never writes where it should not."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -60,8 +61,8 @@ class TestDamagedOutbox:
         path = Path(outbox_path(str(tmp_path), APP_ID))
         box = SqliteOutbox(str(path))
         box.add(APP_ID, URL, [(2e9, f'{{"n":{i}}}') for i in range(2000)])
-        with sqlite3.connect(str(path)) as connection:  # everything into the main file
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with contextlib.closing(sqlite3.connect(str(path))) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything into the main file
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 3])
         fresh = open_outbox(str(tmp_path), APP_ID)
