@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional
 
 from .. import _fork
-from .._delivery import sentlog as _sentlog
 from .._delivery.outbox import MemoryOutbox, Outbox, open_outbox
 from .._delivery.outbox import purge as purge_outbox
 from .._delivery.poster import SETUP_DELAY, SETUP_DELAY_WITH_HAND_OFF
@@ -30,7 +29,6 @@ from .._delivery.transport import HttpTransport
 from .._encode.identity import after_fork_in_child as identity_after_fork
 from .._encode.pipeline import RawEvent
 from .._log import logger
-from .._policy import prefs as _prefs
 from .._policy.config import ENV_APP_ID, Settings, canonical_app_id, decide, ingest_url
 from .._policy.state import state_dir
 from . import process
@@ -86,7 +84,6 @@ class Delivery:
         s = client._settings
         sender = Sender(encode=lambda batch: encode_batch(client, batch), target=self._target,
                         open_outbox=self._open_outbox, on_fork=self._forked_from_c,
-                        on_sent=_record_sent, on_retired=_record_retired,
                         transport=client._transport or HttpTransport(),
                         counters=client._counters, batch_size=s.batch_size,
                         flush_interval=s.flush_interval, max_queue=s.max_queue, timeout=s.timeout,
@@ -264,14 +261,3 @@ class Delivery:
             return sender.outbox_count() if sender is not None else 0
         except Exception:  # an outbox that cannot be read: nothing known to wait
             return 0
-
-
-def _record_sent(target: Target, requests: List[Tuple[bytes, int]]) -> None:
-    """After 2xx answers: the transparency log gets each request exactly as sent."""
-    _sentlog.append(target.app_id, target.url or "", requests)
-
-
-def _record_retired(target: Target) -> None:
-    """After a 410 Gone: this machine never sends this app's signals there again."""
-    if target.url is not None:
-        _prefs.mark_retired(target.app_id, target.url)

@@ -12,9 +12,11 @@ The thread that runs passes, and decides when, is ``_delivery.poster``.
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional
 
 from .._log import logger
+from .._policy import prefs
+from . import sentlog
 from .backoff import Backoff
 from .claims import Claims
 from .outbox import Outbox, Row, row_problem
@@ -27,13 +29,9 @@ _BATCHES_PER_CLAIM = 10  # requests one claim of the outbox may serve when there
 class Posting:
     """How one sender sends what waits in the outbox, and what it learned doing so."""
 
-    def __init__(self, state: SenderState, *, transport: Transport,
-                 on_sent: Callable[[Target, List[Tuple[bytes, int]]], None],
-                 on_retired: Callable[[Target], None]) -> None:
+    def __init__(self, state: SenderState, *, transport: Transport) -> None:
         self._s = state
         self.transport = transport
-        self._on_sent = on_sent
-        self._on_retired = on_retired
         self.backoff = Backoff(state.policy)
         self.claims = Claims()
         self.passes = 0  # sending passes finished (the command line waits for one)
@@ -163,8 +161,8 @@ class Posting:
             self._forget(outbox, ids)
             s.counters.sent += len(ids)
             self.backoff.succeeded(outbox, target.url)
-            try:
-                self._on_sent(target, [(body, len(ids))])
+            try:  # the transparency log gets each request exactly as sent
+                sentlog.append(target.app_id, target.url, [(body, len(ids))])
             except Exception:
                 logger.debug("kaibantrace: could not record a request in the transparency log",
                              exc_info=True)
@@ -193,8 +191,9 @@ class Posting:
         s = self._s
         s.policy.retired()
         self.last_problem = "the endpoint answered 410 Gone: it is retired, and what waited was dropped"
-        try:
-            self._on_retired(target)
+        try:  # this machine never sends this app's signals there again
+            if target.url is not None:
+                prefs.mark_retired(target.app_id, target.url)
         except Exception:
             logger.debug("kaibantrace: could not record the retired endpoint", exc_info=True)
         with s.book_lock:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 from .._encode.pipeline import RawEvent
 from .outbox import Outbox
@@ -41,19 +41,16 @@ class Sender:
 
     def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
                  target: Callable[[], Optional[Target]], open_outbox: Callable[[], Outbox],
-                 on_fork: Callable[[RawEvent], None],
-                 on_sent: Callable[[Target, List[Tuple[bytes, int]]], None],
-                 on_retired: Callable[[Target], None],
-                 transport: Transport, counters: Counters, batch_size: int,
-                 flush_interval: float, max_queue: int, timeout: float, backoff: float,
+                 on_fork: Callable[[RawEvent], None], transport: Transport, counters: Counters,
+                 batch_size: int, flush_interval: float, max_queue: int, timeout: float,
+                 backoff: float,
                  setup_delay: Callable[[Outbox], float] = lambda outbox: SETUP_DELAY) -> None:
         self._s = SenderState(encode=encode, target=target, open_outbox=open_outbox,
                               on_fork=on_fork, counters=counters, batch_size=batch_size,
                               flush_interval=flush_interval, max_queue=max_queue,
                               timeout=timeout, backoff=backoff)
         self._writer = Writer(self._s)
-        self._posting = Posting(self._s, transport=transport, on_sent=on_sent,
-                                on_retired=on_retired)
+        self._posting = Posting(self._s, transport=transport)
         self._poster = Poster(self._s, self._posting, setup_delay=setup_delay)
         self._writer_thread: Optional[threading.Thread] = None
         self._poster_thread: Optional[threading.Thread] = None
