@@ -330,6 +330,42 @@ class TestConcurrency:
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
     @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_a_fork_while_another_thread_decides_leaves_the_child_no_held_lock(
+            self, make_client: MakeClient, collector: Collector) -> None:
+        """A thread holds a client's lock (deciding where its first event goes) when the
+        process forks: the child's first event of that client must not wait for a thread
+        the child does not have, even though that client had no sender to look after."""
+        running = make_client()
+        running.emit("start")  # the fork hooks are registered with a sender
+        assert running.flush(10)
+        idle = make_client()  # no event yet: no sender, not among the clients with one
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with idle._router.lock:
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert held.wait(10)
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    idle.emit("child")
+                    code = 0 if idle.flush(10) else 2
+                finally:
+                    os._exit(code)
+            assert _exit_code_of(pid) == 0
+        finally:
+            release.set()
+            holder.join()
+        assert "child" in [s["type"] for s in collector.wait_for(2)]
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_fork_waits_while_the_sender_sets_up(self, make_client: MakeClient) -> None:
         """A fork never lands while the sender prepares its HTTP stack (an import in progress
         would leave the child a module lock held by a thread it does not have)."""

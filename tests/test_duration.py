@@ -473,6 +473,26 @@ class TestCli:
 
 
 class TestNeverInTheWay:
+    def test_a_failure_deciding_where_events_go_never_reaches_the_call(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Deciding (the opt-out sources, the sender's start) fails: the timed function
+        still runs and returns, untimed, and nothing is raised into its caller."""
+        from kaibantrace._client import client as _client
+        from kaibantrace._client import router as _router
+
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+
+        @client.track("run", duration=True)
+        def run() -> str:
+            return "ran"
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("telemetry is broken")
+
+        monkeypatch.setattr(_router, "decide", broken)
+        _client.bump_generation()  # decide again at the next event
+        assert run() == "ran"
+
     @pytest.mark.parametrize("payload", [None, "callable"])
     def test_a_failure_inside_telemetry_never_reaches_the_call(
             self, payload: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -684,6 +704,8 @@ class TestReviewedEdges:
         assert signals == []
 
     @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+    # Other tests of the same worker may have left a thread running (a collector's).
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_a_forked_child_is_a_new_user_in_a_capture_too(self) -> None:
         client = kaibantrace.Telemetry(app_id=APP_ID)
         read, write = os.pipe()

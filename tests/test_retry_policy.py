@@ -63,11 +63,18 @@ class TestBackoff:
         policy.failed(10.0, None)
         assert policy.retry_at == 12.0
 
+    def test_a_new_first_wait_applies_to_the_next_failure(self) -> None:
+        """retune before any failure: the very next wait is the new one."""
+        policy = steady()
+        policy.retune(5.0)
+        policy.failed(0.0, None)
+        assert policy.retry_at == 5.0
+
     def test_a_new_first_wait_applies_after_a_success(self) -> None:
         """retune: a backoff already grown runs out as it was."""
         policy = steady()
         policy.failed(0.0, None)
-        policy.start = 5.0
+        policy.retune(5.0)
         policy.rejected()
         policy.failed(10.0, None)
         assert policy.retry_at == 12.0

@@ -88,12 +88,12 @@ class TestSendWaiting:
         assert client.send_waiting() is False
         assert client.waiting() == 0 and client.delivery_status().sending is False
 
-    def test_within_bounds_the_requests(self, make_client: MakeClient,
+    def test_stop_after_bounds_the_requests(self, make_client: MakeClient,
                                         black_hole_url: str) -> None:
-        """A server that never answers: with ``within``, no request outlives the bound."""
+        """A server that never answers: with ``stop_after``, no request outlives the bound."""
         leave_in_outbox(black_hole_url, 1)
         client = make_client(endpoint=black_hole_url, timeout=30)
-        assert client.send_waiting(within=1.0) is True
+        assert client.send_waiting(stop_after=1.0) is True
         wait_until(lambda: client.stats()["requests"] == 1, 20)
         # Unbounded, the request would wait for an answer for its 30 s timeout.
         wait_until(lambda: client.stats()["in_flight"] == 0, 5)

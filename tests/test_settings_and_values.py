@@ -169,6 +169,22 @@ class TestSenderSettingsAfterStart:
             warnings.simplefilter("error")
             client.configure(transport=MemoryTransport())
 
+    def test_a_late_transport_turned_into_an_error_leaves_no_half_change(
+            self, make_client: MakeClient, collector: Collector) -> None:
+        """Under ``-W error`` the warning raises; every other setting given with it is in
+        force all the same (the warning comes once the change is applied)."""
+        client = make_client()
+        client.emit("first")
+        assert client.flush(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeWarning):
+                client.configure(transport=MemoryTransport(), opt_out=True, batch_size=7)
+        assert client.settings.batch_size == 7 and client.settings.opt_out is True
+        client.emit("after")  # the opt-out is in force at once: refused, not queued
+        assert client.stats()["queued"] == 1
+        assert [s["type"] for s in collector.signals] == ["first"]
+
     def test_transport_before_the_first_event_is_used(self, make_client: MakeClient) -> None:
         transport = MemoryTransport()
         client = make_client()

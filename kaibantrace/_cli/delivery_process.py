@@ -79,7 +79,7 @@ def _deliver(app_id: str, url: str, *, opt_out_env: str, profile: Optional[str],
             note_run(directory, app_id)  # before the sender's threads share the file
         # Decides opt-out; when on, starts the sender, which sends what waits, with no
         # request still under way when the bound comes.
-        if not client.send_waiting(within=max(0.0, deadline - time.monotonic())):
+        if not client.send_waiting(stop_after=max(0.0, deadline - time.monotonic())):
             decision = client.decision()
             return Delivered(0, waiting(directory, app_id) or 0, "telemetry is off" if not
                              decision.enabled else "nothing can be sent from here")

@@ -4,14 +4,16 @@ Each job a client does has a module of its own beside this one:
 
 * ``router``: the hot path, which decides again only when something changed;
 * ``routes``: the answers it can give (the queue, debug output, a capture, ...);
-* ``delivery``: the sender, the outbox, the hand-off at exit, sending on request;
-* ``process``: the exit and fork hooks, and putting a client back as new;
+* ``delivery``: the sender and the outbox, sending on request;
+* ``process``: the exit and the hand-off to a delivery process, ``fork``, and putting
+  a client back as new;
 * ``firstrun``: a CLI's first-run notice and install event;
 * ``capture``: what ``kaibantrace.testing.capture`` installs;
 * ``budget``: how many signals of a name a minute may leave.
 
 ``Telemetry`` holds the client's settings and state and offers the public
-methods; the modules above are the only ones that touch that state.
+methods; only the modules of ``_client`` (these, the decorators and timing)
+touch that state.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F")
 
-_Timer: Any = None  # _timing.Timer, once timed() is first used
+_Timer: Any = None  # timing.Timer, once timed() is first used
 
 def install_capture(capture: Capture) -> None:
     """Record every client's events in ``capture`` (the latest installed wins) until it is
@@ -137,14 +139,15 @@ class Telemetry:
                                     settings.get("default_payload"))
         with self._router.lock:
             self._settings = new
-            if transport is not None:
-                if self._delivery.sender is not None and transport is not self._transport:
-                    _warn_late_transport(self)
-                self._transport = transport
+            late = (transport is not None and transport is not self._transport
+                    and self._delivery.sender is not None)
+            self._transport = self._transport if transport is None else transport
             self._delivery.retune(new)
             self._budget.set_rate(new.max_per_minute)
             self._router.watch(new.opt_out_env)
         bump_generation()
+        if late:  # once all is applied: a warning turned into an error leaves no half-change
+            _warn_late_transport(self)
 
     @property
     def settings(self) -> Settings:
@@ -289,25 +292,24 @@ class Telemetry:
 
     # -- sending what waits in the outbox ------------------------------------
 
-    def send_waiting(self, *, within: Optional[float] = None, retry_now: bool = False) -> bool:
+    def send_waiting(self, *, retry_now: bool = False, stop_after: Optional[float] = None
+                     ) -> bool:
         """Send what waits in this machine's outbox for this client's app now, not at the
         next event; ``False`` when nothing can send (opted out, no app ID, debug mode).
 
-        Telemetry is decided as for an event, and the sender starts if it has not.
-        ``within`` (seconds) bounds it: no request is still under way after that.
-        ``retry_now`` makes one attempt even while the endpoint is backing off after
-        another process's failures, as ``kaibantrace flush`` does for a user who asked.
-        Watch it with ``delivery_status()``, or use ``drain()`` to wait.
+        It is decided as for an event, and the sender starts if it has not. ``retry_now``:
+        try at once even while another process's failures hold the endpoint back (as
+        ``kaibantrace flush`` does). ``stop_after`` (seconds), for a client that ends then
+        (as the delivery process does): no request starts, or is under way, after it.
         """
-        return self._delivery.send_waiting(within=within, retry_now=retry_now)
+        return self._delivery.send_waiting(stop_after=stop_after, retry_now=retry_now)
 
     def delivery_status(self) -> DeliveryStatus:
         """How sending goes in this process: passes made, what waits, why it stopped."""
         return self._delivery.status()
 
     def waiting(self) -> int:
-        """Signals in the outbox for this client's app and endpoint, every process's, read
-        from the outbox now (0 when no sender runs in this process)."""
+        """Signals in the outbox for this app and endpoint, read now (0 without a sender)."""
         return self._delivery.waiting()
 
     def drain(self, timeout: float = 5.0, *,

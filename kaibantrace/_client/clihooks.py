@@ -42,7 +42,7 @@ class TrackedCli(Tracked):
 
     def __init__(self, wrapped: Any, start: Start, steps: Any) -> None:
         super().__init__(wrapped, start)
-        self._self_steps = steps  # _timing.Firing or Timing: what happens around ``main``
+        self._self_steps = steps  # timing.Firing or Timing: what happens around ``main``
         self._self_classes: Dict[type, type] = {}
 
     def __getattribute__(self, name: str) -> Any:

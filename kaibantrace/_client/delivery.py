@@ -136,7 +136,8 @@ class Delivery:
         if _fork.ensure_fresh_in_child():
             identity_after_fork()
         client = self._client
-        process.after_fork(client)
+        if client._delivery is self:  # not yet started over here (by Python's fork hook,
+            process.after_fork(client)  # when a route kept from before the fork led here)
         accept = client._route()
         if accept is not None:
             accept(raw)
@@ -207,7 +208,7 @@ class Delivery:
 
     # -- sending what waits, on request -------------------------------------------
 
-    def send_waiting(self, *, within: Optional[float], retry_now: bool) -> bool:
+    def send_waiting(self, *, stop_after: Optional[float], retry_now: bool) -> bool:
         """Start the sender if telemetry is on, and have it send what waits now."""
         try:
             self._client._route()  # decides opt-out; when on, starts the sender
@@ -216,18 +217,16 @@ class Delivery:
         sender = self.sender
         if sender is None:
             return False
-        if within is not None:
-            sender.bound(time.monotonic() + within)  # nothing still under way after it
-        if retry_now:
-            sender.ignore_shared_backoff = True
-        sender.poke()
+        if stop_after is not None:
+            sender.bound(time.monotonic() + stop_after)  # nothing still under way after it
+        sender.poke(retry_now=retry_now)
         return True
 
     def drain(self, timeout: float,
               progress: Optional[Callable[[DeliveryStatus], None]]) -> bool:
         """``send_waiting(retry_now=True)``, then wait up to ``timeout`` seconds until none is
         left or sending stops; ``True`` when none is left."""
-        if not self.send_waiting(within=None, retry_now=True):
+        if not self.send_waiting(stop_after=None, retry_now=True):
             return False
         deadline = time.monotonic() + timeout
         while True:

@@ -23,6 +23,7 @@ from .._encode.identity import after_fork_in_child as identity_after_fork
 from .._log import logger
 from .._policy.config import decide, ingest_url
 from .._policy.state import state_dir
+from .router import after_fork_in_child as routers_after_fork
 from .router import bump_generation
 
 if TYPE_CHECKING:
@@ -169,13 +170,14 @@ def _after_fork_in_child() -> None:
     _fork.after_fork_in_child()
     identity_after_fork()
     _hooks_lock = threading.Lock()
+    routers_after_fork()
     for client in list(live_clients):
         after_fork(client)
 
 
 def after_fork(client: Telemetry) -> None:
     """In a forked child: the parent's thread, queue and locks do not exist here."""
-    client._router.lock = threading.RLock()
+    client._router.lock = threading.RLock()  # also for a fork from C, which no hook saw
     after_fork = getattr(client._transport, "after_fork", None)
     if after_fork is not None:  # a transport given in code, shared with the parent
         try:

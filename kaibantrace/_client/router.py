@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from .._policy.config import ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, ENV_OPT_OUT, ENV_PROFILE, decide
@@ -35,6 +36,13 @@ def bump_generation() -> None:
     _generation += 1
 
 
+def after_fork_in_child() -> None:
+    """A fork may have split a thread that held a router's lock (deciding, or starting a
+    sender): every client's router gets a new one in the child, running sender or not."""
+    for router in list(routers):
+        router.lock = threading.RLock()
+
+
 def _encoded_key(name: str) -> Any:
     encode = getattr(os.environ, "encodekey", None)
     return encode(name) if encode is not None else name
@@ -42,6 +50,10 @@ def _encoded_key(name: str) -> Any:
 
 _ENV_KEYS = (_encoded_key(ENV_DO_NOT_TRACK), _encoded_key(ENV_DEBUG), _encoded_key(ENV_APP_ID),
              _encoded_key(ENV_PROFILE), _encoded_key(ENV_OPT_OUT))
+
+
+routers: weakref.WeakSet[Router] = weakref.WeakSet()
+"""Every client's router (``after_fork_in_child``)."""
 
 
 class Router:
@@ -53,6 +65,7 @@ class Router:
         # this thread inside the lock must not deadlock the host.
         self.lock = threading.RLock()
         self.reset(client._settings.opt_out_env)
+        routers.add(self)
 
     def reset(self, opt_out_env: str) -> None:
         """Forget what was seen: the next event decides again."""

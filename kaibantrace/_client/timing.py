@@ -240,7 +240,13 @@ def timed_start(client: Any, timing: Timing) -> Start:
     route = client._route
 
     def start(wrapped: Any, depth: int) -> Any:
-        accept = route()
+        try:
+            accept = route()
+        except RecursionError:  # the work's own, its stack full: it is the one to raise
+            raise
+        except Exception:  # never into the host: the call goes on untimed
+            logger.debug("kaibantrace: could not decide where an event goes", exc_info=True)
+            return wrapped
         if accept is None:
             return wrapped
         try:

@@ -37,10 +37,13 @@ class Posting:
         self.passes = 0  # sending passes finished (the command line waits for one)
         self.last_problem = ""  # how the last failed request ended, for the command line
         self.in_flight = 0  # signals in the request being sent
+        self._ignore_shared = False  # this pass ignores other processes' backoff
 
     def run_pass(self, outbox: Outbox) -> None:
         """Send batches while allowed, then recount the outbox and answer waiting flushes."""
         s = self._s
+        # A retry the user asked for (``send_waiting(retry_now=True)``) is this pass's only.
+        self._ignore_shared, s.retry_now = s.retry_now, False
         target = s.target()
         if target is not None and not target.wanted:  # opted out: what waited is dropped unsent
             with s.book_lock:
@@ -67,7 +70,7 @@ class Posting:
         assert target.url is not None
         s = self._s
         if s.policy.circuit_open or s.holding or not self.backoff.may_try_now(
-                outbox, target.url, ignore_shared=s.ignore_shared_backoff,
+                outbox, target.url, ignore_shared=self._ignore_shared,
                 cut_short=bool(s.markers), exiting=s.stopping):
             return False
         remaining = None if s.deadline is None else s.deadline - time.monotonic()
@@ -226,7 +229,7 @@ class Posting:
         if target is None:
             target = s.target()
         give_up = (force or s.policy.circuit_open
-                   or self.backoff.shared_circuit_open(ignore_shared=s.ignore_shared_backoff)
+                   or self.backoff.shared_circuit_open(ignore_shared=self._ignore_shared)
                    or s.holding or target is None or not target.wanted)
         answered = []
         for marker in markers:

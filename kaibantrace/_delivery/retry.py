@@ -49,6 +49,13 @@ class RetryPolicy:
         self._wait = backoff
         self._jitter = jitter
 
+    def retune(self, backoff: float) -> None:
+        """A new first wait (``configure(backoff=...)``): the next failure waits it, unless
+        failures already grew the backoff, which then runs out as it was (until a success)."""
+        if self._wait == self.start:  # not grown: the next wait is the first one
+            self._wait = backoff
+        self.start = backoff
+
     def succeeded(self) -> None:
         """The endpoint took a batch: back to the first wait."""
         self.failures, self._wait = 0, self.start

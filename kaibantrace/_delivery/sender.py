@@ -2,7 +2,8 @@
 
 The calling thread only appends to a ``deque`` and, when the queue goes from
 idle to busy or a batch fills up, sets an ``Event``. It never blocks, never
-touches a file or the network, and never raises.
+touches a file or the network, and never raises. (In a child forked from C,
+where no fork hook ran, its first event starts the client over first.)
 
 Two threads do the rest, so that neither waits for the other:
 
@@ -175,9 +176,12 @@ class Sender:
             return 0
         return outbox.count(target.app_id, target.url)
 
-    def poke(self) -> None:
+    def poke(self, *, retry_now: bool = False) -> None:
         """Have the poster look at the outbox now (another process added to it, or the
-        process exists to send), without waiting out the setup delay."""
+        process exists to send), without waiting out the setup delay; with ``retry_now``,
+        that pass tries even while another process's backoff for the endpoint runs."""
+        if retry_now:
+            self._s.retry_now = True
         self._s.eager = True
         self._s.post_wake.set()
 
@@ -231,12 +235,3 @@ class Sender:
     @holding.setter
     def holding(self, value: bool) -> None:
         self._s.holding = value
-
-    @property
-    def ignore_shared_backoff(self) -> bool:
-        """The user asked to send now (``kaibantrace flush``): one try, whoever failed before."""
-        return self._s.ignore_shared_backoff
-
-    @ignore_shared_backoff.setter
-    def ignore_shared_backoff(self, value: bool) -> None:
-        self._s.ignore_shared_backoff = value

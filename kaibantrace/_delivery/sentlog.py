@@ -92,10 +92,10 @@ def append(app_id: str, url: str, requests: List[Tuple[bytes, int]]) -> None:
 
     Each request is two lines: a JSON object that says when, where and how many
     (and the body's length), then the body itself, byte for byte. Storing the
-    body as it is, rather than as a JSON string, spares the worker escaping
+    body as it is, rather than as a JSON string, spares the poster escaping
     every request again, and shows what was sent without a decoding step.
     """
-    import json  # deferred: loaded already by then (the worker loads it), or never
+    import json  # deferred: loaded already by then (the writer thread loads it), or never
 
     try:
         now = time.time()

@@ -45,7 +45,7 @@ class Target(NamedTuple):
 class Counters:
     """What happened to the events a client accepted; read with ``snapshot()``.
 
-    The worker writes most counts. ``drop`` may be called from any thread
+    The writer and poster threads write most counts. ``drop`` may be called from any thread
     (overflow, exit), so it takes a lock and stays exact under contention.
     """
 
@@ -139,7 +139,8 @@ class SenderState:
         self.eager = False  # set up and send now, without the setup delay
         # The user's wishes, set by the client or the command line.
         self.holding = False  # send nothing in this process (the run that showed the notice)
-        self.ignore_shared_backoff = False  # the user asked to send now (``kaibantrace flush``)
+        self.retry_now = False  # the user asked to send now: the next pass ignores other
+        # processes' backoff (``kaibantrace flush``); the poster clears it as the pass starts
         self._logged: set[str] = set()
 
     def retune(self, *, batch_size: int, flush_interval: float, max_queue: int, timeout: float,
@@ -156,7 +157,7 @@ class SenderState:
         self.interval = flush_interval
         self.max_queue = max_queue
         self.timeout = timeout
-        self.policy.start = backoff
+        self.policy.retune(backoff)
 
     def accept(self, raw: RawEvent) -> None:
         """Queue one event (the caller's thread). Never blocks, never raises."""

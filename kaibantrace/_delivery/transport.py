@@ -1,8 +1,8 @@
 """How a batch reaches the ingest service, behind a two-method seam.
 
 A transport has ``send(url, body, timeout) -> Outcome`` and ``close()``. The
-HTTP transport posts with ``requests``, loaded on the sender's thread, never
-at import, and maps every way a request can end onto the outcomes the sender
+HTTP transport posts with ``requests``, loaded on the poster thread, never
+at import, and maps every way a request can end onto the outcomes the poster
 understands, following TelemetryDeck's own SDKs:
 
 * ``SENT``: any 2xx;
@@ -14,7 +14,8 @@ understands, following TelemetryDeck's own SDKs:
 * ``RETIRED``: 410 Gone, the endpoint's way of saying it will never accept
   anything again: the kill switch an author uses to silence released clients.
 
-There is no retry here: the sender owns the single retry loop.
+There is no retry here: the poster (``_delivery.posting``, with ``retry`` and
+``backoff``) owns the single retry loop.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def measured(payload: Any, seconds: float, outcome: str) -> Measured:
     return made
 
 
-_new_tuple: Any = tuple.__new__  # also used by _timing's shortest path
+_new_tuple: Any = tuple.__new__  # also used by _client.timing's shortest path
 
 
 class Failure:

@@ -3,7 +3,7 @@ and the 4 KiB limit.
 
 The calling thread keeps a snapshot of each payload (``snapshot_payload``), so
 the queue holds what will be sent, as it was at the call, and never more than
-that; the worker then cleans it (``clean_payload``): flat text values, with
+that; the writer thread then cleans it (``clean_payload``): flat text values, with
 bad, reserved and personal fields dropped, and the whole payload dropped when
 over ``MAX_PAYLOAD_BYTES`` encoded. The small objects that stand in the queue
 for a payload or a value already known to be refused or clean
@@ -37,7 +37,7 @@ class PayloadRefused:
     """Stands for a payload the caller's thread already knows cannot be sent: not a mapping
     (``cause`` "payload_type", ``detail`` its type), certainly over 4 KiB ("size"), or
     failing when read ("unreadable", ``detail`` the exception). Only this small object
-    waits in the queue; the worker reports it as it would the payload, once per cause, and
+    waits in the queue; the writer thread reports it as it would the payload, once per cause, and
     sends the event without payload."""
 
     __slots__ = ("cause", "detail")
@@ -49,7 +49,7 @@ class PayloadRefused:
 
 class Unsendable:
     """Stands for a payload value found unsendable at the call (a set, an object, a nested
-    list, bytes, a path): the field is dropped on the worker, whose warning names the
+    list, bytes, a path): the field is dropped on the writer thread, whose warning names the
     value's type and why it is refused."""
 
     __slots__ = ("kind", "privacy", "why")
@@ -84,7 +84,7 @@ def _why_unsendable(value: Any) -> Tuple[str, bool]:
 
 def refuse(name: str, refused: PayloadRefused, reporter: Reporter, strict: bool) -> None:
     """Report a payload sent without its fields: the same words whether the caller's
-    thread found the problem (``snapshot_payload``) or the worker did."""
+    thread found the problem (``snapshot_payload``) or the writer thread did."""
     cause, detail = refused.cause, refused.detail
     if cause == "size":
         message = f"payload of {name!r} is over {MAX_PAYLOAD_BYTES} bytes encoded"
@@ -176,12 +176,12 @@ def snapshot_payload(payload: Any, *, refuse_oversized: bool = True) -> Any:
     """What a raw event keeps of ``payload``: what will be sent, as it is at the call.
 
     Runs on the caller's thread for every event with a payload, so it does the
-    least that makes the queue safe to hold: the worker encodes later, and by
+    least that makes the queue safe to hold: the writer thread encodes later, and by
     then the caller may have changed a list it passed, or the queue may hold
     thousands of payloads too big to send. So:
 
     * text, numbers, booleans, ``None`` and dates are kept as they are: they
-      cannot change, and their text is made on the worker as before (an int
+      cannot change, and their text is made on the writer thread as before (an int
       too long to send is kept too: checking every int would cost every call);
     * anything else (lists, tuples, mappings, objects) is turned now into the
       text that will be sent, or into ``Unsendable`` when it cannot be;
@@ -193,7 +193,7 @@ def snapshot_payload(payload: Any, *, refuse_oversized: bool = True) -> Any:
     * a payload that is not a mapping, or that fails when read, becomes a
       ``PayloadRefused`` naming why.
 
-    The worker's checks (names, reserved keys, privacy, the exact size) stay
+    The writer thread's checks (names, reserved keys, privacy, the exact size) stay
     where they were, and report what this found in the same words.
     ``refuse_oversized=False`` is for events encoded at the call anyway
     (strict mode, a capture): their exact checks then report a payload's

@@ -165,7 +165,7 @@ def build_signal(raw: RawEvent, ctx: EncodeContext) -> Dict[str, Any]:
 def encode_event(raw: RawEvent, ctx: EncodeContext) -> str:
     """``encode_signal(build_signal(raw, ctx))``, the same text to the byte, faster.
 
-    Runs on the worker for every event, so it avoids the dictionary and the
+    Runs on the writer thread for every event, so it avoids the dictionary and the
     encoder pass; ``tests/test_pipeline.py`` checks it against the plain way.
     """
     return _refusing_failures(_encode, raw, ctx)

@@ -257,7 +257,7 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     ``"DO_NOT_TRACK"``, ``"saved preference"`` (``kaibantrace disable``),
     ``"retired endpoint"`` (it answered 410 Gone) or ``"default"``.
     """
-    from . import prefs as _prefs  # here, not at the top: _prefs needs this module's names
+    from . import prefs as _prefs  # here, not at the top: ``decide`` alone needs it
 
     profile = profile_of(settings, environ)
     if settings.opt_out:
