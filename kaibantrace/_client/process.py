@@ -178,10 +178,10 @@ def _after_fork_in_child() -> None:
 def after_fork(client: Telemetry) -> None:
     """In a forked child: the parent's thread, queue and locks do not exist here."""
     client._router.lock = threading.RLock()  # also for a fork from C, which no hook saw
-    after_fork = getattr(client._transport, "after_fork", None)
-    if after_fork is not None:  # a transport given in code, shared with the parent
+    reset_transport = getattr(client._transport, "after_fork", None)
+    if reset_transport is not None:  # a transport given in code, shared with the parent
         try:
-            after_fork()
+            reset_transport()
         except Exception:
             logger.debug("kaibantrace: the transport failed to reset after fork", exc_info=True)
     # A client shut down in the parent stays shut down; a run that showed the
