@@ -1,0 +1,66 @@
+// Runs a Python file under Pyodide, in Node.js, with kaibantrace and wrapt installed from
+// local files and every fetch() recorded instead of sent: the browser's platform, with
+// no network. Used by tests/test_pyodide.py.
+//
+//   node driver.mjs <pyodide dir> <config.json>
+//
+// config: {"packages": {"<name>": "<local dir or .whl>", ...}, "script": "<file.py>",
+//          "statuses": [200, ...], "globals": {"NAME": value, ...}, "env": {...}}
+// Prints one JSON line: {"result": <the script's RESULT>, "fetches": [...], "error": ...}.
+import { readFileSync, readdirSync, statSync } from "node:fs";
+import { join, basename } from "node:path";
+import { pathToFileURL } from "node:url";
+
+const [pyodideDir, configPath] = process.argv.slice(2);
+const config = JSON.parse(readFileSync(configPath, "utf8"));
+const fetches = [];
+const statuses = [...(config.statuses ?? [])];
+
+globalThis.fetch = async (url, init = {}) => {
+  fetches.push({
+    url: String(url),
+    method: init.method ?? "GET",
+    body: init.body === undefined ? null : String(init.body),
+    keepalive: Boolean(init.keepalive),
+    headers: Object.fromEntries(new Headers(init.headers ?? {}).entries()),
+  });
+  const status = statuses.length ? statuses.shift() : 200;
+  if (status === 0) throw new TypeError("fetch failed");  // the network refused
+  return new Response("", { status });
+};
+for (const [name, value] of Object.entries(config.globals ?? {})) globalThis[name] = value;
+
+const { loadPyodide } = await import(pathToFileURL(join(pyodideDir, "pyodide.mjs")).href);
+const py = await loadPyodide({ env: { HOME: "/home/pyodide", ...(config.env ?? {}) } });
+const site = py.runPython("import site; site.getsitepackages()[0]");
+
+function copyTree(from, to) {  // a package's source directory into Pyodide's file system
+  py.FS.mkdirTree(to);
+  for (const entry of readdirSync(from)) {
+    if (entry === "__pycache__") continue;
+    const source = join(from, entry);
+    if (statSync(source).isDirectory()) copyTree(source, `${to}/${entry}`);
+    else py.FS.writeFile(`${to}/${entry}`, readFileSync(source));
+  }
+}
+
+for (const [name, path] of Object.entries(config.packages ?? {})) {
+  if (path.endsWith(".whl")) {  // a pure wheel: unpacked where pip would put it
+    const target = `/tmp/${basename(path)}`;
+    py.FS.writeFile(target, readFileSync(path));
+    py.runPython(`import zipfile; zipfile.ZipFile(${JSON.stringify(target)}).extractall(${JSON.stringify(site)})`);
+  } else {
+    copyTree(path, `${site}/${name}`);
+  }
+}
+
+let result = null;
+let error = null;
+try {
+  await py.runPythonAsync(readFileSync(config.script, "utf8"));
+  const value = py.globals.get("RESULT");
+  result = value === undefined ? null : JSON.parse(value);
+} catch (e) {
+  error = String(e);
+}
+process.stdout.write(JSON.stringify({ result, fetches, error }) + "\n");

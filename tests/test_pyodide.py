@@ -1,0 +1,166 @@
+"""kaibantrace under Pyodide (Python in the browser), run by Node.js with no network.
+
+A pinned ``pyodide`` from npm runs Python files with kaibantrace's source and wrapt's pure
+wheel installed from local files; ``fetch`` is replaced in JavaScript by a recorder
+(``tests/pyodide/driver.mjs``), so a test sees each request the page would make. Skipped,
+saying why, where Node.js or npm is missing or the package cannot be installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+from .real_libraries import default_cache_dir
+
+PYODIDE_VERSION = "314.0.8"  # Python 3.14 in the browser
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = Path(__file__).resolve().parent / "pyodide" / "driver.mjs"
+APP_ID = "6C1A37E0-2F4B-4E8D-9B7A-3D5E1F2A4C60"
+INGEST = "https://nom.telemetrydeck.com/v2/"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One preparation at a time across the suite's workers."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Runtime:
+    """Pyodide and the wheels, ready in the cache; ``run`` executes a script there."""
+
+    def __init__(self, pyodide: Path, wrapt_wheel: Path, scratch: Path) -> None:
+        self.pyodide = pyodide
+        self.wrapt_wheel = wrapt_wheel
+        self.scratch = scratch
+
+    def run(self, script: str, *, statuses: Optional[List[int]] = None,
+            env: Optional[Dict[str, str]] = None,
+            page_globals: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        script_path = self.scratch / f"script-{os.urandom(4).hex()}.py"
+        script_path.write_text(textwrap.dedent(script), encoding="utf-8")
+        config = {"packages": {"kaibantrace": str(ROOT / "kaibantrace"),
+                               "wrapt": str(self.wrapt_wheel)},
+                  "script": str(script_path), "statuses": statuses or [],
+                  "env": env or {}, "globals": page_globals or {}}
+        config_path = script_path.with_suffix(".json")
+        config_path.write_text(json.dumps(config), encoding="utf-8")
+        done = subprocess.run(["node", str(DRIVER), str(self.pyodide), str(config_path)],
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        outcome: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        assert outcome["error"] is None, outcome["error"]
+        return outcome
+
+
+@pytest.fixture(scope="session")
+def pyodide_runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("Node.js and npm are needed to run Pyodide (apt install nodejs npm)")
+    cache = default_cache_dir() / f"pyodide-{PYODIDE_VERSION}"
+    cache.mkdir(exist_ok=True)
+    pyodide = cache / "node_modules" / "pyodide"
+    wheels = cache / "wheels"
+    with _locked(cache / ".lock"):
+        if not (pyodide / "pyodide.mjs").exists():
+            done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix",
+                                   str(cache), f"pyodide@{PYODIDE_VERSION}"],
+                                  capture_output=True, text=True, timeout=600)
+            if done.returncode != 0 or not (pyodide / "pyodide.mjs").exists():
+                pytest.skip(f"could not install pyodide@{PYODIDE_VERSION} from npm: "
+                            f"{done.stderr.strip()[-300:]}")
+        found = sorted(wheels.glob("wrapt-*-py3-none-any.whl"))
+        if not found:
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                                   "--no-deps", "--only-binary=:all:", "--platform", "any",
+                                   "--dest", str(wheels), "wrapt"],
+                                  capture_output=True, text=True, timeout=300)
+            found = sorted(wheels.glob("wrapt-*-py3-none-any.whl"))
+            if not found:
+                pytest.skip(f"could not download wrapt's pure wheel: {done.stderr.strip()[-300:]}")
+    return Runtime(pyodide, found[-1], tmp_path_factory.mktemp("pyodide"))
+
+
+# What a page must not load for kaibantrace: its ways out of a normal process. (Pyodide
+# itself has loaded ``subprocess`` by the time a script runs; the tests look at what
+# importing and using kaibantrace adds.)
+NOT_IN_THE_BROWSER = ("requests", "urllib3", "subprocess", "sqlite3")
+LOADED_BEFORE = f"BEFORE = set(sys.modules) & set({NOT_IN_THE_BROWSER!r})"
+
+
+class TestImport:
+    def test_imports_and_makes_a_client_without_the_machinery_of_a_process(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json, sys
+            {LOADED_BEFORE}
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r})
+            RESULT = json.dumps({{"platform": sys.platform,
+                                 "loaded": [m for m in {NOT_IN_THE_BROWSER!r}
+                                            if m in sys.modules and m not in BEFORE],
+                                 "version": kaibantrace.__version__}})
+        """)
+        assert outcome["result"]["platform"] == "emscripten"
+        assert outcome["result"]["loaded"] == []
+        assert outcome["fetches"] == []
+
+
+class TestNeverInThePageWay:
+    def test_an_opted_out_page_makes_no_request_and_starts_nothing(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json, sys
+            {LOADED_BEFORE}
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r})
+
+            @client.track("board_started")
+            def start():
+                return "started"
+
+            ran = start()
+            client.emit("task_done", {{"n": 1}})
+            RESULT = json.dumps({{"ran": ran, "stats": client.stats(),
+                                 "loaded": [m for m in {NOT_IN_THE_BROWSER!r}
+                                            if m in sys.modules and m not in BEFORE]}})
+        """, env={"KAIBAN_TELEMETRY_OPT_OUT": "1"})
+        result = outcome["result"]
+        assert result["ran"] == "started" and result["stats"]["queued"] == 0
+        assert result["loaded"] == [] and outcome["fetches"] == []
+
+    def test_tracked_work_runs_where_no_thread_can_start(self, pyodide_runtime: Runtime) -> None:
+        """Telemetry on, in a runtime that refuses threads: the page's own work runs and
+        returns, and nothing is raised into it."""
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
+
+            @client.track("board_started", duration=True)
+            def start(n):
+                return n * 2
+
+            results = [start(n) for n in range(3)]
+            client.emit("task_done", {{"n": 1}})
+            with client.session():
+                client.emit("in_a_session")
+            RESULT = json.dumps({{"results": results, "flushed": client.flush(0.1)}})
+        """)
+        assert outcome["result"]["results"] == [0, 2, 4]
