@@ -62,7 +62,7 @@ class Runtime:
         config_path.write_text(json.dumps(config), encoding="utf-8")
         done = subprocess.run(["node", str(DRIVER), str(self.pyodide), str(config_path)],
                               capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, done.stderr[-3000:]
         outcome: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         assert outcome["error"] is None, outcome["error"]
         return outcome
@@ -164,3 +164,41 @@ class TestNeverInThePageWay:
             RESULT = json.dumps({{"results": results, "flushed": client.flush(0.1)}})
         """)
         assert outcome["result"]["results"] == [0, 2, 4]
+
+
+class TestThePagesOptOuts:
+    """KaibanJS's browser build reads ``window.KAIBAN_TELEMETRY_OPT_OUT``; the browser carries
+    the user's Do Not Track and Global Privacy Control. Each one alone switches it off."""
+
+    @pytest.mark.parametrize("page_globals, source", [
+        ({"KAIBAN_TELEMETRY_OPT_OUT": "yes"}, "globalThis.KAIBAN_TELEMETRY_OPT_OUT"),
+        ({"navigator": {"doNotTrack": "1"}}, "navigator.doNotTrack"),
+        ({"navigator": {"globalPrivacyControl": True}}, "navigator.globalPrivacyControl"),
+    ])
+    def test_each_switches_it_off(self, pyodide_runtime: Runtime, page_globals: Dict[str, Any],
+                                  source: str) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
+            client.emit("task_done")
+            decision = client.decision()
+            RESULT = json.dumps({{"enabled": decision.enabled, "by": decision.decided_by,
+                                 "queued": client.stats()["queued"]}})
+        """, page_globals=page_globals)
+        assert outcome["result"] == {"enabled": False, "by": source, "queued": 0}
+        assert outcome["fetches"] == []
+
+    @pytest.mark.parametrize("page_globals", [
+        {}, {"KAIBAN_TELEMETRY_OPT_OUT": ""}, {"navigator": {"doNotTrack": "0"}},
+        {"navigator": {"globalPrivacyControl": False}},
+    ])
+    def test_their_absence_leaves_it_on(self, pyodide_runtime: Runtime,
+                                        page_globals: Dict[str, Any]) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            decision = kaibantrace.Telemetry(app_id={APP_ID!r}).decision()
+            RESULT = json.dumps({{"enabled": decision.enabled, "by": decision.decided_by}})
+        """, page_globals=page_globals)
+        assert outcome["result"] == {"enabled": True, "by": "default"}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional, Tuple, Typ
 from .._errors import ConfigurationError
 from .._log import logger
 from .endpoint import endpoint_problem
+from .page import page_opt_out
 
 if TYPE_CHECKING:
     from .._delivery.transport import Transport
@@ -254,8 +255,9 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
     """The one place that decides opt-out, debug mode, the app ID and the profile.
 
     ``decided_by`` names the source: ``"code"``, the opt-out variable's name,
-    ``"DO_NOT_TRACK"``, ``"saved preference"`` (``kaibantrace disable``),
-    ``"retired endpoint"`` (it answered 410 Gone) or ``"default"``.
+    ``"DO_NOT_TRACK"``, in a browser page (Pyodide) the page's variable or the
+    browser's privacy signal (``_policy.page``), ``"saved preference"`` (``kaibantrace
+    disable``), ``"retired endpoint"`` (it answered 410 Gone) or ``"default"``.
     """
     from . import prefs as _prefs  # here, not at the top: ``decide`` alone needs it
 
@@ -270,6 +272,9 @@ def decide(settings: Settings, environ: Mapping[str, str]) -> Decision:
         kaibanjs_style = profile == "kaibanjs" and name == settings.opt_out_env and bool(raw)
         if kaibanjs_style or flag_is_set(raw):
             return Decision(False, name, False, None, profile)
+    page = page_opt_out()  # under Pyodide: the page's variable, Do Not Track, GPC
+    if page is not None:
+        return Decision(False, page, False, None, profile)
     if _prefs.saved_choice() == _prefs.DISABLED:
         return Decision(False, SAVED_PREFERENCE, False, None, profile)
     debug = settings.debug if settings.debug is not None else flag_is_set(environ.get(ENV_DEBUG))

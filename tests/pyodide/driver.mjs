@@ -28,11 +28,12 @@ globalThis.fetch = async (url, init = {}) => {
   if (status === 0) throw new TypeError("fetch failed");  // the network refused
   return new Response("", { status });
 };
-for (const [name, value] of Object.entries(config.globals ?? {})) globalThis[name] = value;
-
 const { loadPyodide } = await import(pathToFileURL(join(pyodideDir, "pyodide.mjs")).href);
 const py = await loadPyodide({ env: { HOME: "/home/pyodide", ...(config.env ?? {}) } });
 const site = py.runPython("import site; site.getsitepackages()[0]");
+// The page's globals (its opt-out variable, a navigator) are set once Pyodide is loaded:
+// its loader takes a global navigator for a browser's.
+for (const [name, value] of Object.entries(config.globals ?? {})) globalThis[name] = value;
 
 function copyTree(from, to) {  // a package's source directory into Pyodide's file system
   py.FS.mkdirTree(to);
