@@ -202,3 +202,76 @@ class TestThePagesOptOuts:
             RESULT = json.dumps({{"enabled": decision.enabled, "by": decision.decided_by}})
         """, page_globals=page_globals)
         assert outcome["result"] == {"enabled": True, "by": "default"}
+
+
+class TestSendingFromAPage:
+    def test_events_go_out_in_one_batch_with_fetch_after_the_interval(
+            self, pyodide_runtime: Runtime) -> None:
+        """No thread: the send is scheduled on the page's event loop and made with fetch,
+        keepalive so that it may finish after the page is closed."""
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=0.05)
+
+            @client.track("board_started")
+            def start():
+                return "started"
+
+            start()
+            client.emit("task_done", {{"n": 1}})
+            before = client.stats()["sent"]
+            for _ in range(100):  # the page goes on with its own work meanwhile
+                await asyncio.sleep(0.02)
+                if client.stats()["sent"] == 2:
+                    break
+            RESULT = json.dumps({{"before": before, "stats": client.stats()}})
+        """)
+        assert outcome["result"]["before"] == 0
+        assert outcome["result"]["stats"]["sent"] == 2
+        (request,) = outcome["fetches"]
+        assert request["url"] == INGEST and request["method"] == "POST"
+        assert request["keepalive"] is True
+        assert request["headers"] == {"content-type": "application/json"}
+        signals = json.loads(request["body"])
+        assert [s["type"] for s in signals] == ["board_started", "task_done"]
+        assert {s["appID"] for s in signals} == {APP_ID}
+
+    def test_aflush_waits_and_a_refused_request_is_retried_not_raised(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30, backoff=0.01)
+            client.emit("task_done")
+            first = await client.aflush(5)  # the network refuses: not delivered, not raised
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if client.stats()["sent"]:
+                    break
+            RESULT = json.dumps({{"first": first, "stats": client.stats(),
+                                 "second": await client.aflush(5)}})
+        """, statuses=[0, 200])
+        result = outcome["result"]
+        assert result["first"] is False
+        assert result["stats"]["sent"] == 1 and result["stats"]["retried"] == 1
+        assert result["second"] is True
+        bodies = [f["body"] for f in outcome["fetches"]]
+        assert len(bodies) == 2 and bodies[0] == bodies[1]  # the same batch, sent again
+
+    def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("task_done")
+            at_once = client.flush(5)  # starts the send; cannot block the page to wait
+            await asyncio.sleep(0.1)
+            RESULT = json.dumps({{"at_once": at_once, "later": client.flush(5),
+                                 "sent": client.stats()["sent"]}})
+        """)
+        assert outcome["result"] == {"at_once": False, "later": True, "sent": 1}
+        assert len(outcome["fetches"]) == 1

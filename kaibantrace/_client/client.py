@@ -272,15 +272,15 @@ class Telemetry:
 
         Events refused by opt-out were never accepted and do not count; events
         dropped since the previous flush (no app ID, a rejected batch, an
-        unreachable endpoint) make it ``False``. Debug mode counts as delivered.
+        unreachable endpoint) make it ``False``. Debug mode counts as delivered. In a
+        browser page (Pyodide) it cannot wait: it starts the send and answers at once.
         """
-        lost, self._undelivered_since_flush = self._undelivered_since_flush, False
-        sender = self._delivery.sender
-        try:
-            delivered = True if sender is None else sender.flush(timeout)
-        except Exception:
-            delivered = False
-        return delivered and not lost
+        return self._delivery.flush(timeout)
+
+    async def aflush(self, timeout: float = 5.0) -> bool:
+        """``flush()`` for async code, without blocking the event loop; in a browser page
+        (Pyodide), where ``flush()`` cannot wait, the way to wait for delivery."""
+        return await self._delivery.aflush(timeout)
 
     def shutdown(self, timeout: float = 1.0) -> None:
         """Send what is queued within ``timeout`` seconds, then stop; later events are ignored."""
@@ -314,9 +314,8 @@ class Telemetry:
 
     def drain(self, timeout: float = 5.0, *,
               progress: Optional[Callable[[DeliveryStatus], None]] = None) -> bool:
-        """Send what waits in the outbox now (``send_waiting(retry_now=True)``) and wait up
-        to ``timeout`` seconds until none is left or sending stops; ``True`` when none is
-        left. ``progress`` is called with the status as it goes. The client stays open."""
+        """``send_waiting(retry_now=True)``, then wait up to ``timeout`` seconds until none is
+        left (``True``) or sending stops; ``progress`` gets the status as it goes."""
         return self._delivery.drain(timeout, progress)
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Union
 
 from .. import _fork
 from .._delivery.outbox import MemoryOutbox, Outbox, open_outbox
@@ -30,11 +30,13 @@ from .._encode.identity import after_fork_in_child as identity_after_fork
 from .._encode.pipeline import RawEvent
 from .._log import logger
 from .._policy.config import ENV_APP_ID, Settings, canonical_app_id, decide, ingest_url
+from .._policy.page import in_a_page
 from .._policy.state import state_dir
 from . import process
 from .routes import encode_batch
 
 if TYPE_CHECKING:
+    from .._delivery.page_sender import PageSender
     from .client import Telemetry
 
 
@@ -66,7 +68,7 @@ class Delivery:
 
     def __init__(self, client: Telemetry) -> None:
         self._client = client
-        self.sender: Optional[Sender] = None
+        self.sender: Optional[Union[Sender, PageSender]] = None
         self.exited = False  # the exit hook ran: later events are saved for the hand-off
         self.exit_deadline = 0.0  # monotonic: when the exit budget ran out
         self.holding = False  # this run showed the first-run notice: send nothing
@@ -75,13 +77,23 @@ class Delivery:
 
     # -- the sender ------------------------------------------------------------
 
-    def start_sender(self) -> Optional[Sender]:
+    def start_sender(self) -> Optional[Union[Sender, PageSender]]:
         if not threading.main_thread().is_alive():
             # The main thread has finished: the interpreter is shutting down, and
             # a thread started now may never run (Python 3.12 refuses to start it).
             return None
         client = self._client
         s = client._settings
+        if in_a_page():  # no thread, no file, no exit hook: the host's fetch
+            from .._delivery.page_sender import PageSender  # asyncio: only in a page
+
+            page = PageSender(encode=lambda batch: encode_batch(client, batch),
+                              target=self._target, counters=client._counters,
+                              batch_size=s.batch_size, flush_interval=s.flush_interval,
+                              max_queue=s.max_queue, timeout=s.timeout, backoff=s.backoff)
+            page.holding = self.holding
+            self.sender = page
+            return page
         sender = Sender(encode=lambda batch: encode_batch(client, batch), target=self._target,
                         open_outbox=self._open_outbox, on_fork=self._forked_from_c,
                         transport=client._transport or HttpTransport(),
@@ -238,6 +250,38 @@ class Delivery:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
+
+    def flush(self, timeout: float) -> bool:
+        """``Telemetry.flush``: wait for the sender; what was lost since the last flush makes
+        it ``False``."""
+        client = self._client
+        lost, client._undelivered_since_flush = client._undelivered_since_flush, False
+        sender = self.sender
+        try:
+            delivered = True if sender is None else sender.flush(timeout)
+        except Exception:
+            delivered = False
+        return delivered and not lost
+
+    async def aflush(self, timeout: float) -> bool:
+        """``Telemetry.aflush``: in a page, the page sender's own; elsewhere ``flush`` on a
+        worker thread of the loop, so the loop is never blocked."""
+        client = self._client
+        sender = self.sender
+        page_flush = getattr(sender, "aflush", None)  # a page's sender
+        if page_flush is not None:
+            lost, client._undelivered_since_flush = client._undelivered_since_flush, False
+            try:
+                done = bool(await page_flush(timeout))
+            except Exception:
+                logger.debug("kaibantrace: flushing the page failed", exc_info=True)
+                done = False
+            return done and not lost
+        if sender is None:  # nothing to wait for (and a page has no thread to wait on)
+            return client.flush(0.0)
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, client.flush, timeout)
 
     def stats(self) -> Dict[str, object]:
         """The client's counts, with what waits in the queue and the request now."""

@@ -64,4 +64,5 @@ try {
 } catch (e) {
   error = String(e);
 }
-process.stdout.write(JSON.stringify({ result, fetches, error }) + "\n");
+// Written, then the end: a send the page scheduled for later must not keep Node.js running.
+process.stdout.write(JSON.stringify({ result, fetches, error }) + "\n", () => process.exit(0));

@@ -1,0 +1,265 @@
+"""The sender of a browser page (Pyodide): no thread, no file, the host's ``fetch``.
+
+A page cannot start a thread, and what it keeps dies with it, so this sender
+keeps its queue in memory (bounded by ``max_queue``) and schedules a send on the
+running event loop ``flush_interval`` seconds after the first event of a batch.
+Each batch goes out with the host's ``fetch``, with ``keepalive`` so a request
+may finish after the page is closed. A request that fails or is refused never
+raises into the page (an unhandled rejection is the defect not to copy): its
+answer is mapped as the HTTP transport maps one (``transport.outcome_for_status``),
+counted, and retried by the same ``retry.RetryPolicy`` as everywhere else.
+
+``await aflush(timeout)`` sends what is queued now and waits for it; ``flush()``
+cannot wait in a page, so it starts the send and answers whether all was
+already delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any, Callable, Deque, List, Optional, Tuple
+
+from .._encode.pipeline import RawEvent
+from .._log import logger
+from .retry import RetryPolicy
+from .shared import Counters, Encoded, Target
+from .transport import Outcome, Result, outcome_for_status
+
+Batch = Tuple[str, str, List[str]]  # app ID, URL, signal texts: encoded, waiting for a request
+
+
+class _NoTransport:
+    """What ``Delivery.stop`` closes: a page has no connection of its own to close."""
+
+    def close(self) -> None:
+        pass
+
+
+class PageSender:
+    """A client's queue and sends in a page (see the module docstring)."""
+
+    transport = _NoTransport()
+
+    def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
+                 target: Callable[[], Optional[Target]], counters: Counters, batch_size: int,
+                 flush_interval: float, max_queue: int, timeout: float, backoff: float) -> None:
+        self._encode = encode
+        self._target = target
+        self._counters = counters
+        self._queue: Deque[RawEvent] = collections.deque()
+        self._batches: Deque[Batch] = collections.deque()  # encoded, to retry
+        self._policy = RetryPolicy(backoff)
+        self.retune(batch_size=batch_size, flush_interval=flush_interval, max_queue=max_queue,
+                    timeout=timeout, backoff=backoff)
+        self._timer: Any = None  # the loop's handle of the next scheduled send
+        self._task: Optional[asyncio.Future[None]] = None
+        self._lost = False
+        self._stopped = False
+        self.holding = False
+        self.in_flight = 0
+        self.passes = 0
+        self.last_problem = ""
+        self.outbox = None
+        self.shared_floor = 0.0
+
+    def retune(self, *, batch_size: int, flush_interval: float, max_queue: int, timeout: float,
+               backoff: float) -> None:
+        self._batch_size = batch_size
+        self._interval = flush_interval
+        self._max_queue = max_queue
+        self._timeout = timeout
+        self._policy.retune(backoff)
+
+    def start(self) -> bool:
+        return True
+
+    @property
+    def circuit_open(self) -> bool:
+        return self._policy.circuit_open
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + sum(len(batch[2]) for batch in self._batches)
+
+    def accept(self, raw: RawEvent) -> None:
+        """Queue one event and make sure a send is scheduled. Never raises."""
+        if self._stopped or len(self._queue) >= self._max_queue:
+            self._counters.drop("stopped" if self._stopped else "queue_full")
+            self._lost = True
+            return
+        self._queue.append(raw)
+        if self._timer is None and self._task is None:
+            self._schedule(self._interval)
+
+    def _schedule(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_event_loop()
+            self._timer = loop.call_later(max(delay, 0.0), self._send_soon)
+        except Exception:  # no loop in this host: the events wait for aflush()
+            logger.debug("kaibantrace: could not schedule a send in this page", exc_info=True)
+
+    def _send_soon(self) -> None:
+        self._timer = None
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._send_all())
+
+    async def _send_all(self) -> None:
+        """Send every queued batch, one request at a time; on a failure, wait as the retry
+        policy says (the next send is scheduled), never raising into the page."""
+        retry_in: Optional[float] = None
+        try:
+            while not self._policy.circuit_open and not self.holding:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                if not await self._post(batch):
+                    self._batches.appendleft(batch)
+                    if not self._policy.circuit_open:
+                        retry_in = max(self._policy.next_attempt() - time.monotonic(), 0.0)
+                    break
+        except Exception:
+            logger.debug("kaibantrace: sending from the page failed", exc_info=True)
+        finally:
+            self.passes += 1
+            self._task = None
+        if retry_in is not None:
+            self._schedule(retry_in)
+        elif self._queue and self._timer is None:
+            self._schedule(self._interval)
+
+    def _next_batch(self) -> Optional[Batch]:
+        """The next batch to post: one waiting for a retry, else the queue's next, encoded
+        now (deciding again: an opt-out since the event drops it unsent)."""
+        while self._batches or self._queue:
+            if self._batches:
+                app_id, url, texts = self._batches.popleft()
+            else:
+                raws = [self._queue.popleft()
+                        for _ in range(min(self._batch_size, len(self._queue)))]
+                self._counters.taken += len(raws)
+                encoded = self._encode(raws)
+                if encoded is None or not encoded.signals:
+                    self._lost = True
+                    continue
+                app_id, url, texts = encoded.app_id, encoded.url, [t for _, t in encoded.signals]
+            target = self._target()
+            if target is None or not target.wanted:
+                self._counters.drop("opted_out", len(texts))
+                self._lost = True
+                continue
+            return app_id, url, texts
+        return None
+
+    async def _post(self, batch: Batch) -> bool:
+        """Post one batch; ``True`` once it needs no more sending (sent, or refused)."""
+        _, url, texts = batch
+        body = "[" + ",".join(texts) + "]"
+        self._counters.requests += 1
+        self.in_flight = len(texts)
+        try:
+            outcome = await _fetch(url, body, self._timeout)
+        finally:
+            self.in_flight = 0
+        if outcome.result is Result.SENT:
+            self._counters.sent += len(texts)
+            self._policy.succeeded()
+            return True
+        if outcome.result in (Result.REJECTED, Result.RETIRED):
+            (self._policy.rejected if outcome.result is Result.REJECTED else self._policy.retired)()
+            self._counters.drop("rejected" if outcome.result is Result.REJECTED else "retired",
+                                len(texts))
+            self._lost = True
+            return True
+        self.last_problem = outcome.detail
+        if self._policy.failed(time.monotonic(), outcome.retry_after):
+            self._counters.retried += 1
+        else:
+            logger.warning("kaibantrace: ingest unreachable (%s); not sending again from this "
+                           "page", outcome.detail)
+        return False
+
+    async def aflush(self, timeout: float) -> bool:
+        """Send what is queued now and wait for it, up to ``timeout`` seconds; ``True`` when
+        everything accepted since the last flush was delivered."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._batches) and not self._policy.circuit_open:
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._send_all())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), left)
+            except asyncio.TimeoutError:
+                break
+            if self._batches:  # a failure: the retry is scheduled, not awaited here
+                break
+        done = not (self._queue or self._batches) and not self._lost
+        self._lost = False
+        return done
+
+    def flush(self, timeout: float) -> bool:
+        """A page cannot wait: start sending now, and answer whether nothing waits."""
+        if (self._queue or self._batches) and self._task is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            self._send_soon()
+        done = not (self._queue or self._batches) and not self._lost
+        if done:
+            self._lost = False
+        return done
+
+    def stop(self, deadline: float) -> bool:
+        """No more events; what is queued is dropped with the page (counted)."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return True
+
+    # What a process's sender also offers; a page has no exit hook, outbox or bound.
+
+    def poke(self, *, retry_now: bool = False) -> None:
+        self.flush(0.0)
+
+    def outbox_count(self) -> int:
+        return self.pending
+
+    def bound(self, deadline: float) -> None:
+        pass
+
+    def begin_exit(self, deadline: float) -> None:
+        pass
+
+    def join(self, deadline: float) -> bool:
+        return True
+
+    def settle_at_exit(self, grace: float = 0.0) -> None:
+        pass
+
+
+async def _fetch(url: str, body: str, timeout: float) -> Outcome:
+    """One POST with the host's ``fetch``, ``keepalive`` so it may outlive the page; every
+    way it can end becomes an ``Outcome``, never an exception."""
+    try:
+        import importlib
+
+        js = importlib.import_module("js")
+        ffi = importlib.import_module("pyodide.ffi")
+        options = ffi.to_js({"method": "POST", "body": body, "keepalive": True,
+                             "headers": {"Content-Type": "application/json"}},
+                            dict_converter=js.Object.fromEntries)
+        response = await asyncio.wait_for(js.fetch(url, options), timeout)
+        status = int(response.status)
+        retry_after = response.headers.get("Retry-After")
+        return outcome_for_status(status, None if retry_after is None else str(retry_after))
+    except asyncio.TimeoutError:
+        return Outcome(Result.RETRY, "timed out")
+    except Exception as exc:  # a refused request: fetch's TypeError, or anything else
+        return Outcome(Result.RETRY, type(exc).__name__)
