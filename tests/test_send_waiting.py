@@ -110,3 +110,39 @@ class TestWhatTheCommandLineReads:
         transport = MemoryTransport()
         assert kaibantrace.Telemetry(transport=transport).transport is transport
         assert kaibantrace.Telemetry().transport is None
+
+
+class TestAflush:
+    def test_waits_for_delivery_without_blocking_the_loop(self, make_client: MakeClient,
+                                                          collector: Collector) -> None:
+        """In a process, ``aflush`` waits on one of the loop's worker threads: the loop goes
+        on running other tasks meanwhile."""
+        import asyncio
+
+        client = make_client(flush_interval=30)  # nothing sent until asked
+        client.emit("task_done")
+
+        async def main() -> tuple[bool, int]:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.001)
+
+            ticker = asyncio.ensure_future(tick())
+            delivered = await client.aflush(10)
+            ticker.cancel()
+            return delivered, ticks
+
+        delivered, ticks = asyncio.run(main())
+        assert delivered is True and ticks > 0
+        assert [s["type"] for s in collector.wait_for(1)] == ["task_done"]
+
+    def test_answers_at_once_when_nothing_was_accepted(self) -> None:
+        import asyncio
+
+        client = kaibantrace.Telemetry(app_id=APP_ID, opt_out=True)
+        client.emit("task_done")
+        assert asyncio.run(client.aflush(1)) is True
