@@ -275,3 +275,41 @@ class TestSendingFromAPage:
         """)
         assert outcome["result"] == {"at_once": False, "later": True, "sent": 1}
         assert len(outcome["fetches"]) == 1
+
+
+class TestTheWire:
+    def test_a_page_sends_what_a_process_sends(self, pyodide_runtime: Runtime) -> None:
+        """The same events, encoded in a page and in CPython: the same signals, key for key
+        and value for value, apart from the times and the random IDs of each run."""
+        events = """
+            @client.track("board_started", payload={"team": "blue", "size": 3})
+            def start():
+                return 1
+
+            start()
+            client.emit("task_done", {"n": 1.5, "ok": True, "tags": ["a", "b"]}, float_value=2.5)
+        """
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
+            {textwrap.indent(textwrap.dedent(events), " " * 12).strip()}
+            await client.aflush(5)
+        """)
+        (request,) = outcome["fetches"]
+        in_page = json.loads(request["body"])
+
+        import kaibantrace
+        from kaibantrace.testing import capture
+
+        client = kaibantrace.Telemetry(app_id=APP_ID)
+        with capture() as signals:
+            exec(textwrap.dedent(events), {"client": client})  # the same source, in CPython
+
+        def comparable(signal: Dict[str, Any]) -> Dict[str, Any]:
+            return {k: v for k, v in signal.items()
+                    if k not in {"sessionID", "clientUser", "receivedAt"}}
+
+        assert len(in_page) == 2
+        assert [comparable(s) for s in in_page] == [comparable(s) for s in signals]
+        assert [sorted(s) for s in in_page] == [sorted(s) for s in signals]  # the same keys
