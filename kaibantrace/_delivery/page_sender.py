@@ -90,7 +90,8 @@ class PageSender:
             self._lost = True
             return
         self._queue.append(raw)
-        if self._timer is None and self._task is None:
+        if (self._timer is None and self._task is None and not self._policy.circuit_open
+                and not self.holding):
             self._schedule(self._interval)
 
     def _schedule(self, delay: float) -> None:
@@ -126,7 +127,8 @@ class PageSender:
             self._task = None
         if retry_in is not None:
             self._schedule(retry_in)
-        elif self._queue and self._timer is None:
+        elif (self._queue and self._timer is None and not self._policy.circuit_open
+              and not self.holding):  # stopped for good: no timer that would find nothing to do
             self._schedule(self._interval)
 
     def _next_batch(self) -> Optional[Batch]:
