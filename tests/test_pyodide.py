@@ -102,6 +102,7 @@ def pyodide_runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
 # importing and using kaibantrace adds.)
 NOT_IN_THE_BROWSER = ("requests", "urllib3", "subprocess", "sqlite3")
 LOADED_BEFORE = f"BEFORE = set(sys.modules) & set({NOT_IN_THE_BROWSER!r})"
+LOADED_SINCE = f"[m for m in {NOT_IN_THE_BROWSER!r} if m in sys.modules and m not in BEFORE]"
 
 
 class TestImport:
@@ -113,8 +114,7 @@ class TestImport:
             import kaibantrace
             client = kaibantrace.Telemetry(app_id={APP_ID!r})
             RESULT = json.dumps({{"platform": sys.platform,
-                                 "loaded": [m for m in {NOT_IN_THE_BROWSER!r}
-                                            if m in sys.modules and m not in BEFORE],
+                                 "loaded": {LOADED_SINCE},
                                  "version": kaibantrace.__version__}})
         """)
         assert outcome["result"]["platform"] == "emscripten"
@@ -138,8 +138,7 @@ class TestNeverInThePageWay:
             ran = start()
             client.emit("task_done", {{"n": 1}})
             RESULT = json.dumps({{"ran": ran, "stats": client.stats(),
-                                 "loaded": [m for m in {NOT_IN_THE_BROWSER!r}
-                                            if m in sys.modules and m not in BEFORE]}})
+                                 "loaded": {LOADED_SINCE}}})
         """, env={"KAIBAN_TELEMETRY_OPT_OUT": "1"})
         result = outcome["result"]
         assert result["ran"] == "started" and result["stats"]["queued"] == 0
