@@ -260,6 +260,33 @@ class TestSendingFromAPage:
         bodies = [f["body"] for f in outcome["fetches"]]
         assert len(bodies) == 2 and bodies[0] == bodies[1]  # the same batch, sent again
 
+    def test_aflush_keeps_to_the_servers_retry_after(self, pyodide_runtime: Runtime) -> None:
+        """A flush cuts our own backoff short, never the server's ``Retry-After``: one that
+        cannot wait it out returns at once without asking; one that can waits, then sends."""
+        outcome = pyodide_runtime.run(f"""
+            import json, time
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30, backoff=0.01)
+            client.emit("task_done")
+            first = await client.aflush(5)
+            began = time.monotonic()
+            short = await client.aflush(0.3)
+            short_took = time.monotonic() - began
+            requests_then = client.stats()["requests"]
+            waited = await client.aflush(5)
+            RESULT = json.dumps({{"first": first, "short": short, "short_took": short_took,
+                                 "requests_then": requests_then, "waited": waited}})
+        """, statuses=[{"status": 503, "headers": {"Retry-After": "1"}}, 200])
+        result = outcome["result"]
+        assert result["first"] is False and result["short"] is False
+        assert result["short_took"] < 0.25  # gave up at once: 0.3 s could not cover it
+        assert result["requests_then"] == 1
+        assert result["waited"] is True
+        first, second = outcome["fetches"]
+        assert second["at"] - first["at"] >= 1000  # not before the second the server asked for
+        assert second["body"] == first["body"]
+
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""
             import asyncio, json

@@ -184,16 +184,22 @@ class PageSender:
 
     async def aflush(self, timeout: float) -> bool:
         """Send what is queued now and wait for it, up to ``timeout`` seconds; ``True`` when
-        everything accepted since the last flush was delivered."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        everything accepted since the last flush was delivered. As a process's flush does,
+        it cuts our own backoff short but keeps to the server's ``Retry-After``: it waits for
+        that when the timeout allows, and otherwise leaves the retry as scheduled."""
         deadline = time.monotonic() + timeout
-        while (self._queue or self._batches) and not self._policy.circuit_open:
+        while ((self._queue or self._batches) and not self._policy.circuit_open
+               and not self.holding):
             if self._task is None:
-                self._task = asyncio.ensure_future(self._send_all())
+                held = self._policy.floor_at - time.monotonic()
+                if held > 0:
+                    if held > deadline - time.monotonic():
+                        break
+                    await asyncio.sleep(held)
+                    continue
+                self._start_now()
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._task is None:
                 break
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), left)
@@ -206,16 +212,21 @@ class PageSender:
         return done
 
     def flush(self, timeout: float) -> bool:
-        """A page cannot wait: start sending now, and answer whether nothing waits."""
-        if (self._queue or self._batches) and self._task is None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = None
-            self._send_soon()
+        """A page cannot wait: start sending now (unless the server's ``Retry-After``
+        holds), and answer whether nothing waits."""
+        if ((self._queue or self._batches) and self._task is None
+                and self._policy.past_floor(time.monotonic(), exiting=False)):
+            self._start_now()
         done = not (self._queue or self._batches) and not self._lost
         if done:
             self._lost = False
         return done
+
+    def _start_now(self) -> None:
+        """Send now instead of when the timer says."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._send_soon()
 
     def stop(self, deadline: float) -> bool:
         """No more events; what is queued is dropped with the page (counted)."""

@@ -5,7 +5,10 @@
 //   node driver.mjs <pyodide dir> <config.json>
 //
 // config: {"packages": {"<name>": "<local dir or .whl>", ...}, "script": "<file.py>",
-//          "statuses": [200, ...], "globals": {"NAME": value, ...}, "env": {...}}
+//          "statuses": [200, {"status": 503, "headers": {...}}, ...],
+//          "globals": {"NAME": value, ...}, "env": {...}}
+// Each fetch() takes the next of "statuses" (200 once they run out; 0: the network
+// refuses) and is recorded with the time it was made, in milliseconds since the start.
 // Prints one JSON line: {"result": <the script's RESULT>, "fetches": [...], "error": ...}.
 import { readFileSync, readdirSync, statSync } from "node:fs";
 import { join, basename } from "node:path";
@@ -14,6 +17,7 @@ import { pathToFileURL } from "node:url";
 const [pyodideDir, configPath] = process.argv.slice(2);
 const config = JSON.parse(readFileSync(configPath, "utf8"));
 const fetches = [];
+const started = Date.now();
 const statuses = [...(config.statuses ?? [])];
 
 globalThis.fetch = async (url, init = {}) => {
@@ -23,10 +27,12 @@ globalThis.fetch = async (url, init = {}) => {
     body: init.body === undefined ? null : String(init.body),
     keepalive: Boolean(init.keepalive),
     headers: Object.fromEntries(new Headers(init.headers ?? {}).entries()),
+    at: Date.now() - started,
   });
-  const status = statuses.length ? statuses.shift() : 200;
+  const answer = statuses.length ? statuses.shift() : 200;
+  const { status, headers } = typeof answer === "number" ? { status: answer } : answer;
   if (status === 0) throw new TypeError("fetch failed");  // the network refused
-  return new Response("", { status });
+  return new Response("", { status, headers });
 };
 const { loadPyodide } = await import(pathToFileURL(join(pyodideDir, "pyodide.mjs")).href);
 const py = await loadPyodide({ env: { HOME: "/home/pyodide", ...(config.env ?? {}) } });
