@@ -2,20 +2,25 @@
 
 A pinned ``pyodide`` from npm runs Python files with kaibantrace's source and wrapt's pure
 wheel installed from local files; ``fetch`` is replaced in JavaScript by a recorder
-(``tests/pyodide/driver.mjs``), so a test sees each request the page would make. Skipped,
-saying why, where Node.js or npm is missing or the package cannot be installed.
+(``tests/pyodide/driver.mjs``), so a test sees each request the page would make. One test
+installs kaibantrace's built wheel with micropip, by name, from a package index on
+127.0.0.1. Skipped, saying why, where Node.js or npm is missing or the package cannot be
+installed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -44,18 +49,24 @@ def _locked(path: Path) -> Iterator[None]:
 class Runtime:
     """Pyodide and the wheels, ready in the cache; ``run`` executes a script there."""
 
-    def __init__(self, pyodide: Path, wrapt_wheel: Path, scratch: Path) -> None:
+    def __init__(self, pyodide: Path, wheels: Dict[str, Path], scratch: Path) -> None:
         self.pyodide = pyodide
-        self.wrapt_wheel = wrapt_wheel
+        self.wheels = wheels
+        """Pure wheels by project name: wrapt, and micropip with what it needs."""
+        self.wrapt_wheel = wheels["wrapt"]
         self.scratch = scratch
 
-    def run(self, script: str, *, statuses: Optional[List[int]] = None,
+    def run(self, script: str, *, statuses: Optional[List[Any]] = None,
             env: Optional[Dict[str, str]] = None,
-            page_globals: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+            page_globals: Optional[Dict[str, Any]] = None,
+            packages: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Run ``script`` with ``packages`` installed (by default kaibantrace's source tree
+        and wrapt's wheel) and return what the driver reports."""
         script_path = self.scratch / f"script-{os.urandom(4).hex()}.py"
         script_path.write_text(textwrap.dedent(script), encoding="utf-8")
-        config = {"packages": {"kaibantrace": str(ROOT / "kaibantrace"),
-                               "wrapt": str(self.wrapt_wheel)},
+        if packages is None:
+            packages = {"kaibantrace": str(ROOT / "kaibantrace"), "wrapt": str(self.wrapt_wheel)}
+        config = {"packages": packages,
                   "script": str(script_path), "statuses": statuses or [],
                   "env": env or {}, "globals": page_globals or {}}
         config_path = script_path.with_suffix(".json")
@@ -68,6 +79,11 @@ class Runtime:
         return outcome
 
 
+# The pure wheels a page gets from local files: wrapt, and micropip (the version this
+# Pyodide release ships) with its one dependency.
+WHEELS = {"wrapt": "wrapt", "micropip": "micropip==0.11.1", "packaging": "packaging"}
+
+
 @pytest.fixture(scope="session")
 def pyodide_runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -76,7 +92,6 @@ def pyodide_runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
     cache = default_cache_dir() / f"pyodide-{PYODIDE_VERSION}"
     cache.mkdir(exist_ok=True)
     pyodide = cache / "node_modules" / "pyodide"
-    wheels = cache / "wheels"
     with _locked(cache / ".lock"):
         if not (pyodide / "pyodide.mjs").exists():
             done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix",
@@ -85,16 +100,25 @@ def pyodide_runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
             if done.returncode != 0 or not (pyodide / "pyodide.mjs").exists():
                 pytest.skip(f"could not install pyodide@{PYODIDE_VERSION} from npm: "
                             f"{done.stderr.strip()[-300:]}")
-        found = sorted(wheels.glob("wrapt-*-py3-none-any.whl"))
+        wheels = {name: _pure_wheel(cache / "wheels", name, requirement)
+                  for name, requirement in WHEELS.items()}
+    return Runtime(pyodide, wheels, tmp_path_factory.mktemp("pyodide"))
+
+
+def _pure_wheel(directory: Path, name: str, requirement: str) -> Path:
+    """The pure wheel of ``requirement`` for Pyodide's Python, downloaded once."""
+    pattern = f"{name}-{requirement.partition('==')[2] or '*'}-py3-none-any.whl"
+    found = sorted(directory.glob(pattern))
+    if not found:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                               "--only-binary=:all:", "--platform", "any", "--python-version",
+                               "3.14", "--dest", str(directory), requirement],
+                              capture_output=True, text=True, timeout=300)
+        found = sorted(directory.glob(pattern))
         if not found:
-            done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
-                                   "--no-deps", "--only-binary=:all:", "--platform", "any",
-                                   "--dest", str(wheels), "wrapt"],
-                                  capture_output=True, text=True, timeout=300)
-            found = sorted(wheels.glob("wrapt-*-py3-none-any.whl"))
-            if not found:
-                pytest.skip(f"could not download wrapt's pure wheel: {done.stderr.strip()[-300:]}")
-    return Runtime(pyodide, found[-1], tmp_path_factory.mktemp("pyodide"))
+            pytest.skip(f"could not download {requirement}'s pure wheel: "
+                        f"{done.stderr.strip()[-300:]}")
+    return found[-1]
 
 
 # What a page must not load for kaibantrace: its ways out of a normal process. (Pyodide
@@ -339,3 +363,111 @@ class TestTheWire:
         assert len(in_page) == 2
         assert [comparable(s) for s in in_page] == [comparable(s) for s in signals]
         assert [sorted(s) for s in in_page] == [sorted(s) for s in signals]  # the same keys
+
+
+class TestWithoutMd5:
+    def test_the_project_id_is_kaibanjss_where_the_runtime_lacks_md5(
+            self, pyodide_runtime: Runtime) -> None:
+        """A runtime built without MD5 (``hashlib.md5`` missing) gets the package's own, so the
+        project ID is the same value KaibanJS and CPython compute."""
+        outcome = pyodide_runtime.run("""
+            import hashlib, json
+            del hashlib.md5  # as in a build without it
+            import kaibantrace
+            RESULT = json.dumps(kaibantrace.project_id("/home/pyodide/my-board",
+                                                       {"HOME": "/home/pyodide"}))
+        """)
+        import kaibantrace
+
+        expected = kaibantrace.project_id("/home/pyodide/my-board", {"HOME": "/home/pyodide"})
+        assert outcome["result"] == expected
+
+
+@pytest.fixture(scope="session")
+def kaibantrace_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """kaibantrace's wheel, built from a copy of this tree as a release builds it (so the
+    build leaves nothing in the tree)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "kaibantrace", source / "kaibantrace",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp_path_factory.mktemp("wheel")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                           "--wheel-dir", str(out), str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = out.glob("kaibantrace-*-py3-none-any.whl")
+    return wheel
+
+
+class PackageIndex:
+    """A simple package index (PEP 503) on 127.0.0.1 serving given wheels, recording each
+    path asked for."""
+
+    def __init__(self, root: Path, wheels: List[Path]) -> None:
+        self.asked: List[str] = []
+        index = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                index.asked.append(self.path)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/simple"
+        (root / "files").mkdir(parents=True)
+        for wheel in wheels:
+            shutil.copy2(wheel, root / "files" / wheel.name)
+            project = wheel.name.split("-")[0]
+            digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+            link = f"{self.url[:-len('/simple')]}/files/{wheel.name}#sha256={digest}"
+            page = root / "simple" / project / "index.html"
+            page.parent.mkdir(parents=True)
+            page.write_text(f'<!DOCTYPE html><html><body><a href="{link}">{wheel.name}</a>'
+                            f"</body></html>\n", encoding="utf-8")
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+class TestMicropip:
+    def test_micropip_installs_it_by_name_without_requests(
+            self, pyodide_runtime: Runtime, kaibantrace_wheel: Path, tmp_path: Path) -> None:
+        """``micropip.install("kaibantrace")`` from an index: the wheel's ``requests`` is
+        marked not for emscripten, so the resolver never asks for it, and the installed
+        package sends. wrapt is already on the page, as Pyodide's distribution provides it
+        (its build for the browser is not on PyPI, and this machine has no CDN)."""
+        index = PackageIndex(tmp_path / "index", [kaibantrace_wheel])
+        try:
+            wheels = pyodide_runtime.wheels
+            outcome = pyodide_runtime.run(f"""
+                import importlib.metadata, importlib.util, json
+                import micropip
+                await micropip.install("kaibantrace", index_urls=[{index.url!r}])
+                import kaibantrace
+                client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
+                client.emit("task_done")
+                RESULT = json.dumps({{
+                    "version": importlib.metadata.version("kaibantrace"),
+                    "file": kaibantrace.__file__,
+                    "requests": importlib.util.find_spec("requests") is not None,
+                    "installed": sorted(micropip.list()),
+                    "delivered": await client.aflush(5)}})
+            """, packages={name: str(wheel) for name, wheel in wheels.items()})
+        finally:
+            index.close()
+        result = outcome["result"]
+        assert result["version"] == kaibantrace_wheel.name.split("-")[1]
+        assert "site-packages" in result["file"]
+        assert result["requests"] is False
+        assert "kaibantrace" in result["installed"] and "requests" not in result["installed"]
+        assert result["delivered"] is True and len(outcome["fetches"]) == 1
+        assert index.asked[0] == "/simple/kaibantrace/"
+        assert not [path for path in index.asked if "requests" in path or "urllib3" in path]
