@@ -193,23 +193,35 @@ class TestThePagesOptOuts:
     """KaibanJS's browser build reads ``window.KAIBAN_TELEMETRY_OPT_OUT``; the browser carries
     the user's Do Not Track and Global Privacy Control. Each one alone switches it off."""
 
-    @pytest.mark.parametrize("page_globals, source", [
-        ({"KAIBAN_TELEMETRY_OPT_OUT": "yes"}, "globalThis.KAIBAN_TELEMETRY_OPT_OUT"),
-        ({"navigator": {"doNotTrack": "1"}}, "navigator.doNotTrack"),
-        ({"navigator": {"globalPrivacyControl": True}}, "navigator.globalPrivacyControl"),
+    @pytest.mark.parametrize("page_globals, source, wording", [
+        ({"KAIBAN_TELEMETRY_OPT_OUT": "yes"}, "globalThis.KAIBAN_TELEMETRY_OPT_OUT",
+         "the page's KAIBAN_TELEMETRY_OPT_OUT variable"),
+        ({"navigator": {"doNotTrack": "1"}}, "navigator.doNotTrack",
+         "the browser's Do Not Track setting"),
+        ({"navigator": {"globalPrivacyControl": True}}, "navigator.globalPrivacyControl",
+         "the browser's Global Privacy Control setting"),
     ])
     def test_each_switches_it_off(self, pyodide_runtime: Runtime, page_globals: Dict[str, Any],
-                                  source: str) -> None:
+                                  source: str, wording: str) -> None:
+        """Each source alone: no request, the decision names it, and ``status`` says it in
+        words."""
         outcome = pyodide_runtime.run(f"""
-            import json
+            import contextlib, io, json
             import kaibantrace
             client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
             client.emit("task_done")
             decision = client.decision()
+            shown = io.StringIO()
+            with contextlib.redirect_stdout(shown):
+                kaibantrace.command_line(["status"], client=client)
             RESULT = json.dumps({{"enabled": decision.enabled, "by": decision.decided_by,
-                                 "queued": client.stats()["queued"]}})
+                                 "queued": client.stats()["queued"],
+                                 "status": shown.getvalue()}})
         """, page_globals=page_globals)
+        status = outcome["result"].pop("status")
         assert outcome["result"] == {"enabled": False, "by": source, "queued": 0}
+        assert status.startswith("Telemetry is off.")
+        assert f"decided by:  {wording}\n" in status
         assert outcome["fetches"] == []
 
     @pytest.mark.parametrize("page_globals", [

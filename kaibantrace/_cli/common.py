@@ -25,6 +25,10 @@ SOURCES = {
     "saved preference": "your saved choice (`{prog} disable`)",
     "retired endpoint": "the ingest endpoint, which answered 410 Gone and is retired",
     "default": "the default, as no one opted out",
+    # In a browser page (Pyodide): the page's variable, and the browser's own settings.
+    "globalThis.KAIBAN_TELEMETRY_OPT_OUT": "the page's KAIBAN_TELEMETRY_OPT_OUT variable",
+    "navigator.doNotTrack": "the browser's Do Not Track setting",
+    "navigator.globalPrivacyControl": "the browser's Global Privacy Control setting",
 }
 
 
