@@ -483,3 +483,29 @@ class TestMicropip:
         assert result["delivered"] is True and len(outcome["fetches"]) == 1
         assert index.asked[0] == "/simple/kaibantrace/"
         assert not [path for path in index.asked if "requests" in path or "urllib3" in path]
+
+
+class TestIdentity:
+    def test_one_random_identity_per_page_load(self, pyodide_runtime: Runtime) -> None:
+        """Every signal of a page load carries the same anonymous user (a hash, never the
+        UUID itself), and the next load of the page is someone new: nothing is kept."""
+        script = f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
+            client.emit("task_done")
+            with client.session():
+                client.emit("task_done")
+            await client.aflush(5)
+        """
+        loads = [pyodide_runtime.run(script) for _ in range(2)]
+        users = []
+        for outcome in loads:
+            (request,) = outcome["fetches"]
+            signals = json.loads(request["body"])
+            assert len(signals) == 2
+            assert signals[0]["clientUser"] == signals[1]["clientUser"]
+            assert signals[0]["sessionID"] != signals[1]["sessionID"]
+            users.append(signals[0]["clientUser"])
+        assert all(len(user) == 64 and int(user, 16) >= 0 for user in users)  # SHA-256, hex
+        assert users[0] != users[1]
