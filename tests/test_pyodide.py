@@ -224,6 +224,34 @@ class TestThePagesOptOuts:
         assert f"decided by:  {wording}\n" in status
         assert outcome["fetches"] == []
 
+    def test_set_while_the_page_runs_it_applies_from_the_next_event(
+            self, pyodide_runtime: Runtime) -> None:
+        """A consent banner may set the variable at any time: from then on no event is even
+        queued, what waited is dropped unsent, and clearing it turns telemetry back on."""
+        outcome = pyodide_runtime.run(f"""
+            import json, js
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("before")
+            js.globalThis.KAIBAN_TELEMETRY_OPT_OUT = "1"
+            client.emit("while_off")
+            off = client.stats()
+            off_delivered = await client.aflush(5)
+            js.globalThis.KAIBAN_TELEMETRY_OPT_OUT = ""
+            client.emit("after")
+            on_delivered = await client.aflush(5)
+            RESULT = json.dumps({{"off": off, "off_delivered": off_delivered,
+                                 "on_delivered": on_delivered, "stats": client.stats()}})
+        """)
+        result = outcome["result"]
+        assert result["off"]["queued"] == 1  # "while_off" was never accepted
+        assert result["off_delivered"] is False  # "before" was dropped, and flush says so
+        assert result["on_delivered"] is True
+        assert result["stats"]["dropped"] == {"opted_out": 1}
+        (request,) = outcome["fetches"]
+        assert [s["type"] for s in json.loads(request["body"])] == ["after"]
+
     @pytest.mark.parametrize("page_globals", [
         {}, {"KAIBAN_TELEMETRY_OPT_OUT": ""}, {"navigator": {"doNotTrack": "0"}},
         {"navigator": {"globalPrivacyControl": False}},

@@ -37,7 +37,7 @@ from . import process
 from .budget import Budget
 from .capture import Capture, captures
 from .delivery import Delivery, DeliveryStatus, app_id_even_if_off
-from .router import Router, bump_generation
+from .router import bump_generation, make_router
 from .routes import encoded_at_call
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class Telemetry:
             f"kaibantrace_session_{next(_client_ids)}", default=None)
         self._reporter = Reporter()
         self._debug_reporter = Reporter(echo=True)  # debug mode: warnings on stderr too
-        self._router = Router(self)
+        self._router = make_router(self)
         self._route = self._router.route  # the hot path, bound once: decorators keep it
         self._reset_state()
 

@@ -10,7 +10,9 @@ opt-out is honoured whenever it is set, at the cost of a few dictionary
 look-ups per event.
 
 A client's ``_route`` is its router's ``route``, bound once: decorated
-functions keep it, so the router lives as long as its client.
+functions keep it, so the router lives as long as its client. In a browser page
+(Pyodide) the client's router is a ``PageRouter``, which also watches the page's
+opt-outs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from .._policy.config import ENV_APP_ID, ENV_DEBUG, ENV_DO_NOT_TRACK, ENV_OPT_OUT, ENV_PROFILE, decide
+from .._policy.page import in_a_page, page_opt_out
 from .capture import captures
 from .routes import Accept, choose
 
@@ -116,4 +119,31 @@ class Router:
             self._off_by_opt_out = accept is None and decision.decided_by in (
                 "code", settings.opt_out_env) and not captures
             self._seen_generation = generation
+            self.saw_page()
             return accept
+
+    def saw_page(self) -> None:
+        """What the page's opt-outs were when deciding (a page's router keeps it)."""
+
+
+class PageRouter(Router):
+    """A page's router: the page's opt-outs too are looked at for every event, as a page
+    may set its variable at any time (a consent banner, say), and then no event is even
+    queued. A few look-ups in the JavaScript host per event; only pages pay them."""
+
+    def reset(self, opt_out_env: str) -> None:
+        super().reset(opt_out_env)
+        self._seen_page: Optional[str] = None
+
+    def route(self) -> Optional[Accept]:
+        if page_opt_out() != self._seen_page:
+            self._seen_generation = -1
+        return super().route()
+
+    def saw_page(self) -> None:
+        self._seen_page = page_opt_out()
+
+
+def make_router(client: Telemetry) -> Router:
+    """The router for ``client``: a page's own under Pyodide."""
+    return PageRouter(client) if in_a_page() else Router(client)
