@@ -351,6 +351,35 @@ class TestSendingFromAPage:
         assert second["at"] - first["at"] >= 1000  # not before the second the server asked for
         assert second["body"] == first["body"]
 
+    @pytest.mark.parametrize("statuses, cause, requests", [
+        ([0, 0, 0], "unreachable", 3),  # three failures in a row
+        ([410], "retired", 1),  # the endpoint is gone
+    ])
+    def test_once_it_stops_sending_nothing_is_kept_for_a_send_that_cannot_come(
+            self, pyodide_runtime: Runtime, statuses: List[int], cause: str,
+            requests: int) -> None:
+        """A page that gave up sending drops what waits and every later event, counted by
+        cause, instead of holding them in memory until it closes."""
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json, time
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30, backoff=0.01, batch_size=1)
+            client.emit("first")
+            client.emit("second")
+            await client.aflush(5)
+            deadline = time.monotonic() + 10
+            while client.stats()["pending"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the retries run on their own schedule
+            client.emit("later")
+            RESULT = json.dumps({{"stats": client.stats(), "flushed": await client.aflush(1)}})
+        """, statuses=statuses)
+        stats = outcome["result"]["stats"]
+        assert stats["dropped"] == {cause: 3} and stats["pending"] == 0
+        assert stats["requests"] == requests == len(outcome["fetches"])
+        assert {f["body"] for f in outcome["fetches"]} == {outcome["fetches"][0]["body"]}
+        assert outcome["result"]["flushed"] is False
+
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""
             import asyncio, json

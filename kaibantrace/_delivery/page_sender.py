@@ -7,7 +7,10 @@ Each batch goes out with the host's ``fetch``, with ``keepalive`` so a request
 may finish after the page is closed. A request that fails or is refused never
 raises into the page (an unhandled rejection is the defect not to copy): its
 answer is mapped as the HTTP transport maps one (``transport.outcome_for_status``),
-counted, and retried by the same ``retry.RetryPolicy`` as everywhere else.
+counted, and retried by the same ``retry.RetryPolicy`` as everywhere else. Once
+that policy gives up (failures in a row, or ``410 Gone``) the page sends no more,
+and, having nowhere to keep events for later, drops what waits and what comes,
+counted as ``unreachable`` or ``retired``.
 
 ``await aflush(timeout)`` sends what is queued now and waits for it; ``flush()``
 cannot wait in a page, so it starts the send and answers whether all was
@@ -57,6 +60,7 @@ class PageSender:
         self._task: Optional[asyncio.Future[None]] = None
         self._lost = False
         self._stopped = False
+        self._gave_up = ""  # why this page stopped sending for good, once it did
         self.holding = False
         self.in_flight = 0
         self.passes = 0
@@ -85,8 +89,8 @@ class PageSender:
 
     def accept(self, raw: RawEvent) -> None:
         """Queue one event and make sure a send is scheduled. Never raises."""
-        if self._stopped or len(self._queue) >= self._max_queue:
-            self._counters.drop("stopped" if self._stopped else "queue_full")
+        if self._stopped or len(self._queue) >= self._max_queue or self._policy.circuit_open:
+            self._counters.drop("stopped" if self._stopped else self._gave_up or "queue_full")
             self._lost = True
             return
         self._queue.append(raw)
@@ -125,6 +129,8 @@ class PageSender:
         finally:
             self.passes += 1
             self._task = None
+        if self._policy.circuit_open:
+            self._give_up()
         if retry_in is not None:
             self._schedule(retry_in)
         elif (self._queue and self._timer is None and not self._policy.circuit_open
@@ -154,6 +160,18 @@ class PageSender:
             return app_id, url, texts
         return None
 
+    def _give_up(self) -> None:
+        """The page will send no more (the endpoint failed again and again, or is retired):
+        what waits is dropped now and counted, as is every later event, rather than kept in
+        memory until the page closes."""
+        self._gave_up = self._gave_up or "unreachable"
+        waiting = len(self._queue) + sum(len(batch[2]) for batch in self._batches)
+        self._queue.clear()
+        self._batches.clear()
+        if waiting:
+            self._counters.drop(self._gave_up, waiting)
+            self._lost = True
+
     async def _post(self, batch: Batch) -> bool:
         """Post one batch; ``True`` once it needs no more sending (sent, or refused)."""
         _, url, texts = batch
@@ -168,10 +186,15 @@ class PageSender:
             self._counters.sent += len(texts)
             self._policy.succeeded()
             return True
-        if outcome.result in (Result.REJECTED, Result.RETIRED):
-            (self._policy.rejected if outcome.result is Result.REJECTED else self._policy.retired)()
-            self._counters.drop("rejected" if outcome.result is Result.REJECTED else "retired",
-                                len(texts))
+        if outcome.result is Result.REJECTED:
+            self._policy.rejected()
+            self._counters.drop("rejected", len(texts))
+            self._lost = True
+            return True
+        if outcome.result is Result.RETIRED:
+            self._policy.retired()
+            self._gave_up = "retired"
+            self._counters.drop("retired", len(texts))
             self._lost = True
             return True
         self.last_problem = outcome.detail
