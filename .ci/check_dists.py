@@ -31,7 +31,8 @@ OPTIONAL_METADATA = ["top_level.txt"]
 # Files an sdist must hold for its suite to run from the unpacked tree.
 SDIST_REQUIRED = ["LICENSE", "README.md", "SECURITY.md", "setup.cfg", "pyproject.toml",
                   "MANIFEST.in", "PKG-INFO", "tests/__init__.py", "tests/conftest.py",
-                  "tests/js/json_table.js", "tests/pyodide/driver.mjs", "examples/quickstart.py",
+                  "tests/js/json_table.js", "tests/pyodide/driver.mjs", "tests/browser/page.html",
+                  "tests/browser/page.mjs", "examples/quickstart.py",
                   "kaibantrace/py.typed"]
 # Present in the sdist only when they exist in the tree.
 SDIST_IF_PRESENT = ["CHANGELOG.md", "mkdocs.yml"]

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from pathlib import Path
@@ -105,15 +106,22 @@ def pyodide_runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
     return Runtime(pyodide, wheels, tmp_path_factory.mktemp("pyodide"))
 
 
+def _pip(arguments: List[str]) -> subprocess.CompletedProcess[str]:
+    """pip, with a home directory of its own: what it runs to describe the machine (a
+    rustup shim answering ``rustc --version`` writes its settings) lands nowhere real."""
+    with tempfile.TemporaryDirectory() as home:
+        return subprocess.run([sys.executable, "-m", "pip", *arguments], capture_output=True,
+                              text=True, timeout=300,
+                              env={**os.environ, "HOME": home, "PIP_NO_CACHE_DIR": "1"})
+
+
 def _pure_wheel(directory: Path, name: str, requirement: str) -> Path:
     """The pure wheel of ``requirement`` for Pyodide's Python, downloaded once."""
     pattern = f"{name}-{requirement.partition('==')[2] or '*'}-py3-none-any.whl"
     found = sorted(directory.glob(pattern))
     if not found:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                               "--only-binary=:all:", "--platform", "any", "--python-version",
-                               "3.14", "--dest", str(directory), requirement],
-                              capture_output=True, text=True, timeout=300)
+        done = _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--platform",
+                     "any", "--python-version", "3.14", "--dest", str(directory), requirement])
         found = sorted(directory.glob(pattern))
         if not found:
             pytest.skip(f"could not download {requirement}'s pure wheel: "
@@ -462,9 +470,7 @@ def kaibantrace_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT / "kaibantrace", source / "kaibantrace",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                           "--wheel-dir", str(out), str(source)],
-                          capture_output=True, text=True, timeout=300)
+    done = _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source)])
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = out.glob("kaibantrace-*-py3-none-any.whl")
     return wheel

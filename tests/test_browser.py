@@ -1,0 +1,247 @@
+"""kaibantrace under Pyodide in a real browser: headless Chromium, with no network.
+
+``tests/test_pyodide.py`` runs Pyodide under Node.js, which is quick and lets a test stage
+any host; but JupyterLite and PyScript users run Python in a browser page, where ``fetch``,
+``navigator`` and the event loop are the browser's own. This module loads the same pinned
+Pyodide from a static server on 127.0.0.1 into Debian's Chromium, unpacks kaibantrace and
+wrapt's pure wheel there, and runs a script. The page (``tests/browser/page.mjs``) records
+the ``fetch`` calls the script makes instead of sending them, and posts what happened back
+to the server. Chromium resolves no host name, so nothing can leave the machine.
+
+Skipped, saying why, where Chromium is missing (and, by the Pyodide fixture, where
+Node.js or npm is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, cast
+
+import pytest
+
+from . import test_pyodide
+from .test_pyodide import APP_ID, INGEST, ROOT, Runtime
+
+PAGE = Path(__file__).resolve().parent / "browser"
+DEADLINE = 120.0  # seconds for Chromium to load Pyodide, run the script and answer
+SHUTDOWN_GRACE = 10.0
+
+# That module's fixture, offered here too: its Pyodide and wheels are cached on disk, so a
+# second session instance for this module costs a lock and a glob.
+pyodide_runtime = test_pyodide.pyodide_runtime
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Chromium's launcher; session-scoped and asked for first, so that a machine without it
+    skips before the Pyodide fixture installs anything."""
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("Debian's chromium is needed for the browser test (apt install chromium)")
+    return found
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """The page's origin: static files from one directory, and ``POST /result``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+        self.result: Optional[Dict[str, Any]] = None
+        self.arrived = threading.Event()
+        self.log: List[str] = []  # each request, for a failure's message
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    # Module scripts must be served as JavaScript and WebAssembly as itself (streaming
+    # compilation checks it); the system's MIME table may know neither.
+    extensions_map = {".mjs": "text/javascript", ".js": "text/javascript",
+                      ".wasm": "application/wasm", ".json": "application/json",
+                      ".html": "text/html; charset=utf-8", ".py": "text/plain; charset=utf-8",
+                      ".zip": "application/zip", ".whl": "application/zip"}
+
+    def do_POST(self) -> None:
+        server = cast(_Server, self.server)
+        if self.path != "/result":
+            self.send_error(404)
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        server.result = json.loads(body)
+        self.send_response(204)
+        self.end_headers()
+        server.arrived.set()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        cast(_Server, self.server).log.append(format % args)
+
+
+@contextlib.contextmanager
+def _serving(root: Path) -> Iterator[_Server]:
+    server = _Server(root)
+    thread = threading.Thread(target=server.serve_forever, name="page-server", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(SHUTDOWN_GRACE)
+
+
+@contextlib.contextmanager
+def _browsing(chromium: str, url: str, scratch: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Headless Chromium on ``url``, with a new profile and a home of its own (Debian's
+    launcher script deletes old crash reports under ``$HOME``, and the crash handler keeps
+    its database there); ended with its whole process group."""
+    home = scratch / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", f"--user-data-dir={scratch / 'profile'}",
+               # Every name resolves to nothing: only the loopback address can be reached.
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+               url]
+    with open(scratch / "chromium.log", "wb") as log:
+        browser = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield browser
+    finally:
+        _end_group(browser, scratch)
+
+
+def _end_group(browser: subprocess.Popen[bytes], scratch: Path) -> None:
+    """Terminate the browser's process group (zygotes, renderers, GPU and network processes),
+    wait for every one of its processes to end, and kill the group after the grace period."""
+    group = browser.pid  # start_new_session: the group is named after the browser
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while (browser.poll() is None or _still_running(scratch)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    browser.wait(SHUTDOWN_GRACE)
+
+
+def _still_running(scratch: Path) -> List[str]:
+    """Chromium's processes that still run: each names ``scratch`` on its command line (its
+    profile; the crash handlers, in sessions of their own, their database under the home).
+    Zombies have ended; here init may reap them late."""
+    found = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            state = (process / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if state != "Z" and f"{scratch}{os.sep}" in command:
+            found.append(command[:200])
+    return found
+
+
+def _package_zip(target: Path) -> Path:
+    """kaibantrace's source as the page unpacks it into site-packages."""
+    with zipfile.ZipFile(target, "w") as archive:
+        for source in sorted((ROOT / "kaibantrace").rglob("*.py")):
+            if "__pycache__" not in source.parts:
+                archive.write(source, source.relative_to(ROOT).as_posix())
+    return target
+
+
+def run_in_chromium(chromium: str, runtime: Runtime, scratch: Path, script: str,
+                    query: str = "") -> Dict[str, Any]:
+    """Run ``script`` (top-level ``await`` allowed; it sets ``RESULT`` to JSON text) in a page;
+    the page's report: ``result``, ``fetches`` and ``error``."""
+    root = scratch / "site"
+    root.mkdir()
+    for name in ("page.html", "page.mjs"):
+        shutil.copy(PAGE / name, root / name)
+    (root / "pyodide").symlink_to(runtime.pyodide, target_is_directory=True)
+    shutil.copy(runtime.wrapt_wheel, root / "wrapt.whl")
+    _package_zip(root / "kaibantrace.zip")
+    (root / "script.py").write_text(textwrap.dedent(script), encoding="utf-8")
+
+    with _serving(root) as server, \
+            _browsing(chromium, f"{server.url}page.html{query}", scratch) as browser:
+        deadline = time.monotonic() + DEADLINE
+        # Waits on the page's answer, checking now and then that the browser still runs.
+        while not server.arrived.wait(0.5):
+            if browser.poll() is not None or time.monotonic() > deadline:
+                log = (scratch / "chromium.log").read_text(errors="replace")[-3000:]
+                pytest.fail(f"no result from the page (browser exit status {browser.poll()});\n"
+                            f"requests: {server.log}\nchromium: {log}")
+        report = server.result
+    assert not _still_running(scratch), "Chromium's processes outlived the test"
+    assert report is not None
+    assert report["error"] is None, report["error"]
+    return report
+
+
+SCRIPT = f"""
+    import json, sys
+    import js
+    import kaibantrace
+
+    client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r}, flush_interval=0.05)
+
+    @client.track("board_started")
+    def start():
+        return "started"
+
+    ran = start()
+    with client.session():
+        client.emit("task_done", {{"n": 1}})
+    flushed = await client.aflush(5)
+    RESULT = json.dumps({{"ran": ran, "flushed": flushed, "stats": client.stats(),
+                         "decided_by": client.decision().decided_by,
+                         "platform": sys.platform, "user_agent": str(js.navigator.userAgent)}})
+"""
+
+
+class TestInChromium:
+    def test_a_page_sends_one_keepalive_batch_with_the_browsers_fetch(
+            self, chromium: str, pyodide_runtime: Runtime, tmp_path: Path) -> None:
+        report = run_in_chromium(chromium, pyodide_runtime, tmp_path, SCRIPT)
+        result = report["result"]
+        assert result["platform"] == "emscripten"
+        assert "Chrome/" in result["user_agent"]  # this ran in the browser, not in Node.js
+        assert result["ran"] == "started" and result["flushed"] is True
+        assert result["stats"]["sent"] == 2 and result["stats"]["requests"] == 1
+
+        (request,) = report["fetches"]
+        assert request["url"] == INGEST and request["method"] == "POST"
+        assert request["keepalive"] is True
+        assert request["headers"] == {"content-type": "application/json"}
+        signals = json.loads(request["body"])
+        assert [s["type"] for s in signals] == ["board_started", "task_done"]
+        assert {s["appID"] for s in signals} == {APP_ID}
+        # The session block gave its event a session of its own.
+        assert signals[0]["sessionID"] != signals[1]["sessionID"]
+
+    def test_the_pages_opt_out_variable_keeps_everything_in(
+            self, chromium: str, pyodide_runtime: Runtime, tmp_path: Path) -> None:
+        report = run_in_chromium(chromium, pyodide_runtime, tmp_path, SCRIPT, "?optout=1")
+        result = report["result"]
+        assert result["platform"] == "emscripten" and "Chrome/" in result["user_agent"]
+        assert result["decided_by"] == "globalThis.KAIBAN_TELEMETRY_OPT_OUT"
+        assert result["ran"] == "started"  # the page's own work still runs
+        assert result["stats"]["queued"] == 0 and result["stats"]["sent"] == 0
+        assert report["fetches"] == []
