@@ -232,6 +232,38 @@ class TestThePagesOptOuts:
         assert f"decided by:  {wording}\n" in status
         assert outcome["fetches"] == []
 
+    def test_read_alike_in_one_javascript_call_and_from_python(
+            self, pyodide_runtime: Runtime) -> None:
+        """The page's opt-outs are read by one JavaScript function (cheap enough for every
+        event); a page whose policy refuses making it reads them from Python. Both answer
+        alike for every kind of value, and ``false``, ``0``, blank and ``null`` leave it on."""
+        outcome = pyodide_runtime.run("""
+            import json, js
+            from kaibantrace._policy import page
+            values = ["undefined", "null", "''", "'  '", "'0'", "'1'", "'yes'", "false",
+                      "true", "0", "1", "NaN", "({})"]
+            answers = {}
+            for value in values:
+                for place in ("globalThis.KAIBAN_TELEMETRY_OPT_OUT",
+                              "globalThis.navigator.doNotTrack",
+                              "globalThis.navigator.globalPrivacyControl"):
+                    js.eval("globalThis.KAIBAN_TELEMETRY_OPT_OUT = undefined;"
+                            f"globalThis.navigator = {{}}; {place} = {value};")
+                    answers[f"{place} = {value}"] = [page.page_opt_out(),
+                                                     page._read_from_python()]
+            RESULT = json.dumps({"answers": answers, "in_javascript":
+                                 page._check is not page._read_from_python})
+        """)
+        assert outcome["result"]["in_javascript"] is True
+        answers = outcome["result"]["answers"]
+        assert {key: a for key, (a, b) in answers.items() if a != b} == {}
+        opted_out = sorted(key for key, (a, _) in answers.items() if a is not None)
+        assert opted_out == sorted(
+            [f"globalThis.KAIBAN_TELEMETRY_OPT_OUT = {v}"
+             for v in ("'0'", "'1'", "'yes'", "true", "1", "({})")]
+            + ["globalThis.navigator.doNotTrack = '1'", "globalThis.navigator.doNotTrack = 1",
+               "globalThis.navigator.globalPrivacyControl = true"])
+
     def test_set_while_the_page_runs_it_applies_from_the_next_event(
             self, pyodide_runtime: Runtime) -> None:
         """A consent banner may set the variable at any time: from then on no event is even

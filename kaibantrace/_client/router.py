@@ -129,14 +129,16 @@ class Router:
 class PageRouter(Router):
     """A page's router: the page's opt-outs too are looked at for every event, as a page
     may set its variable at any time (a consent banner, say), and then no event is even
-    queued. A few look-ups in the JavaScript host per event; only pages pay them."""
+    queued. One call into the JavaScript host per event (``page_opt_out``); only pages pay
+    it."""
 
     def reset(self, opt_out_env: str) -> None:
         super().reset(opt_out_env)
         self._seen_page: Optional[str] = None
 
     def route(self) -> Optional[Accept]:
-        if page_opt_out() != self._seen_page:
+        # Off by code or by the client's own variable, the page cannot turn it on.
+        if not self._off_by_opt_out and page_opt_out() != self._seen_page:
             self._seen_generation = -1
         return super().route()
 
