@@ -420,6 +420,117 @@ class TestSendingFromAPage:
         assert {f["body"] for f in outcome["fetches"]} == {outcome["fetches"][0]["body"]}
         assert outcome["result"]["flushed"] is False
 
+    def test_large_signals_go_in_requests_a_browser_accepts_with_keepalive(
+            self, pyodide_runtime: Runtime) -> None:
+        """Browsers fail a keepalive request over 64 KiB (the driver does too): a batch of
+        large signals goes out in several requests, each within the limit, none lost."""
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30, max_per_minute=1000)
+            for n in range(100):
+                client.emit("note_taken", {{"n": n, "text": "a long note " * 40}})
+            RESULT = json.dumps({{"delivered": await client.aflush(10),
+                                 "stats": client.stats()}})
+        """)
+        assert outcome["result"]["delivered"] is True
+        assert outcome["result"]["stats"]["sent"] == 100
+        bodies = [f["body"] for f in outcome["fetches"]]
+        assert len(bodies) >= 2
+        assert all(len(body.encode("utf-8")) <= 60_000 for body in bodies)
+        numbers = [s["payload"]["n"] for body in bodies for s in json.loads(body)]
+        assert numbers == [str(n) for n in range(100)]  # each once, in order
+
+    def test_a_request_past_its_timeout_is_aborted_then_retried(
+            self, pyodide_runtime: Runtime) -> None:
+        """No answer within ``timeout``: the request is aborted (so it cannot arrive beside
+        its retry), counted as a failure, and the batch is sent again."""
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json, time
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30, timeout=0.2, backoff=0.01)
+            client.emit("task_done")
+            first = await client.aflush(5)
+            deadline = time.monotonic() + 10
+            while client.stats()["pending"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            RESULT = json.dumps({{"first": first, "stats": client.stats(),
+                                 "then": await client.aflush(5)}})
+        """, statuses=[{"status": 200, "delay": 5000}, 200])
+        result = outcome["result"]
+        assert result["first"] is False and result["then"] is True
+        assert result["stats"]["sent"] == 1 and result["stats"]["retried"] == 1
+        assert [f["aborted"] for f in outcome["fetches"]] == [True, False]
+
+    def test_a_flush_is_not_done_while_its_request_is_in_flight(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("task_done")
+            short = await client.aflush(0.3)
+            in_flight = client.stats()["in_flight"]
+            at_once = client.flush(0)
+            RESULT = json.dumps({{"short": short, "in_flight": in_flight, "at_once": at_once,
+                                 "waited": await client.aflush(5)}})
+        """, statuses=[{"status": 200, "delay": 800}])
+        assert outcome["result"] == {"short": False, "in_flight": 1, "at_once": False,
+                                     "waited": True}
+
+    def test_shutdown_sends_what_is_queued(self, pyodide_runtime: Runtime) -> None:
+        """A page cannot wait in ``shutdown()``: it sends what is queued at once, and what is
+        emitted after it is counted as dropped."""
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json, time
+            import kaibantrace
+            kaibantrace.configure(app_id={APP_ID!r}, endpoint={INGEST!r}, flush_interval=30)
+            kaibantrace.emit("first")
+            kaibantrace.emit("second")
+            kaibantrace.shutdown(2)
+            client = kaibantrace.default_client()
+            deadline = time.monotonic() + 10
+            while client.stats()["sent"] < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            RESULT = json.dumps({{"stats": client.stats()}})
+        """)
+        assert outcome["result"]["stats"]["sent"] == 2
+        (request,) = outcome["fetches"]
+        assert [s["type"] for s in json.loads(request["body"])] == ["first", "second"]
+
+    def test_a_batch_waiting_for_its_retry_is_counted_once(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30, backoff=30)
+            client.emit("task_done")
+            await client.aflush(5)
+            RESULT = json.dumps(client.stats())
+        """, statuses=[0])
+        stats = outcome["result"]
+        assert (stats["queued"], stats["pending"], stats["retried"]) == (1, 1, 1)
+
+    def test_a_shorter_flush_interval_applies_to_what_waits(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json, time
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("task_done")
+            client.configure(flush_interval=0.05)
+            deadline = time.monotonic() + 10
+            while not client.stats()["sent"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            RESULT = json.dumps(client.stats())
+        """)
+        assert outcome["result"]["sent"] == 1
+
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""
             import asyncio, json

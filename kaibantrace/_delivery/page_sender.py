@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .._encode.pipeline import RawEvent
 from .._log import logger
@@ -32,6 +32,11 @@ from .transport import Outcome, Result, outcome_for_status
 
 Batch = Tuple[str, str, List[str]]  # app ID, URL, signal texts: encoded, waiting for a request
 
+KEEPALIVE_BODY_LIMIT = 60_000
+"""Bytes of JSON per request at most. Browsers refuse a ``keepalive`` request once the
+bodies of those in flight pass 64 KiB (Chromium fails it as a network error), so a
+batch of large signals goes out in several requests (one at a time) rather than never."""
+
 
 class _NoTransport:
     """What ``Delivery.stop`` closes: a page has no connection of its own to close."""
@@ -40,7 +45,24 @@ class _NoTransport:
         pass
 
 
-class PageSender:
+class _NoProcess:
+    """What a process's sender also offers, for its exit and its bound: a page has
+    neither, so these do nothing."""
+
+    def bound(self, deadline: float) -> None:
+        pass
+
+    def begin_exit(self, deadline: float) -> None:
+        pass
+
+    def join(self, deadline: float) -> bool:
+        return True
+
+    def settle_at_exit(self, grace: float = 0.0) -> None:
+        pass
+
+
+class PageSender(_NoProcess):
     """A client's queue and sends in a page (see the module docstring)."""
 
     transport = _NoTransport()
@@ -52,11 +74,13 @@ class PageSender:
         self._target = target
         self._counters = counters
         self._queue: Deque[RawEvent] = collections.deque()
-        self._batches: Deque[Batch] = collections.deque()  # encoded, to retry
+        # Encoded and waiting: to retry, or the rest of a batch too large for one request.
+        # ``counters.taken`` counts what is in neither this nor the queue.
+        self._batches: Deque[Batch] = collections.deque()
         self._policy = RetryPolicy(backoff)
+        self._timer: Any = None  # the loop's handle of the next scheduled send
         self.retune(batch_size=batch_size, flush_interval=flush_interval, max_queue=max_queue,
                     timeout=timeout, backoff=backoff)
-        self._timer: Any = None  # the loop's handle of the next scheduled send
         self._task: Optional[asyncio.Future[None]] = None
         self._lost = False
         self._stopped = False
@@ -70,11 +94,17 @@ class PageSender:
 
     def retune(self, *, batch_size: int, flush_interval: float, max_queue: int, timeout: float,
                backoff: float) -> None:
+        """New settings (``configure``); a send scheduled by the old interval is scheduled
+        again by the new one (a retry keeps its wait)."""
+        interval_changed = getattr(self, "_interval", flush_interval) != flush_interval
         self._batch_size = batch_size
         self._interval = flush_interval
         self._max_queue = max_queue
         self._timeout = timeout
         self._policy.retune(backoff)
+        if interval_changed and self._timer is not None and not self._batches:
+            self._timer.cancel()
+            self._schedule(flush_interval)
 
     def start(self) -> bool:
         return True
@@ -108,7 +138,10 @@ class PageSender:
     def _send_soon(self) -> None:
         self._timer = None
         if self._task is None:
-            self._task = asyncio.ensure_future(self._send_all())
+            try:
+                self._task = asyncio.ensure_future(self._send_all())
+            except Exception:  # no loop in this host: the events wait for aflush()
+                logger.debug("kaibantrace: could not start a send in this page", exc_info=True)
 
     async def _send_all(self) -> None:
         """Send every queued batch, one request at a time; on a failure, wait as the retry
@@ -121,6 +154,7 @@ class PageSender:
                     break
                 if not await self._post(batch):
                     self._batches.appendleft(batch)
+                    self._counters.taken -= len(batch[2])  # waiting again
                     if not self._policy.circuit_open:
                         retry_in = max(self._policy.next_attempt() - time.monotonic(), 0.0)
                     break
@@ -143,6 +177,7 @@ class PageSender:
         while self._batches or self._queue:
             if self._batches:
                 app_id, url, texts = self._batches.popleft()
+                self._counters.taken += len(texts)
             else:
                 raws = [self._queue.popleft()
                         for _ in range(min(self._batch_size, len(self._queue)))]
@@ -151,7 +186,11 @@ class PageSender:
                 if encoded is None or not encoded.signals:
                     self._lost = True
                     continue
-                app_id, url, texts = encoded.app_id, encoded.url, [t for _, t in encoded.signals]
+                app_id, url = encoded.app_id, encoded.url
+                texts, *rest = _within_keepalive_limit([t for _, t in encoded.signals])
+                for more in reversed(rest):  # next, before anything else waiting
+                    self._batches.appendleft((app_id, url, more))
+                    self._counters.taken -= len(more)
             target = self._target()
             if target is None or not target.wanted:
                 self._counters.drop("opted_out", len(texts))
@@ -165,10 +204,11 @@ class PageSender:
         what waits is dropped now and counted, as is every later event, rather than kept in
         memory until the page closes."""
         self._gave_up = self._gave_up or "unreachable"
-        waiting = len(self._queue) + sum(len(batch[2]) for batch in self._batches)
+        waiting = self.pending
         self._queue.clear()
         self._batches.clear()
         if waiting:
+            self._counters.taken += waiting  # accepted, and gone now
             self._counters.drop(self._gave_up, waiting)
             self._lost = True
 
@@ -211,9 +251,10 @@ class PageSender:
         it cuts our own backoff short but keeps to the server's ``Retry-After``: it waits for
         that when the timeout allows, and otherwise leaves the retry as scheduled."""
         deadline = time.monotonic() + timeout
-        while ((self._queue or self._batches) and not self._policy.circuit_open
-               and not self.holding):
+        while not self._policy.circuit_open and not self.holding:
             if self._task is None:
+                if not (self._queue or self._batches):
+                    break
                 held = self._policy.floor_at - time.monotonic()
                 if held > 0:
                     if held > deadline - time.monotonic():
@@ -230,7 +271,7 @@ class PageSender:
                 break
             if self._batches:  # a failure: the retry is scheduled, not awaited here
                 break
-        done = not (self._queue or self._batches) and not self._lost
+        done = not (self._queue or self._batches or self.in_flight) and not self._lost
         self._lost = False
         return done
 
@@ -240,7 +281,7 @@ class PageSender:
         if ((self._queue or self._batches) and self._task is None
                 and self._policy.past_floor(time.monotonic(), exiting=False)):
             self._start_now()
-        done = not (self._queue or self._batches) and not self._lost
+        done = not (self._queue or self._batches or self.in_flight) and not self._lost
         if done:
             self._lost = False
         return done
@@ -252,14 +293,12 @@ class PageSender:
         self._send_soon()
 
     def stop(self, deadline: float) -> bool:
-        """No more events; what is queued is dropped with the page (counted)."""
+        """No more events. A page cannot wait, so what is queued is sent now, and retried as
+        usual if it fails: ``False`` while anything is left to send (the client keeps the
+        sender, so its ``stats()`` and ``flush()`` still see it)."""
         self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return True
-
-    # What a process's sender also offers; a page has no exit hook, outbox or bound.
+        self.flush(0.0)
+        return not (self._queue or self._batches or self.in_flight)
 
     def poke(self, *, retry_now: bool = False) -> None:
         self.flush(0.0)
@@ -267,35 +306,52 @@ class PageSender:
     def outbox_count(self) -> int:
         return self.pending
 
-    def bound(self, deadline: float) -> None:
-        pass
 
-    def begin_exit(self, deadline: float) -> None:
-        pass
-
-    def join(self, deadline: float) -> bool:
-        return True
-
-    def settle_at_exit(self, grace: float = 0.0) -> None:
-        pass
+def _within_keepalive_limit(texts: List[str]) -> List[List[str]]:
+    """``texts`` in runs whose JSON array stays within ``KEEPALIVE_BODY_LIMIT`` bytes (one
+    signal, at most a few KiB, always fits)."""
+    runs: List[List[str]] = [[]]
+    size = 2  # the brackets
+    for text in texts:
+        length = len(text.encode("utf-8")) + 1  # and its comma
+        if runs[-1] and size + length > KEEPALIVE_BODY_LIMIT:
+            runs.append([])
+            size = 2
+        runs[-1].append(text)
+        size += length
+    return runs
 
 
 async def _fetch(url: str, body: str, timeout: float) -> Outcome:
     """One POST with the host's ``fetch``, ``keepalive`` so it may outlive the page; every
-    way it can end becomes an ``Outcome``, never an exception."""
+    way it can end becomes an ``Outcome``, never an exception. A request that outlives
+    ``timeout`` is aborted, so that it cannot still arrive beside its retry."""
+    controller: Any = None
     try:
         import importlib
 
         js = importlib.import_module("js")
         ffi = importlib.import_module("pyodide.ffi")
-        options = ffi.to_js({"method": "POST", "body": body, "keepalive": True,
-                             "headers": {"Content-Type": "application/json"}},
-                            dict_converter=js.Object.fromEntries)
+        init: Dict[str, Any] = {"method": "POST", "body": body, "keepalive": True,
+                                "headers": {"Content-Type": "application/json"}}
+        if getattr(js, "AbortController", None) is not None:
+            controller = js.AbortController.new()
+            init["signal"] = controller.signal
+        options = ffi.to_js(init, dict_converter=js.Object.fromEntries)
         response = await asyncio.wait_for(js.fetch(url, options), timeout)
         status = int(response.status)
         retry_after = response.headers.get("Retry-After")
         return outcome_for_status(status, None if retry_after is None else str(retry_after))
     except asyncio.TimeoutError:
+        _abort(controller)
         return Outcome(Result.RETRY, "timed out")
     except Exception as exc:  # a refused request: fetch's TypeError, or anything else
         return Outcome(Result.RETRY, type(exc).__name__)
+
+
+def _abort(controller: Any) -> None:
+    try:
+        if controller is not None:
+            controller.abort()
+    except Exception:
+        logger.debug("kaibantrace: aborting a request failed", exc_info=True)

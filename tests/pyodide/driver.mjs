@@ -5,10 +5,12 @@
 //   node driver.mjs <pyodide dir> <config.json>
 //
 // config: {"packages": {"<name>": "<local dir or .whl>", ...}, "script": "<file.py>",
-//          "statuses": [200, {"status": 503, "headers": {...}}, ...],
+//          "statuses": [200, {"status": 503, "headers": {...}, "delay": ms}, ...],
 //          "globals": {"NAME": value, ...}, "env": {...}}
 // Each fetch() takes the next of "statuses" (200 once they run out; 0: the network
-// refuses) and is recorded with the time it was made, in milliseconds since the start.
+// refuses; "delay": answer that many milliseconds later, unless the request is aborted
+// first) and is recorded with the time it was made, in milliseconds since the start. As
+// Chromium does, a keepalive request whose body is over 64 KiB fails as a network error.
 // A request to 127.0.0.1 (a test's own package index) is made for real and not recorded.
 // Prints one JSON line: {"result": <the script's RESULT>, "fetches": [...], "error": ...}.
 import { readFileSync, readdirSync, statSync } from "node:fs";
@@ -28,16 +30,31 @@ const hostOf = (url) => {  // pyfetch hands fetch() a Request, kaibantrace a str
 };
 globalThis.fetch = async (url, init = {}) => {
   if (hostOf(url) === "127.0.0.1") return realFetch(url, init);
-  fetches.push({
+  const record = {
     url: String(url),
     method: init.method ?? "GET",
     body: init.body === undefined ? null : String(init.body),
     keepalive: Boolean(init.keepalive),
     headers: Object.fromEntries(new Headers(init.headers ?? {}).entries()),
     at: Date.now() - started,
-  });
+    aborted: false,
+  };
+  fetches.push(record);
+  if (init.keepalive && new TextEncoder().encode(record.body ?? "").length > 65536) {
+    throw new TypeError("Failed to fetch");
+  }
   const answer = statuses.length ? statuses.shift() : 200;
-  const { status, headers } = typeof answer === "number" ? { status: answer } : answer;
+  const { status, headers, delay } = typeof answer === "number" ? { status: answer } : answer;
+  if (delay) {
+    await new Promise((resolve, reject) => {
+      const timer = setTimeout(resolve, delay);
+      init.signal?.addEventListener("abort", () => {
+        clearTimeout(timer);
+        record.aborted = true;
+        reject(new DOMException("The operation was aborted.", "AbortError"));
+      });
+    });
+  }
   if (status === 0) throw new TypeError("fetch failed");  // the network refused
   return new Response("", { status, headers });
 };
