@@ -197,6 +197,32 @@ class TestNeverInThePageWay:
         assert outcome["result"]["results"] == [0, 2, 4]
 
 
+    def test_a_cli_entry_point_writes_no_file_and_counts_no_install(
+            self, pyodide_runtime: Runtime) -> None:
+        """``track_cli`` in a page: its event is sent, keyed with a secret kept in memory;
+        no secret, notice or install marker is written (a page's files go with it, so a
+        marker would make every load an install)."""
+        outcome = pyodide_runtime.run(f"""
+            import json, os, sys
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r})
+
+            @client.track_cli("run_board")
+            def main():
+                return 0
+
+            sys.argv = ["mytool", "run"]
+            main()
+            await client.aflush(5)
+            written = [os.path.join(folder, name)
+                       for folder, _, names in os.walk(os.path.expanduser("~")) for name in names]
+            RESULT = json.dumps({{"written": written}})
+        """)
+        assert outcome["result"]["written"] == []
+        (request,) = outcome["fetches"]
+        assert [s["type"] for s in json.loads(request["body"])] == ["run_board"]
+
+
 class TestThePagesOptOuts:
     """KaibanJS's browser build reads ``window.KAIBAN_TELEMETRY_OPT_OUT``; the browser carries
     the user's Do Not Track and Global Privacy Control. Each one alone switches it off."""
@@ -530,6 +556,28 @@ class TestSendingFromAPage:
             RESULT = json.dumps(client.stats())
         """)
         assert outcome["result"]["sent"] == 1
+
+    def test_an_internationalised_endpoint_is_checked_without_requests(
+            self, pyodide_runtime: Runtime) -> None:
+        """A page has no ``requests`` (nor its ``idna``): a host name that is not ASCII is
+        checked with Python's own codec, so a good one is used and a bad one is refused
+        where the author can fix it."""
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint="https://bücher.example/v2/")
+            client.emit("task_done")
+            delivered = await client.aflush(5)
+            try:
+                kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint="https://a..bé/v2/")
+                refused = None
+            except kaibantrace.ConfigurationError as error:
+                refused = str(error)
+            RESULT = json.dumps({{"delivered": delivered, "refused": refused}})
+        """)
+        assert outcome["result"]["delivered"] is True
+        assert "IDNA cannot encode" in outcome["result"]["refused"]
+        assert [f["url"] for f in outcome["fetches"]] == ["https://bücher.example/v2/"]
 
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""

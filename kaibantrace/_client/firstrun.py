@@ -18,6 +18,7 @@ from .._encode.identity import project_id
 from .._log import logger
 from .._policy import prefs as _prefs
 from .._policy.config import Settings, decide, in_ci
+from .._policy.page import in_a_page
 from .capture import captures
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ def cli_run_starts(client: Telemetry, mounted_at: Callable[[], Optional[str]] = 
     """At the first ``track_cli`` call of ``client``: the first-run notice, then the install
     event. ``mounted_at`` finds where the CLI mounted kaibantrace's commands, asked only
     when the notice is shown, so it can name them."""
-    if client._cli_seen or captures:  # a capture records events, nothing on disk
+    # A capture records events, nothing on disk; a browser page keeps nothing from one
+    # load to the next, so a marker there would make every load a first run.
+    if client._cli_seen or captures or in_a_page():
         return
     client._cli_seen = True
     try:

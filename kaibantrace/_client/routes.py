@@ -41,6 +41,7 @@ from .._policy.config import (
     keyed_with_local_secret,
     unusable_endpoint,
 )
+from .._policy.page import in_a_page
 from .capture import Capture, captures
 
 if TYPE_CHECKING:
@@ -130,7 +131,8 @@ def context(client: Telemetry, decision: Decision, *, strict: bool,
     ci = in_ci(os.environ)
     secret: Optional[Callable[[], bytes]] = None
     if keyed:
-        secret = (lambda: _prefs.local_secret(persist=not ci)) if saves else _prefs.unsaved_secret
+        persist = not ci and not in_a_page()  # a page's files go with it: no use saving
+        secret = (lambda: _prefs.local_secret(persist=persist)) if saves else _prefs.unsaved_secret
     defaults = default_parameters(ci) if s.default_parameters and not kaibanjs else None
     if s.default_payload:  # the author's own, checked once when configured
         defaults = {**(defaults or {}), **s.default_payload}

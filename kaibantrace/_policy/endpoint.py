@@ -41,9 +41,17 @@ def endpoint_problem(url: str) -> Optional[str]:
 
 
 def _is_idna(host: str) -> bool:
-    """Whether an internationalised host name can be sent (as ``requests`` encodes it)."""
-    import idna  # comes with requests; loaded only for a host name that is not ASCII
-
+    """Whether an internationalised host name can be sent: as ``requests`` encodes it
+    (with ``idna``, which comes with it), or, in a browser page, which has no ``requests``
+    and whose ``fetch`` encodes it, by Python's own IDNA codec."""
+    try:
+        import idna  # loaded only for a host name that is not ASCII
+    except ImportError:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return False
+        return True
     try:
         idna.encode(host, uts46=True)
     except (idna.IDNAError, UnicodeError, ValueError):
