@@ -142,6 +142,12 @@ def flush(timeout: float = 5.0) -> bool:
     return default_client().flush(timeout)
 
 
+async def aflush(timeout: float = 5.0) -> bool:
+    """``flush`` for async code and browser pages: wait for the default client's earlier
+    events without blocking the event loop; ``True`` if they all were delivered."""
+    return await default_client().aflush(timeout)
+
+
 def command_line(argv: Optional[Sequence[str]] = None, *, client: Optional[Telemetry] = None,
                  prog: str = "kaibantrace") -> int:
     """Run a ``kaibantrace`` command (status, enable, disable, reset, log, project-id, flush)
@@ -172,6 +178,7 @@ __all__ = [
     "Settings",
     "Telemetry",
     "__version__",
+    "aflush",
     "command_line",
     "configure",
     "default_client",

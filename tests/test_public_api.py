@@ -14,7 +14,8 @@ from .conftest import subprocess_env
 
 PUBLIC = {
     "ConfigurationError", "Decision", "DeliveryStatus", "EventError", "KaibanTraceError", "PrivacyError",
-    "Session", "SessionScope", "Settings", "Telemetry", "__version__", "command_line", "configure",
+    "Session", "SessionScope", "Settings", "Telemetry", "__version__", "aflush", "command_line",
+    "configure",
     "default_client", "emit", "events", "flush", "project_id", "session", "shutdown",
     "telemetry_commands", "timed", "track", "track_cli",
 }
@@ -32,8 +33,8 @@ class TestSurface:
 
     def test_client_methods(self) -> None:
         """A Telemetry has the methods the module-level API mirrors."""
-        for name in ("track", "track_cli", "session", "emit", "flush", "shutdown", "enabled",
-                     "configure"):
+        for name in ("track", "track_cli", "session", "emit", "flush", "aflush", "shutdown",
+                     "enabled", "configure"):
             assert hasattr(kaibantrace.Telemetry, name), name
 
     def test_event_names(self) -> None:

@@ -507,6 +507,41 @@ class TestSendingFromAPage:
         assert outcome["result"] == {"short": False, "in_flight": 1, "at_once": False,
                                      "waited": True}
 
+    def test_the_module_level_aflush_waits_for_the_default_client(
+            self, pyodide_runtime: Runtime) -> None:
+        outcome = pyodide_runtime.run(f"""
+            import json
+            import kaibantrace
+            kaibantrace.configure(app_id={APP_ID!r}, endpoint={INGEST!r}, flush_interval=30)
+            kaibantrace.emit("task_done")
+            RESULT = json.dumps({{"delivered": await kaibantrace.aflush(5),
+                                 "sent": kaibantrace.default_client().stats()["sent"]}})
+        """)
+        assert outcome["result"] == {"delivered": True, "sent": 1}
+        assert len(outcome["fetches"]) == 1
+
+    def test_status_shows_the_pages_queue_and_what_it_sent(
+            self, pyodide_runtime: Runtime) -> None:
+        """A page has no outbox and no sent log: ``status`` says what its queue holds and
+        how many signals went since it was loaded."""
+        outcome = pyodide_runtime.run(f"""
+            import contextlib, io, json
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("task_done")
+            await client.aflush(5)
+            client.emit("task_done")
+            shown = io.StringIO()
+            with contextlib.redirect_stdout(shown):
+                kaibantrace.command_line(["status"], client=client)
+            RESULT = json.dumps(shown.getvalue())
+        """)
+        status = outcome["result"]
+        assert "  waiting:     1 signal(s) in this page's queue\n" in status
+        assert "  sent:        1 signal(s) since the page was loaded\n" in status
+        assert "outbox" not in status and "last sent" not in status
+
     def test_shutdown_sends_what_is_queued(self, pyodide_runtime: Runtime) -> None:
         """A page cannot wait in ``shutdown()``: it sends what is queued at once, and what is
         emitted after it is counted as dropped."""

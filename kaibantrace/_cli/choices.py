@@ -16,6 +16,7 @@ from .._delivery import sentlog as _sentlog
 from .._encode.identity import hash_user, keyed_identity, project_id
 from .._policy import prefs as _prefs
 from .._policy.config import canonical_app_id, in_ci, ingest_url, keyed_with_local_secret, why_nothing_is_sent
+from .._policy.page import in_a_page
 from .._policy.state import config_dir, state_dir
 from .common import Failure, app_of, decision_for, describe, say
 
@@ -68,8 +69,13 @@ def run_status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]
         say(f"  app:         {app_id or '(none configured)'}")
         say(f"  endpoint:    {endpoint or '(none usable)'}")
         say(f"  profile:     {decision.profile}")
-        say(f"  waiting:     {pending} signal(s) in the outbox")
-        say(f"  last sent:   {last or 'never (from this machine)'}")
+        if in_a_page():  # no outbox, no log: what this page holds, and what it sent
+            stats = telemetry.stats()
+            say(f"  waiting:     {stats['pending']} signal(s) in this page's queue")
+            say(f"  sent:        {stats['sent']} signal(s) since the page was loaded")
+        else:
+            say(f"  waiting:     {pending} signal(s) in the outbox")
+            say(f"  last sent:   {last or 'never (from this machine)'}")
         for app, pid in delivering.items():
             shown = f"process {pid}" if pid else "a process"
             say(f"  delivering:  {shown} is sending what waits"
