@@ -614,6 +614,39 @@ class TestSendingFromAPage:
         assert "IDNA cannot encode" in outcome["result"]["refused"]
         assert [f["url"] for f in outcome["fetches"]] == ["https://bücher.example/v2/"]
 
+    @pytest.mark.parametrize("hiding, sent_at_once", [
+        ("document.visibilityState = 'hidden';"
+         " document.dispatchEvent(new Event('visibilitychange'))", True),
+        ("dispatchEvent(new Event('pagehide'))", True),
+        ("document.dispatchEvent(new Event('visibilitychange'))", False),  # still visible
+    ])
+    def test_what_waits_is_sent_at_once_as_the_page_hides(
+            self, pyodide_runtime: Runtime, hiding: str, sent_at_once: bool) -> None:
+        """The page may never run again once it is hidden or closed: the request is made in
+        the event's own turn, before any ``await``, not half a second later."""
+        outcome = pyodide_runtime.run(f"""
+            import json, js
+            js.eval(\"\"\"
+                const events = new EventTarget();
+                globalThis.addEventListener = events.addEventListener.bind(events);
+                globalThis.dispatchEvent = events.dispatchEvent.bind(events);
+                globalThis.document = new EventTarget();
+                document.visibilityState = "visible";
+            \"\"\")
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("first")
+            client.emit("second")
+            js.eval({hiding!r})
+            requests = client.stats()["requests"]  # no await since the event
+            RESULT = json.dumps({{"requests": requests, "delivered": await client.aflush(5)}})
+        """)
+        assert outcome["result"] == {"requests": 1 if sent_at_once else 0, "delivered": True}
+        (request,) = outcome["fetches"]
+        assert request["keepalive"] is True
+        assert [s["type"] for s in json.loads(request["body"])] == ["first", "second"]
+
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""
             import asyncio, json

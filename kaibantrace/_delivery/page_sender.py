@@ -14,7 +14,8 @@ counted as ``unreachable`` or ``retired``.
 
 ``await aflush(timeout)`` sends what is queued now and waits for it; ``flush()``
 cannot wait in a page, so it starts the send and answers whether all was
-already delivered.
+already delivered. When the page is hidden or closed, what waits is sent at once,
+in that very moment (``page_fetch.watch_hiding``): the page may not run again.
 """
 
 from __future__ import annotations
@@ -22,20 +23,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from .._encode.pipeline import RawEvent
 from .._log import logger
+from .page_fetch import Started, answer, begin, watch_hiding, within_keepalive_limit
 from .retry import RetryPolicy
 from .shared import Counters, Encoded, Target
-from .transport import Outcome, Result, outcome_for_status
+from .transport import Result
 
 Batch = Tuple[str, str, List[str]]  # app ID, URL, signal texts: encoded, waiting for a request
-
-KEEPALIVE_BODY_LIMIT = 60_000
-"""Bytes of JSON per request at most. Browsers refuse a ``keepalive`` request once the
-bodies of those in flight pass 64 KiB (Chromium fails it as a network error), so a
-batch of large signals goes out in several requests (one at a time) rather than never."""
 
 
 class _NoTransport:
@@ -62,6 +59,69 @@ class _NoProcess:
         pass
 
 
+class _Waiting:
+    """What a page's sender holds: events not yet encoded (the queue), and encoded batches
+    waiting (a retry, or the rest of a batch too large for one request). The counters'
+    ``taken`` counts what is in neither, so ``queued`` counts each event once."""
+
+    def __init__(self, encode: Callable[[List[RawEvent]], Optional[Encoded]],
+                 target: Callable[[], Optional[Target]], counters: Counters) -> None:
+        self._encode = encode
+        self._target = target
+        self._counters = counters
+        self.queue: Deque[RawEvent] = collections.deque()
+        self.batches: Deque[Batch] = collections.deque()
+        self.lost = False
+        """Something accepted was not delivered since the last flush."""
+
+    def __bool__(self) -> bool:
+        return bool(self.queue or self.batches)
+
+    def count(self) -> int:
+        return len(self.queue) + sum(len(batch[2]) for batch in self.batches)
+
+    def next_batch(self, batch_size: int) -> Optional[Batch]:
+        """The next batch to post: one waiting, else the queue's next, encoded now
+        (deciding again: an opt-out since the event drops it unsent)."""
+        while self:
+            if self.batches:
+                app_id, url, texts = self.batches.popleft()
+                self._counters.taken += len(texts)
+            else:
+                raws = [self.queue.popleft() for _ in range(min(batch_size, len(self.queue)))]
+                self._counters.taken += len(raws)
+                encoded = self._encode(raws)
+                if encoded is None or not encoded.signals:
+                    self.lost = True
+                    continue
+                app_id, url = encoded.app_id, encoded.url
+                texts, *rest = within_keepalive_limit([t for _, t in encoded.signals])
+                for more in reversed(rest):  # next, before anything else waiting
+                    self.put_back((app_id, url, more))
+            target = self._target()
+            if target is None or not target.wanted:
+                self._counters.drop("opted_out", len(texts))
+                self.lost = True
+                continue
+            return app_id, url, texts
+        return None
+
+    def put_back(self, batch: Batch) -> None:
+        """``batch`` waits again, first in line."""
+        self.batches.appendleft(batch)
+        self._counters.taken -= len(batch[2])
+
+    def drop_all(self, cause: str) -> None:
+        """Everything waiting is gone, counted as ``cause``."""
+        waiting = self.count()
+        self.queue.clear()
+        self.batches.clear()
+        if waiting:
+            self._counters.taken += waiting  # accepted, and gone now
+            self._counters.drop(cause, waiting)
+            self.lost = True
+
+
 class PageSender(_NoProcess):
     """A client's queue and sends in a page (see the module docstring)."""
 
@@ -70,21 +130,16 @@ class PageSender(_NoProcess):
     def __init__(self, *, encode: Callable[[List[RawEvent]], Optional[Encoded]],
                  target: Callable[[], Optional[Target]], counters: Counters, batch_size: int,
                  flush_interval: float, max_queue: int, timeout: float, backoff: float) -> None:
-        self._encode = encode
-        self._target = target
         self._counters = counters
-        self._queue: Deque[RawEvent] = collections.deque()
-        # Encoded and waiting: to retry, or the rest of a batch too large for one request.
-        # ``counters.taken`` counts what is in neither this nor the queue.
-        self._batches: Deque[Batch] = collections.deque()
+        self._waiting = _Waiting(encode, target, counters)
         self._policy = RetryPolicy(backoff)
         self._timer: Any = None  # the loop's handle of the next scheduled send
         self.retune(batch_size=batch_size, flush_interval=flush_interval, max_queue=max_queue,
                     timeout=timeout, backoff=backoff)
         self._task: Optional[asyncio.Future[None]] = None
-        self._lost = False
         self._stopped = False
         self._gave_up = ""  # why this page stopped sending for good, once it did
+        self._hide_listener = watch_hiding(self.send_before_hiding)
         self.holding = False
         self.in_flight = 0
         self.passes = 0
@@ -102,7 +157,7 @@ class PageSender(_NoProcess):
         self._max_queue = max_queue
         self._timeout = timeout
         self._policy.retune(backoff)
-        if interval_changed and self._timer is not None and not self._batches:
+        if interval_changed and self._timer is not None and not self._waiting.batches:
             self._timer.cancel()
             self._schedule(flush_interval)
 
@@ -115,15 +170,16 @@ class PageSender(_NoProcess):
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + sum(len(batch[2]) for batch in self._batches)
+        return self._waiting.count()
 
     def accept(self, raw: RawEvent) -> None:
         """Queue one event and make sure a send is scheduled. Never raises."""
-        if self._stopped or len(self._queue) >= self._max_queue or self._policy.circuit_open:
+        waiting = self._waiting
+        if self._stopped or len(waiting.queue) >= self._max_queue or self._policy.circuit_open:
             self._counters.drop("stopped" if self._stopped else self._gave_up or "queue_full")
-            self._lost = True
+            waiting.lost = True
             return
-        self._queue.append(raw)
+        waiting.queue.append(raw)
         if (self._timer is None and self._task is None and not self._policy.circuit_open
                 and not self.holding):
             self._schedule(self._interval)
@@ -135,26 +191,39 @@ class PageSender(_NoProcess):
         except Exception:  # no loop in this host: the events wait for aflush()
             logger.debug("kaibantrace: could not schedule a send in this page", exc_info=True)
 
-    def _send_soon(self) -> None:
+    def _send_soon(self, first: Optional[Tuple[Batch, Started]] = None) -> None:
         self._timer = None
         if self._task is None:
             try:
-                self._task = asyncio.ensure_future(self._send_all())
+                self._task = asyncio.ensure_future(self._send_all(first))
             except Exception:  # no loop in this host: the events wait for aflush()
                 logger.debug("kaibantrace: could not start a send in this page", exc_info=True)
 
-    async def _send_all(self) -> None:
-        """Send every queued batch, one request at a time; on a failure, wait as the retry
-        policy says (the next send is scheduled), never raising into the page."""
+    def send_before_hiding(self) -> None:
+        """The page is being hidden or closed: make the next request now, in this very
+        turn of the page, which may be its last (the rest follows if the page lives on)."""
+        if (self._task is not None or self.holding or self._policy.circuit_open
+                or not self._policy.past_floor(time.monotonic(), exiting=False)):
+            return  # a request is on its way already (keepalive), or none may be made
+        batch = self._waiting.next_batch(self._batch_size)
+        if batch is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._send_soon((batch, self._begin(batch)))
+
+    async def _send_all(self, first: Optional[Tuple[Batch, Started]] = None) -> None:
+        """Send every waiting batch, one request at a time (``first``: one already made);
+        on a failure, wait as the retry policy says (the next send is scheduled), never
+        raising into the page."""
         retry_in: Optional[float] = None
         try:
             while not self._policy.circuit_open and not self.holding:
-                batch = self._next_batch()
+                batch, started = first or (self._waiting.next_batch(self._batch_size), None)
+                first = None
                 if batch is None:
                     break
-                if not await self._post(batch):
-                    self._batches.appendleft(batch)
-                    self._counters.taken -= len(batch[2])  # waiting again
+                if not await self._post(batch, started or self._begin(batch)):
+                    self._waiting.put_back(batch)
                     if not self._policy.circuit_open:
                         retry_in = max(self._policy.next_attempt() - time.monotonic(), 0.0)
                     break
@@ -164,78 +233,44 @@ class PageSender(_NoProcess):
             self.passes += 1
             self._task = None
         if self._policy.circuit_open:
-            self._give_up()
+            # The page will send no more (failures in a row, or retired): what waits goes
+            # now, counted, as does every later event, rather than kept until it closes.
+            self._gave_up = self._gave_up or "unreachable"
+            self._waiting.drop_all(self._gave_up)
         if retry_in is not None:
             self._schedule(retry_in)
-        elif (self._queue and self._timer is None and not self._policy.circuit_open
+        elif (self._waiting.queue and self._timer is None and not self._policy.circuit_open
               and not self.holding):  # stopped for good: no timer that would find nothing to do
             self._schedule(self._interval)
 
-    def _next_batch(self) -> Optional[Batch]:
-        """The next batch to post: one waiting for a retry, else the queue's next, encoded
-        now (deciding again: an opt-out since the event drops it unsent)."""
-        while self._batches or self._queue:
-            if self._batches:
-                app_id, url, texts = self._batches.popleft()
-                self._counters.taken += len(texts)
-            else:
-                raws = [self._queue.popleft()
-                        for _ in range(min(self._batch_size, len(self._queue)))]
-                self._counters.taken += len(raws)
-                encoded = self._encode(raws)
-                if encoded is None or not encoded.signals:
-                    self._lost = True
-                    continue
-                app_id, url = encoded.app_id, encoded.url
-                texts, *rest = _within_keepalive_limit([t for _, t in encoded.signals])
-                for more in reversed(rest):  # next, before anything else waiting
-                    self._batches.appendleft((app_id, url, more))
-                    self._counters.taken -= len(more)
-            target = self._target()
-            if target is None or not target.wanted:
-                self._counters.drop("opted_out", len(texts))
-                self._lost = True
-                continue
-            return app_id, url, texts
-        return None
-
-    def _give_up(self) -> None:
-        """The page will send no more (the endpoint failed again and again, or is retired):
-        what waits is dropped now and counted, as is every later event, rather than kept in
-        memory until the page closes."""
-        self._gave_up = self._gave_up or "unreachable"
-        waiting = self.pending
-        self._queue.clear()
-        self._batches.clear()
-        if waiting:
-            self._counters.taken += waiting  # accepted, and gone now
-            self._counters.drop(self._gave_up, waiting)
-            self._lost = True
-
-    async def _post(self, batch: Batch) -> bool:
-        """Post one batch; ``True`` once it needs no more sending (sent, or refused)."""
+    def _begin(self, batch: Batch) -> Started:
+        """Make the request for ``batch`` now."""
         _, url, texts = batch
-        body = "[" + ",".join(texts) + "]"
         self._counters.requests += 1
         self.in_flight = len(texts)
+        return begin(url, "[" + ",".join(texts) + "]")
+
+    async def _post(self, batch: Batch, started: Started) -> bool:
+        """Await the request made for ``batch``; ``True`` once it needs no more sending
+        (sent, or refused)."""
+        texts = batch[2]
         try:
-            outcome = await _fetch(url, body, self._timeout)
+            outcome = await answer(started, self._timeout)
         finally:
             self.in_flight = 0
         if outcome.result is Result.SENT:
             self._counters.sent += len(texts)
             self._policy.succeeded()
             return True
-        if outcome.result is Result.REJECTED:
-            self._policy.rejected()
-            self._counters.drop("rejected", len(texts))
-            self._lost = True
-            return True
-        if outcome.result is Result.RETIRED:
-            self._policy.retired()
-            self._gave_up = "retired"
-            self._counters.drop("retired", len(texts))
-            self._lost = True
+        if outcome.result in (Result.REJECTED, Result.RETIRED):
+            if outcome.result is Result.REJECTED:
+                self._policy.rejected()
+                cause = "rejected"
+            else:
+                self._policy.retired()
+                cause = self._gave_up = "retired"
+            self._counters.drop(cause, len(texts))
+            self._waiting.lost = True
             return True
         self.last_problem = outcome.detail
         if self._policy.failed(time.monotonic(), outcome.retry_after):
@@ -253,7 +288,7 @@ class PageSender(_NoProcess):
         deadline = time.monotonic() + timeout
         while not self._policy.circuit_open and not self.holding:
             if self._task is None:
-                if not (self._queue or self._batches):
+                if not self._waiting:
                     break
                 held = self._policy.floor_at - time.monotonic()
                 if held > 0:
@@ -269,21 +304,24 @@ class PageSender(_NoProcess):
                 await asyncio.wait_for(asyncio.shield(self._task), left)
             except asyncio.TimeoutError:
                 break
-            if self._batches:  # a failure: the retry is scheduled, not awaited here
+            if self._waiting.batches:  # a failure: the retry is scheduled, not awaited here
                 break
-        done = not (self._queue or self._batches or self.in_flight) and not self._lost
-        self._lost = False
-        return done
+        return self._answer_flush(reset=True)
 
     def flush(self, timeout: float) -> bool:
         """A page cannot wait: start sending now (unless the server's ``Retry-After``
         holds), and answer whether nothing waits."""
-        if ((self._queue or self._batches) and self._task is None
+        if (self._waiting and self._task is None
                 and self._policy.past_floor(time.monotonic(), exiting=False)):
             self._start_now()
-        done = not (self._queue or self._batches or self.in_flight) and not self._lost
-        if done:
-            self._lost = False
+        return self._answer_flush(reset=False)
+
+    def _answer_flush(self, *, reset: bool) -> bool:
+        """Whether everything accepted since the last flush was delivered; the count of
+        what was lost starts again when asked to, or when the answer is yes."""
+        done = not (self._waiting or self.in_flight or self._waiting.lost)
+        if reset or done:
+            self._waiting.lost = False
         return done
 
     def _start_now(self) -> None:
@@ -298,60 +336,10 @@ class PageSender(_NoProcess):
         sender, so its ``stats()`` and ``flush()`` still see it)."""
         self._stopped = True
         self.flush(0.0)
-        return not (self._queue or self._batches or self.in_flight)
+        return not (self._waiting or self.in_flight)
 
     def poke(self, *, retry_now: bool = False) -> None:
         self.flush(0.0)
 
     def outbox_count(self) -> int:
         return self.pending
-
-
-def _within_keepalive_limit(texts: List[str]) -> List[List[str]]:
-    """``texts`` in runs whose JSON array stays within ``KEEPALIVE_BODY_LIMIT`` bytes (one
-    signal, at most a few KiB, always fits)."""
-    runs: List[List[str]] = [[]]
-    size = 2  # the brackets
-    for text in texts:
-        length = len(text.encode("utf-8")) + 1  # and its comma
-        if runs[-1] and size + length > KEEPALIVE_BODY_LIMIT:
-            runs.append([])
-            size = 2
-        runs[-1].append(text)
-        size += length
-    return runs
-
-
-async def _fetch(url: str, body: str, timeout: float) -> Outcome:
-    """One POST with the host's ``fetch``, ``keepalive`` so it may outlive the page; every
-    way it can end becomes an ``Outcome``, never an exception. A request that outlives
-    ``timeout`` is aborted, so that it cannot still arrive beside its retry."""
-    controller: Any = None
-    try:
-        import importlib
-
-        js = importlib.import_module("js")
-        ffi = importlib.import_module("pyodide.ffi")
-        init: Dict[str, Any] = {"method": "POST", "body": body, "keepalive": True,
-                                "headers": {"Content-Type": "application/json"}}
-        if getattr(js, "AbortController", None) is not None:
-            controller = js.AbortController.new()
-            init["signal"] = controller.signal
-        options = ffi.to_js(init, dict_converter=js.Object.fromEntries)
-        response = await asyncio.wait_for(js.fetch(url, options), timeout)
-        status = int(response.status)
-        retry_after = response.headers.get("Retry-After")
-        return outcome_for_status(status, None if retry_after is None else str(retry_after))
-    except asyncio.TimeoutError:
-        _abort(controller)
-        return Outcome(Result.RETRY, "timed out")
-    except Exception as exc:  # a refused request: fetch's TypeError, or anything else
-        return Outcome(Result.RETRY, type(exc).__name__)
-
-
-def _abort(controller: Any) -> None:
-    try:
-        if controller is not None:
-            controller.abort()
-    except Exception:
-        logger.debug("kaibantrace: aborting a request failed", exc_info=True)
