@@ -54,12 +54,15 @@ def chromium() -> str:
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """The page's origin: static files from one directory, and ``POST /result``."""
+    """The page's origin: static files from one directory, ``POST /result``, and an
+    ingest endpoint, ``POST /v2/``, for signals that must really leave the page."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
         self.result: Optional[Dict[str, Any]] = None
         self.arrived = threading.Event()
+        self.ingested: List[Any] = []  # each request's signals
+        self.ingest_arrived = threading.Event()
         self.log: List[str] = []  # each request, for a failure's message
 
     @property
@@ -77,14 +80,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_POST(self) -> None:
         server = cast(_Server, self.server)
-        if self.path != "/result":
+        if self.path not in ("/result", "/v2/"):
             self.send_error(404)
             return
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        server.result = json.loads(body)
-        self.send_response(204)
+        self.send_response(204 if self.path == "/result" else 200)
+        self.send_header("Content-Length", "0")
         self.end_headers()
-        server.arrived.set()
+        if self.path == "/result":
+            server.result = json.loads(body)
+            server.arrived.set()
+        else:
+            server.ingested.append(json.loads(body))
+            server.ingest_arrived.set()
 
     def log_message(self, format: str, *args: Any) -> None:
         cast(_Server, self.server).log.append(format % args)
@@ -167,9 +175,11 @@ def _package_zip(target: Path) -> Path:
 
 
 def run_in_chromium(chromium: str, runtime: Runtime, scratch: Path, script: str,
-                    query: str = "") -> Dict[str, Any]:
+                    query: str = "", *, ingested: Optional[List[Any]] = None
+                    ) -> Dict[str, Any]:
     """Run ``script`` (top-level ``await`` allowed; it sets ``RESULT`` to JSON text) in a page;
-    the page's report: ``result``, ``fetches`` and ``error``."""
+    the page's report: ``result``, ``fetches`` and ``error``. With ``ingested``, also wait
+    for a request to the page's own ``/v2/`` and put what arrived there in it."""
     root = scratch / "site"
     root.mkdir()
     for name in ("page.html", "page.mjs"):
@@ -189,6 +199,10 @@ def run_in_chromium(chromium: str, runtime: Runtime, scratch: Path, script: str,
                 pytest.fail(f"no result from the page (browser exit status {browser.poll()});\n"
                             f"requests: {server.log}\nchromium: {log}")
         report = server.result
+        if ingested is not None:
+            # Generous: a deadline that only a page that never sends reaches.
+            assert server.ingest_arrived.wait(30), f"nothing arrived; requests: {server.log}"
+            ingested.extend(server.ingested)
     assert not _still_running(scratch), "Chromium's processes outlived the test"
     assert report is not None
     assert report["error"] is None, report["error"]
@@ -245,3 +259,26 @@ class TestInChromium:
         assert result["ran"] == "started"  # the page's own work still runs
         assert result["stats"]["queued"] == 0 and result["stats"]["sent"] == 0
         assert report["fetches"] == []
+
+    def test_what_waits_when_the_page_is_closed_still_arrives(
+            self, chromium: str, pyodide_runtime: Runtime, tmp_path: Path) -> None:
+        """Signals queued moments before the user leaves the page (the flush interval not yet
+        over): the page's ``pagehide`` sends them with a keepalive request, which the
+        browser completes after the page is gone. Here the request really leaves the page,
+        for its own origin's ``/v2/``."""
+        script = f"""
+            import json, js
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r},
+                                           endpoint=str(js.location.origin) + "/v2/",
+                                           flush_interval=30)
+            client.emit("board_started")
+            client.emit("board_closed")
+            RESULT = json.dumps({{"requests": client.stats()["requests"]}})
+        """
+        ingested: List[Any] = []
+        report = run_in_chromium(chromium, pyodide_runtime, tmp_path, script, "?leave=1",
+                                 ingested=ingested)
+        assert report["result"] == {"requests": 0}  # nothing had gone before the page left
+        assert [[s["type"] for s in signals] for signals in ingested] == [
+            ["board_started", "board_closed"]]

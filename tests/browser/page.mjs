@@ -4,7 +4,8 @@
 //
 // Once Pyodide has loaded its own files, fetch() is replaced by a recorder: a request to
 // another origin is recorded and answered 200 instead of sent; one to this origin is
-// recorded too, and passed on. "?optout=1" sets the page's opt-out variable first.
+// recorded too, and passed on. "?optout=1" sets the page's opt-out variable first;
+// "?leave=1" leaves the page once the result is posted.
 import { loadPyodide } from "./pyodide/pyodide.mjs";
 
 const realFetch = window.fetch.bind(window);
@@ -50,3 +51,5 @@ try {
   error = String(e?.stack ?? e);
 }
 await realFetch("result", { method: "POST", body: JSON.stringify({ result, fetches, error }) });
+// "?leave=1": then the user leaves the page, as a tab is closed or a link followed.
+if (new URLSearchParams(location.search).get("leave") === "1") location.href = "about:blank";
