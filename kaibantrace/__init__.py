@@ -7,8 +7,9 @@
     @kaibantrace.track("workflow_started")
     def start_workflow(team): ...
 
-Signals go to TelemetryDeck from a background thread that starts at the first
-event. ``KAIBAN_TELEMETRY_OPT_OUT=1`` or ``DO_NOT_TRACK=1`` switches everything
+Signals go to TelemetryDeck from background threads that start at the first
+event (in a browser page, under Pyodide, from the page's event loop with
+``fetch``). ``KAIBAN_TELEMETRY_OPT_OUT=1`` or ``DO_NOT_TRACK=1`` switches everything
 off: no thread, no file, no socket. Importing this package does nothing but
 define names; in particular it opens no socket and loads no HTTP or SQLite code.
 
