@@ -543,8 +543,8 @@ class TestSendingFromAPage:
         assert "outbox" not in status and "last sent" not in status
 
     def test_shutdown_sends_what_is_queued(self, pyodide_runtime: Runtime) -> None:
-        """A page cannot wait in ``shutdown()``: it sends what is queued at once, and what is
-        emitted after it is counted as dropped."""
+        """A page cannot wait in ``shutdown()``: it sends what is queued at once; events
+        after it are ignored, as a process's are."""
         outcome = pyodide_runtime.run(f"""
             import asyncio, json, time
             import kaibantrace
@@ -552,13 +552,15 @@ class TestSendingFromAPage:
             kaibantrace.emit("first")
             kaibantrace.emit("second")
             kaibantrace.shutdown(2)
+            kaibantrace.emit("after_shutdown")
             client = kaibantrace.default_client()
             deadline = time.monotonic() + 10
             while client.stats()["sent"] < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             RESULT = json.dumps({{"stats": client.stats()}})
         """)
-        assert outcome["result"]["stats"]["sent"] == 2
+        stats = outcome["result"]["stats"]
+        assert (stats["sent"], stats["queued"], stats["pending"]) == (2, 2, 0)
         (request,) = outcome["fetches"]
         assert [s["type"] for s in json.loads(request["body"])] == ["first", "second"]
 
@@ -649,18 +651,70 @@ class TestSendingFromAPage:
 
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""
-            import asyncio, json
+            import asyncio, json, time
             import kaibantrace
             client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
                                            flush_interval=30)
             client.emit("task_done")
             at_once = client.flush(5)  # starts the send; cannot block the page to wait
-            await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 10
+            while not client.stats()["sent"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the page goes on meanwhile
             RESULT = json.dumps({{"at_once": at_once, "later": client.flush(5),
                                  "sent": client.stats()["sent"]}})
         """)
         assert outcome["result"] == {"at_once": False, "later": True, "sent": 1}
         assert len(outcome["fetches"]) == 1
+
+    def test_drain_answers_at_once_in_a_page(self, pyodide_runtime: Runtime) -> None:
+        """``drain()`` waits in a process; a page cannot, so it starts the send and says
+        whether anything is left, without blocking the page."""
+        outcome = pyodide_runtime.run(f"""
+            import json, time
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+            client.emit("task_done")
+            began = time.monotonic()
+            first = client.drain(5)
+            took = time.monotonic() - began
+            delivered = await client.aflush(5)
+            RESULT = json.dumps({{"first": first, "took": took, "delivered": delivered,
+                                 "then": client.drain(5)}})
+        """)
+        result = outcome["result"]
+        assert result["first"] is False and result["took"] < 1.0  # 5 s were allowed
+        assert result["delivered"] is True and result["then"] is True
+        assert len(outcome["fetches"]) == 1
+
+    def test_a_loss_is_reported_by_one_flush_not_by_every_later_one(
+            self, pyodide_runtime: Runtime) -> None:
+        """``flush()`` answers for what was accepted since the last flush: a rejected batch
+        makes the next answer ``False``, and once later events are delivered, ``True``."""
+        outcome = pyodide_runtime.run(f"""
+            import asyncio, json, time
+            import kaibantrace
+            client = kaibantrace.Telemetry(app_id={APP_ID!r}, endpoint={INGEST!r},
+                                           flush_interval=30)
+
+            async def until(condition):
+                deadline = time.monotonic() + 10
+                while not condition() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+
+            client.emit("refused")
+            client.flush(0)
+            await until(lambda: client.stats()["dropped"])
+            after_loss = client.flush(0)
+            client.emit("taken")
+            client.flush(0)
+            await until(lambda: client.stats()["sent"])
+            RESULT = json.dumps({{"after_loss": after_loss, "then": client.flush(0),
+                                 "stats": client.stats()}})
+        """, statuses=[400, 200])
+        result = outcome["result"]
+        assert result["stats"]["dropped"] == {"rejected": 1} and result["stats"]["sent"] == 1
+        assert (result["after_loss"], result["then"]) == (False, True)
 
 
 class TestTheWire:

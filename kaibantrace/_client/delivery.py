@@ -240,6 +240,12 @@ class Delivery:
         left or sending stops; ``True`` when none is left."""
         if not self.send_waiting(stop_after=None, retry_now=True):
             return False
+        sender = self.sender
+        if sender is not None and getattr(sender, "aflush", None) is not None:
+            # A page cannot wait: whether anything is left, as it is now.
+            if progress is not None:
+                progress(self.status())
+            return not sender.pending and not sender.in_flight
         deadline = time.monotonic() + timeout
         while True:
             status = self.status()

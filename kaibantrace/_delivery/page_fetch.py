@@ -112,3 +112,16 @@ def watch_hiding(on_hide: Callable[[], None]) -> Optional[Any]:
     except Exception:
         logger.debug("kaibantrace: could not watch the page's end", exc_info=True)
         return None
+
+
+def unwatch_hiding(listener: Optional[Any]) -> None:
+    """Stop calling what ``watch_hiding`` registered, and free its proxy."""
+    if listener is None:
+        return
+    try:
+        js = importlib.import_module("js")
+        js.removeEventListener("pagehide", listener)
+        js.document.removeEventListener("visibilitychange", listener)
+        listener.destroy()
+    except Exception:
+        logger.debug("kaibantrace: could not stop watching the page's end", exc_info=True)

@@ -27,7 +27,14 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from .._encode.pipeline import RawEvent
 from .._log import logger
-from .page_fetch import Started, answer, begin, watch_hiding, within_keepalive_limit
+from .page_fetch import (
+    Started,
+    answer,
+    begin,
+    unwatch_hiding,
+    watch_hiding,
+    within_keepalive_limit,
+)
 from .retry import RetryPolicy
 from .shared import Counters, Encoded, Target
 from .transport import Result
@@ -90,9 +97,15 @@ class _Waiting:
             else:
                 raws = [self.queue.popleft() for _ in range(min(batch_size, len(self.queue)))]
                 self._counters.taken += len(raws)
-                encoded = self._encode(raws)
+                try:
+                    encoded = self._encode(raws)
+                except Exception:  # counted, as a process's writer counts it
+                    logger.debug("kaibantrace: could not encode a batch", exc_info=True)
+                    self._counters.drop("encode_error", len(raws))
+                    encoded = None
+                if encoded is None or len(encoded.signals) < len(raws):
+                    self.lost = True  # the encoder refused some (counted there)
                 if encoded is None or not encoded.signals:
-                    self.lost = True
                     continue
                 app_id, url = encoded.app_id, encoded.url
                 texts, *rest = within_keepalive_limit([t for _, t in encoded.signals])
@@ -162,14 +175,17 @@ class PageSender(_NoProcess):
             self._schedule(flush_interval)
 
     def start(self) -> bool:
+        """Nothing to start: a page's sends are scheduled on its own loop."""
         return True
 
     @property
     def circuit_open(self) -> bool:
+        """Whether this page gave up sending for good."""
         return self._policy.circuit_open
 
     @property
     def pending(self) -> int:
+        """Events and signals waiting to be sent."""
         return self._waiting.count()
 
     def accept(self, raw: RawEvent) -> None:
@@ -185,6 +201,7 @@ class PageSender(_NoProcess):
             self._schedule(self._interval)
 
     def _schedule(self, delay: float) -> None:
+        """A send ``delay`` seconds from now, on the page's loop."""
         try:
             loop = asyncio.get_event_loop()
             self._timer = loop.call_later(max(delay, 0.0), self._send_soon)
@@ -192,12 +209,16 @@ class PageSender(_NoProcess):
             logger.debug("kaibantrace: could not schedule a send in this page", exc_info=True)
 
     def _send_soon(self, first: Optional[Tuple[Batch, Started]] = None) -> None:
+        """Start sending (``first``: a request already made, to be awaited first)."""
         self._timer = None
         if self._task is None:
             try:
                 self._task = asyncio.ensure_future(self._send_all(first))
             except Exception:  # no loop in this host: the events wait for aflush()
                 logger.debug("kaibantrace: could not start a send in this page", exc_info=True)
+                if first is not None:  # its answer cannot be awaited: it waits to be sent again
+                    self.in_flight = 0
+                    self._waiting.put_back(first[0])
 
     def send_before_hiding(self) -> None:
         """The page is being hidden or closed: make the next request now, in this very
@@ -217,12 +238,18 @@ class PageSender(_NoProcess):
         raising into the page."""
         retry_in: Optional[float] = None
         try:
-            while not self._policy.circuit_open and not self.holding:
-                batch, started = first or (self._waiting.next_batch(self._batch_size), None)
-                first = None
-                if batch is None:
-                    break
-                if not await self._post(batch, started or self._begin(batch)):
+            while True:
+                if first is not None:  # made already: its answer is awaited whatever holds
+                    batch, started = first
+                    first = None
+                else:
+                    next_batch = None
+                    if not self._policy.circuit_open and not self.holding:
+                        next_batch = self._waiting.next_batch(self._batch_size)
+                    if next_batch is None:
+                        break
+                    batch, started = next_batch, self._begin(next_batch)
+                if not await self._post(batch, started):
                     self._waiting.put_back(batch)
                     if not self._policy.circuit_open:
                         retry_in = max(self._policy.next_attempt() - time.monotonic(), 0.0)
@@ -283,8 +310,10 @@ class PageSender(_NoProcess):
     async def aflush(self, timeout: float) -> bool:
         """Send what is queued now and wait for it, up to ``timeout`` seconds; ``True`` when
         everything accepted since the last flush was delivered. As a process's flush does,
-        it cuts our own backoff short but keeps to the server's ``Retry-After``: it waits for
-        that when the timeout allows, and otherwise leaves the retry as scheduled."""
+        it cuts short a wait left by an earlier failure, but keeps to the server's
+        ``Retry-After``: it waits for that when the timeout allows, and otherwise leaves the
+        retry as scheduled. A failure during the call ends it (the retry follows on
+        schedule)."""
         deadline = time.monotonic() + timeout
         while not self._policy.circuit_open and not self.holding:
             if self._task is None:
@@ -306,22 +335,27 @@ class PageSender(_NoProcess):
                 break
             if self._waiting.batches:  # a failure: the retry is scheduled, not awaited here
                 break
-        return self._answer_flush(reset=True)
+        return self._answer_flush()
 
     def flush(self, timeout: float) -> bool:
         """A page cannot wait: start sending now (unless the server's ``Retry-After``
-        holds), and answer whether nothing waits."""
+        holds), and answer whether everything accepted since the last flush was
+        delivered already."""
+        self._send_if_allowed()
+        return self._answer_flush()
+
+    def _send_if_allowed(self) -> None:
+        """Start sending what waits now, unless a send is under way or the server's
+        ``Retry-After`` holds."""
         if (self._waiting and self._task is None
                 and self._policy.past_floor(time.monotonic(), exiting=False)):
             self._start_now()
-        return self._answer_flush(reset=False)
 
-    def _answer_flush(self, *, reset: bool) -> bool:
-        """Whether everything accepted since the last flush was delivered; the count of
-        what was lost starts again when asked to, or when the answer is yes."""
+    def _answer_flush(self) -> bool:
+        """Whether everything accepted since the last flush was delivered; what was lost
+        counts from here again."""
         done = not (self._waiting or self.in_flight or self._waiting.lost)
-        if reset or done:
-            self._waiting.lost = False
+        self._waiting.lost = False
         return done
 
     def _start_now(self) -> None:
@@ -335,11 +369,15 @@ class PageSender(_NoProcess):
         usual if it fails: ``False`` while anything is left to send (the client keeps the
         sender, so its ``stats()`` and ``flush()`` still see it)."""
         self._stopped = True
-        self.flush(0.0)
+        self._send_if_allowed()
+        unwatch_hiding(self._hide_listener)
+        self._hide_listener = None
         return not (self._waiting or self.in_flight)
 
     def poke(self, *, retry_now: bool = False) -> None:
-        self.flush(0.0)
+        """``send_waiting``: send what waits now (a page has no outbox of other processes)."""
+        self._send_if_allowed()
 
     def outbox_count(self) -> int:
+        """What waits: a page's queue stands for a process's outbox."""
         return self.pending

@@ -43,7 +43,9 @@ def endpoint_problem(url: str) -> Optional[str]:
 def _is_idna(host: str) -> bool:
     """Whether an internationalised host name can be sent: as ``requests`` encodes it
     (with ``idna``, which comes with it), or, in a browser page, which has no ``requests``
-    and whose ``fetch`` encodes it, by Python's own IDNA codec."""
+    and whose ``fetch`` encodes it, by Python's own IDNA codec. That codec follows the
+    older IDNA 2003 rules where browsers follow UTS 46, so for a few unusual names the
+    check here and the browser's encoding may differ; an ASCII host never differs."""
     try:
         import idna  # loaded only for a host name that is not ASCII
     except ImportError:

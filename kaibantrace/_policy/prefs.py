@@ -187,7 +187,8 @@ def existing_secret() -> Optional[bytes]:
 
 
 def local_secret(*, persist: bool) -> bytes:
-    """This machine's secret, made on first use; only in memory when ``persist`` is False (CI).
+    """This machine's secret, made on first use; only in memory when ``persist`` is False
+    (in CI, or in a browser page, whose files go with it).
 
     If the file cannot be written, the secret lives for this process only:
     identities then change from run to run, which costs the author accuracy,
