@@ -147,6 +147,7 @@ class PageSender(_NoProcess):
         self._waiting = _Waiting(encode, target, counters)
         self._policy = RetryPolicy(backoff)
         self._timer: Any = None  # the loop's handle of the next scheduled send
+        self._interval = flush_interval
         self.retune(batch_size=batch_size, flush_interval=flush_interval, max_queue=max_queue,
                     timeout=timeout, backoff=backoff)
         self._task: Optional[asyncio.Future[None]] = None
@@ -164,7 +165,7 @@ class PageSender(_NoProcess):
                backoff: float) -> None:
         """New settings (``configure``); a send scheduled by the old interval is scheduled
         again by the new one (a retry keeps its wait)."""
-        interval_changed = getattr(self, "_interval", flush_interval) != flush_interval
+        interval_changed = self._interval != flush_interval
         self._batch_size = batch_size
         self._interval = flush_interval
         self._max_queue = max_queue
@@ -196,6 +197,11 @@ class PageSender(_NoProcess):
             waiting.lost = True
             return
         waiting.queue.append(raw)
+        self._schedule_if_idle()
+
+    def _schedule_if_idle(self) -> None:
+        """Schedule the next send ``flush_interval`` from now, unless one is scheduled or
+        under way already, or this page may not send (gave up, or holding)."""
         if (self._timer is None and self._task is None and not self._policy.circuit_open
                 and not self.holding):
             self._schedule(self._interval)
@@ -266,9 +272,8 @@ class PageSender(_NoProcess):
             self._waiting.drop_all(self._gave_up)
         if retry_in is not None:
             self._schedule(retry_in)
-        elif (self._waiting.queue and self._timer is None and not self._policy.circuit_open
-              and not self.holding):  # stopped for good: no timer that would find nothing to do
-            self._schedule(self._interval)
+        elif self._waiting.queue:  # events that came while this send was under way
+            self._schedule_if_idle()
 
     def _begin(self, batch: Batch) -> Started:
         """Make the request for ``batch`` now."""
