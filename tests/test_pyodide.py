@@ -523,7 +523,8 @@ class TestSendingFromAPage:
     def test_status_shows_the_pages_queue_and_what_it_sent(
             self, pyodide_runtime: Runtime) -> None:
         """A page has no outbox and no sent log: ``status`` says what its queue holds and
-        how many signals went since it was loaded."""
+        how many signals went since it was loaded, and ``status --json`` counts the same
+        queue."""
         outcome = pyodide_runtime.run(f"""
             import contextlib, io, json
             import kaibantrace
@@ -532,14 +533,19 @@ class TestSendingFromAPage:
             client.emit("task_done")
             await client.aflush(5)
             client.emit("task_done")
-            shown = io.StringIO()
+            shown, as_json = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(shown):
                 kaibantrace.command_line(["status"], client=client)
-            RESULT = json.dumps(shown.getvalue())
+            with contextlib.redirect_stdout(as_json):
+                kaibantrace.command_line(["status", "--json"], client=client)
+            RESULT = json.dumps({{"text": shown.getvalue(), "json": as_json.getvalue()}})
         """)
-        status = outcome["result"]
+        status = outcome["result"]["text"]
         assert "  waiting:     1 signal(s) in this page's queue\n" in status
         assert "  sent:        1 signal(s) since the page was loaded\n" in status
+        shown = json.loads(outcome["result"]["json"])
+        assert shown["pending"] == 1 and shown["pending_by_app"] == {APP_ID: 1}
+        assert shown["last_sent"] is None and shown["delivery_process"] is None
         assert "outbox" not in status and "last sent" not in status
 
     def test_shutdown_sends_what_is_queued(self, pyodide_runtime: Runtime) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, cast
 
 from .._delivery import handoff as _handoff
 from .._delivery import outbox as _outbox
@@ -28,11 +28,23 @@ def run_status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]
     decision = decision_for(telemetry, args)
     app_id = app_of(telemetry, args, decision)
     directory = state_dir()
-    apps = [app_id] if app_id else _outbox.apps_with_outbox(directory)
-    counts = {app: _outbox.waiting(directory, app) for app in apps}
-    pending = sum(n for n in counts.values() if n is not None)
-    last = _sentlog.last_sent()
-    delivering = {app: pid for app in apps if (pid := _handoff.running(directory, app)) is not None}
+    sent_in_page: Optional[int] = None
+    if in_a_page():  # no outbox, sent log or delivery process: what this page holds and sent
+        stats = telemetry.stats()
+        pending, sent_in_page = cast(int, stats["pending"]), cast(int, stats["sent"])
+        apps = [app_id] if app_id else []
+        counts: Dict[str, Optional[int]] = {app: pending for app in apps}
+        last = None
+        delivering: Dict[str, Optional[int]] = {}
+        runs = 0
+    else:
+        apps = [app_id] if app_id else _outbox.apps_with_outbox(directory)
+        counts = {app: _outbox.waiting(directory, app) for app in apps}
+        pending = sum(n for n in counts.values() if n is not None)
+        last = _sentlog.last_sent()
+        delivering = {app: pid for app in apps
+                      if (pid := _handoff.running(directory, app)) is not None}
+        runs = sum(len(_outbox.delivery_runs(directory, app)) for app in apps)
     endpoint = ingest_url(telemetry.settings, os.environ)
     settings = telemetry.settings if args.app is None else telemetry.settings.replace(app_id=args.app)
     # The ``kaibantrace`` command itself speaks for every program on the machine, whose
@@ -56,7 +68,7 @@ def run_status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]
         "pending_by_app": counts,
         "last_sent": last,
         "delivery_process": delivering or None,
-        "delivery_runs": sum(len(_outbox.delivery_runs(directory, app)) for app in apps),
+        "delivery_runs": runs,
     }
     if not args.json:
         if not decision.enabled:
@@ -69,10 +81,9 @@ def run_status(telemetry: Telemetry, args: argparse.Namespace) -> Dict[str, Any]
         say(f"  app:         {app_id or '(none configured)'}")
         say(f"  endpoint:    {endpoint or '(none usable)'}")
         say(f"  profile:     {decision.profile}")
-        if in_a_page():  # no outbox, no log: what this page holds, and what it sent
-            stats = telemetry.stats()
-            say(f"  waiting:     {stats['pending']} signal(s) in this page's queue")
-            say(f"  sent:        {stats['sent']} signal(s) since the page was loaded")
+        if sent_in_page is not None:
+            say(f"  waiting:     {pending} signal(s) in this page's queue")
+            say(f"  sent:        {sent_in_page} signal(s) since the page was loaded")
         else:
             say(f"  waiting:     {pending} signal(s) in the outbox")
             say(f"  last sent:   {last or 'never (from this machine)'}")
