@@ -129,6 +129,20 @@ def _pure_wheel(directory: Path, name: str, requirement: str) -> Path:
     return found[-1]
 
 
+def one_keepalive_batch(fetches: List[Dict[str, Any]], types: List[str]) -> List[Any]:
+    """The signals of the only request in ``fetches``, checked to be what a page posts: one
+    ``keepalive`` JSON POST to TelemetryDeck of signals of ``types``, in order, for
+    ``APP_ID``."""
+    (request,) = fetches
+    assert request["url"] == INGEST and request["method"] == "POST"
+    assert request["keepalive"] is True
+    assert request["headers"] == {"content-type": "application/json"}
+    signals: List[Any] = json.loads(request["body"])
+    assert [s["type"] for s in signals] == types
+    assert {s["appID"] for s in signals} == {APP_ID}
+    return signals
+
+
 # What a page must not load for kaibantrace: its ways out of a normal process. (Pyodide
 # itself has loaded ``subprocess`` by the time a script runs; the tests look at what
 # importing and using kaibantrace adds.)
@@ -359,13 +373,7 @@ class TestSendingFromAPage:
         """)
         assert outcome["result"]["before"] == 0
         assert outcome["result"]["stats"]["sent"] == 2
-        (request,) = outcome["fetches"]
-        assert request["url"] == INGEST and request["method"] == "POST"
-        assert request["keepalive"] is True
-        assert request["headers"] == {"content-type": "application/json"}
-        signals = json.loads(request["body"])
-        assert [s["type"] for s in signals] == ["board_started", "task_done"]
-        assert {s["appID"] for s in signals} == {APP_ID}
+        one_keepalive_batch(outcome["fetches"], ["board_started", "task_done"])
 
     def test_aflush_waits_and_a_refused_request_is_retried_not_raised(
             self, pyodide_runtime: Runtime) -> None:
@@ -651,9 +659,7 @@ class TestSendingFromAPage:
             RESULT = json.dumps({{"requests": requests, "delivered": await client.aflush(5)}})
         """)
         assert outcome["result"] == {"requests": 1 if sent_at_once else 0, "delivered": True}
-        (request,) = outcome["fetches"]
-        assert request["keepalive"] is True
-        assert [s["type"] for s in json.loads(request["body"])] == ["first", "second"]
+        one_keepalive_batch(outcome["fetches"], ["first", "second"])
 
     def test_flush_cannot_wait_in_a_page_and_says_so(self, pyodide_runtime: Runtime) -> None:
         outcome = pyodide_runtime.run(f"""
