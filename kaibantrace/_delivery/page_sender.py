@@ -200,8 +200,7 @@ class PageSender(_NoProcess):
         self._schedule_if_idle()
 
     def _schedule_if_idle(self) -> None:
-        """Schedule the next send ``flush_interval`` from now, unless one is scheduled or
-        under way already, or this page may not send (gave up, or holding)."""
+        """A send ``flush_interval`` from now, unless one is due or under way, or none may be."""
         if (self._timer is None and self._task is None and not self._policy.circuit_open
                 and not self.holding):
             self._schedule(self._interval)
