@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import pytest
 
 import kaibantrace
 from kaibantrace.testing import Collector, MemoryTransport
 
-from .conftest import rows_in_outbox, subprocess_env
+from .conftest import APP_ID, rows_in_outbox, subprocess_env
 
 MakeClient = Callable[..., kaibantrace.Telemetry]
 
@@ -201,6 +204,46 @@ class TestFailuresNeverReachTheHost:
                    and client.stats()["in_outbox"] == kept)
             _until(lambda: client.stats()["in_flight"] > 0)  # the request is still hanging
         assert client.stats()["dropped"] == {}
+
+    def test_a_slow_endpoint_loses_nothing_the_queue_can_hold(
+            self, make_client: MakeClient, collector: Collector,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """An endpoint that takes 0.7 s per request empties a full outbox slowly, but it
+        does: what does not fit waits in the queue, and nothing is dropped."""
+        _small_outbox(monkeypatch, 300)
+        collector.respond(delay=0.7)
+        client = make_client(max_queue=400)
+        for i in range(300):
+            client.emit("slow", {"i": i})
+        _until(lambda: client.stats()["in_outbox"] == 300)
+        for i in range(300, 500):
+            client.emit("slow", {"i": i})
+        assert client.flush(30) is True, client.stats()
+        assert client.stats()["dropped"] == {}
+        assert sorted(int(s["payload"]["i"]) for s in collector.signals) == list(range(500))
+
+    def test_a_stuck_endpoint_costs_the_oldest_signals_not_the_newest(
+            self, make_client: MakeClient, black_hole_url: str,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """With the outbox full and its request hanging, the rest waits in the queue, and
+        nothing is lost, until the queue is three quarters full; then the outbox takes it
+        all, dropping its oldest. The newest signals are kept, and the queue never
+        overflows."""
+        _small_outbox(monkeypatch, 300)
+        client = make_client(endpoint=black_hole_url, max_queue=400, timeout=20)
+        for i in range(300):
+            client.emit("stuck", {"i": i})
+        _until(lambda: client.stats()["in_outbox"] == 300 and client.stats()["in_flight"] > 0)
+        for i in range(300, 500):
+            client.emit("stuck", {"i": i})
+        assert client.flush(1.0) is False  # not delivered: waiting, in the queue
+        assert client.stats()["dropped"] == {} and client.stats()["pending"] == 200
+        for i in range(500, 600):  # the queue is three quarters full
+            client.emit("stuck", {"i": i})
+        _until(lambda: client.stats()["pending"] == 0
+               and sum(client.stats()["dropped"].values()) == 300)
+        assert client.stats()["dropped"] == {"outbox_full": 300}
+        assert _payloads_in_outbox(os.environ["KAIBAN_TELEMETRY_DIR"]) == list(range(300, 600))
 
     def test_invalid_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A clear-text non-loopback endpoint from the environment sends nothing and raises nothing."""
@@ -387,6 +430,27 @@ class TestConcurrency:
         if pid == 0:
             os._exit(0 if transport.prepared else 1)
         assert _exit_code_of(pid) == 0, "the fork landed while the sender was preparing"
+
+
+def _small_outbox(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Outboxes that hold ``rows`` signals instead of 10,000, so that a test fills one with
+    a few hundred."""
+    from kaibantrace._client import delivery as _delivery
+    from kaibantrace._delivery import outbox as _outbox
+    from kaibantrace._delivery import shared as _shared
+
+    monkeypatch.setattr(_shared, "MAX_SIGNALS", rows)
+    monkeypatch.setattr(_delivery, "open_outbox", lambda directory, app_id: _outbox.open_outbox(
+        directory, app_id, max_signals=rows))
+
+
+def _payloads_in_outbox(directory: str) -> List[int]:
+    """The ``i`` of each signal in the app's outbox file under ``directory``, in order."""
+    from kaibantrace._delivery.outbox import outbox_path
+
+    with contextlib.closing(sqlite3.connect(outbox_path(directory, APP_ID))) as db:
+        bodies = [body for (body,) in db.execute("SELECT body FROM signals ORDER BY id")]
+    return [int(json.loads(body)["payload"]["i"]) for body in bodies]
 
 
 def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:

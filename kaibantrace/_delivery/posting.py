@@ -211,7 +211,7 @@ class Posting:
             outbox.delete(ids)
             s.counters.in_outbox -= len(ids)
         self.claims.forget(ids)
-        s.stalled = False
+        s.overfull = False
         s.progress.set()  # the writer may be waiting for room
 
     def resolve_markers(self, *, force: bool, target: Optional[Target] = None) -> None:

@@ -126,7 +126,8 @@ class SenderState:
         self.exit_outbox: Optional[Outbox] = None
         self.book_lock = threading.Lock()  # an outbox change and its count change together
         self.last_added = 0  # the last row the writer added
-        self.stalled = False  # the poster made no progress while the writer waited for it
+        self.overfull = False  # the outbox takes everything, dropping its oldest, until the
+        # poster makes progress (see ``Writer._wait_for_poster``)
         # Flushes: reached by the writer, answered by the poster.
         self.markers: List[FlushMarker] = []
         self.marker_lock = threading.Lock()

@@ -4,8 +4,8 @@ It encodes what is queued and writes it to the outbox in batches, so a killed
 process loses only what it had not yet written. It never touches the network,
 so the queue keeps draining into the outbox while a request hangs: the queue is
 only a staging area, and overflows only when the host emits faster than signals
-can be encoded. When the outbox is full it waits for the poster, unless the
-poster is stuck (see ``Writer._wait_for_poster``).
+can be encoded. When the outbox is full it waits for the poster while the queue
+has room (see ``Writer._wait_for_poster``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .outbox import Added, MemoryOutbox, Outbox
 from .shared import FlushMarker, SenderState, Target
 
 _WRITE_CHUNK = 5_000  # events the writer encodes and stores in one transaction, at most
-_STALL_WAIT = 0.5  # seconds without progress after which the poster counts as stuck
+_LOOK_AGAIN = 0.02  # seconds between looks at the queue, for a writer waiting for the poster
 
 # The standard modules the worker threads use, which their users import only when
 # first needed so that ``import kaibantrace`` and opted-out processes stay light.
@@ -113,20 +113,24 @@ class Writer:
 
         The outbox is where signals are safe (and what exit need not save
         again), so the writer moves events there as fast as it can. But it
-        holds at most 10,000 signals and drops the oldest beyond that, while
-        the queue in memory may be sized for larger bursts: so once the
-        outbox is full, the writer waits while the poster makes progress, and
-        the rest of a burst stays in memory. A poster that made none for
-        ``_STALL_WAIT`` (endpoint down, a request hanging) no longer holds the
-        writer back: the outbox then takes everything, dropping its oldest.
+        holds at most 10,000 signals and drops the oldest beyond that. Once it
+        is full, the rest of a burst stays in memory while the poster makes
+        room, however slowly (a far endpoint may take a second per request):
+        nothing need be lost yet. The outbox takes everything, dropping its
+        oldest, only when something must be lost: the poster cannot send (its
+        circuit is open, or it holds back), or the queue is three quarters full.
+        The oldest signals are the ones to lose then, not the newest, which the
+        full queue would refuse.
         """
         s = self._s
-        while s.outbox_room() <= 0 and not s.stalled and not s.stopping:
+        while s.outbox_room() <= 0 and not s.overfull and not s.stopping:
+            if s.policy.circuit_open or s.holding or len(s.queue) >= s.max_queue * 3 // 4:
+                s.overfull = True
+                break
             s.progress.clear()
             if s.outbox_room() > 0:
                 break
-            if not s.progress.wait(_STALL_WAIT):
-                s.stalled = True
+            s.progress.wait(_LOOK_AGAIN)
 
     def _take_batch(self) -> Tuple[List[RawEvent], List[FlushMarker]]:
         s = self._s
@@ -136,7 +140,7 @@ class Writer:
         # A backlog goes in large transactions: each one costs the host a few
         # hand-backs of the GIL, whatever its size. No more than the outbox has
         # room for, while the poster is delivering.
-        limit = _WRITE_CHUNK if s.stalled else min(_WRITE_CHUNK, max(s.outbox_room(), 1))
+        limit = _WRITE_CHUNK if s.overfull else min(_WRITE_CHUNK, max(s.outbox_room(), 1))
         while queue and len(raws) < limit:
             item = queue.popleft()
             if isinstance(item, FlushMarker):
