@@ -222,6 +222,23 @@ class TestFailuresNeverReachTheHost:
         assert client.stats()["dropped"] == {}
         assert sorted(int(s["payload"]["i"]) for s in collector.signals) == list(range(500))
 
+    def test_a_flush_cuts_the_backoff_short_while_the_outbox_is_full(
+            self, make_client: MakeClient, collector: Collector,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """After a failure, with the outbox full and more events waiting in the queue for
+        room, flush() still cuts this process's 30 s backoff short, as it does when the
+        outbox has room: everything is delivered, and no wait runs out."""
+        _small_outbox(monkeypatch, 300)
+        collector.respond(503, times=1)
+        client = make_client(max_queue=400, backoff=30)
+        for i in range(300):
+            client.emit("full", {"i": i})
+        _until(lambda: client.stats()["retried"] == 1)  # the first request failed
+        for i in range(300, 310):
+            client.emit("full", {"i": i})
+        assert client.flush(20) is True, client.stats()
+        assert sorted(int(s["payload"]["i"]) for s in collector.signals) == list(range(310))
+
     def test_a_stuck_endpoint_costs_the_oldest_signals_not_the_newest(
             self, make_client: MakeClient, black_hole_url: str,
             monkeypatch: pytest.MonkeyPatch) -> None:

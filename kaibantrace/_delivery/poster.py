@@ -115,4 +115,4 @@ class Poster:
         # Out of backoff, what is left is leased by another process. A waiting
         # flush looks often, as that process may deliver our signals any moment;
         # otherwise look again when the lease expires.
-        return _FLUSH_POLL if s.markers else s.timeout + 2.0
+        return _FLUSH_POLL if s.markers or s.markers_queued else s.timeout + 2.0

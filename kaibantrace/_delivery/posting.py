@@ -71,7 +71,7 @@ class Posting:
         s = self._s
         if s.policy.circuit_open or s.holding or not self.backoff.may_try_now(
                 outbox, target.url, ignore_shared=self._ignore_shared,
-                cut_short=bool(s.markers), exiting=s.stopping):
+                cut_short=bool(s.markers or s.markers_queued), exiting=s.stopping):
             return False
         remaining = None if s.deadline is None else s.deadline - time.monotonic()
         if remaining is not None and (remaining < 0.01 or (
@@ -215,22 +215,24 @@ class Posting:
         s.progress.set()  # the writer may be waiting for room
 
     def resolve_markers(self, *, force: bool, target: Optional[Target] = None) -> None:
-        """Answer the flushes whose events are all delivered, or can no longer be soon.
+        """Answer the flushes whose events are all delivered, or can no longer be soon;
+        and tell the writer whether this poster may send for now (``cannot_send``).
 
         ``target`` is the one the pass just sent to: deciding with a newer one
         could give up on signals an opt-out has not yet dropped.
         """
         s = self._s
+        if target is None and not force:
+            target = s.target()
+        give_up = (force or s.policy.circuit_open
+                   or self.backoff.shared_circuit_open(ignore_shared=self._ignore_shared)
+                   or s.holding or target is None or not target.wanted)
+        s.cannot_send = give_up  # nor does the writer hold events back for it (``Writer``)
         with s.marker_lock:
             markers = list(s.markers)
         if not markers:
             return
         outbox = s.outbox
-        if target is None:
-            target = s.target()
-        give_up = (force or s.policy.circuit_open
-                   or self.backoff.shared_circuit_open(ignore_shared=self._ignore_shared)
-                   or s.holding or target is None or not target.wanted)
         answered = []
         for marker in markers:
             try:

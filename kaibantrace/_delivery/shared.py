@@ -128,6 +128,7 @@ class SenderState:
         self.last_added = 0  # the last row the writer added
         self.overfull = False  # the outbox takes everything, dropping its oldest, until the
         # poster makes progress (see ``Writer._wait_for_poster``)
+        self.cannot_send = False  # the poster's last pass found it may not send for now
         # Flushes: reached by the writer, answered by the poster.
         self.markers: List[FlushMarker] = []
         self.marker_lock = threading.Lock()

@@ -118,13 +118,22 @@ class Writer:
         room, however slowly (a far endpoint may take a second per request):
         nothing need be lost yet. The outbox takes everything, dropping its
         oldest, only when something must be lost: the poster cannot send (its
-        circuit is open, or it holds back), or the queue is three quarters full.
+        circuit is open, every process's failures stop it for now, or it holds
+        back), or the queue is three quarters full.
         The oldest signals are the ones to lose then, not the newest, which the
         full queue would refuse.
         """
         s = self._s
+        queue = s.queue
         while s.outbox_room() <= 0 and not s.overfull and not s.stopping:
-            if s.policy.circuit_open or s.holding or len(s.queue) >= s.max_queue * 3 // 4:
+            try:
+                head = queue[0]
+            except IndexError:  # nothing to move: the writer sleeps until events arrive
+                return
+            if isinstance(head, FlushMarker):  # needs no room: the flush reaches the poster
+                return
+            if (s.cannot_send or s.holding or s.policy.circuit_open
+                    or len(queue) * 4 >= s.max_queue * 3):
                 s.overfull = True
                 break
             s.progress.clear()
@@ -139,15 +148,21 @@ class Writer:
         queue = s.queue
         # A backlog goes in large transactions: each one costs the host a few
         # hand-backs of the GIL, whatever its size. No more than the outbox has
-        # room for, while the poster is delivering.
-        limit = _WRITE_CHUNK if s.overfull else min(_WRITE_CHUNK, max(s.outbox_room(), 1))
-        while queue and len(raws) < limit:
-            item = queue.popleft()
+        # room for (a flush at the head needs none), unless it must take
+        # everything or is stopping.
+        limit = (_WRITE_CHUNK if s.overfull or s.stopping
+                 else min(_WRITE_CHUNK, max(s.outbox_room(), 0)))
+        while queue:
+            item = queue[0]
             if isinstance(item, FlushMarker):
+                queue.popleft()
                 with s.marker_lock:
                     s.markers_queued -= 1
                 markers.append(item)
                 break
+            if len(raws) >= limit:
+                break
+            queue.popleft()  # ``item``: only this thread takes from the queue (under take_lock)
             raws.append(item)
         s.counters.taken += len(raws)
         return raws, markers
