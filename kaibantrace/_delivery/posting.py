@@ -218,12 +218,11 @@ class Posting:
         """Answer the flushes whose events are all delivered, or can no longer be soon;
         and tell the writer whether this poster may send for now (``cannot_send``).
 
-        ``target`` is the one the pass just sent to: deciding with a newer one
-        could give up on signals an opt-out has not yet dropped.
+        ``target`` is the one the pass just sent to (the pass looked it up):
+        deciding with a newer one could give up on signals an opt-out has not
+        yet dropped. Forced, at the poster's end, none is needed.
         """
         s = self._s
-        if target is None and not force:
-            target = s.target()
         give_up = (force or s.policy.circuit_open
                    or self.backoff.shared_circuit_open(ignore_shared=self._ignore_shared)
                    or s.holding or target is None or not target.wanted)
