@@ -454,9 +454,7 @@ def _small_outbox(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     a few hundred."""
     from kaibantrace._client import delivery as _delivery
     from kaibantrace._delivery import outbox as _outbox
-    from kaibantrace._delivery import shared as _shared
 
-    monkeypatch.setattr(_shared, "MAX_SIGNALS", rows)
     monkeypatch.setattr(_delivery, "open_outbox", lambda directory, app_id: _outbox.open_outbox(
         directory, app_id, max_signals=rows))
 

@@ -449,10 +449,11 @@ class TestConcurrencyAtScale:
         started = time.monotonic()
         while emitted < 12_000:
             sum(i * i for i in range(200))  # the host's own work, holding the GIL
-            behind = int((time.monotonic() - started) * 10_000) + 1 - emitted
-            if behind > 1_000:
-                started += (behind - 1_000) / 10_000
-            due = min(12_000, int((time.monotonic() - started) * 10_000) + 1)
+            due = int((time.monotonic() - started) * 10_000) + 1
+            if due - emitted > 1_000:  # after a pause: go on from 1,000 behind
+                started += (due - emitted - 1_000) / 10_000
+                due = emitted + 1_000
+            due = min(12_000, due)
             while emitted < due:
                 client.emit("busy", {"i": emitted, "pid": 0})
                 emitted += 1

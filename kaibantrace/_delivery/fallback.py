@@ -37,7 +37,8 @@ class FallbackOutbox:
 
     def __init__(self, primary: Outbox) -> None:
         self.primary = primary
-        self.memory = MemoryOutbox(first_id=MEMORY_BASE)
+        self.max_signals = primary.max_signals
+        self.memory = MemoryOutbox(max_signals=primary.max_signals, first_id=MEMORY_BASE)
         self.degraded = False
         self.durable = primary.durable  # until it degrades
         self._in_file = False  # whether this process saved anything in the file

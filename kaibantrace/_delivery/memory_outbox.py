@@ -22,7 +22,7 @@ class MemoryOutbox:
     durable = False
 
     def __init__(self, *, max_signals: int = MAX_SIGNALS, first_id: int = 1) -> None:
-        self._max = max_signals
+        self.max_signals = max_signals
         self._rows: Dict[int, Tuple[str, str, float, str, float]] = {}
         self._next = first_id
         self._lock = threading.Lock()
@@ -38,7 +38,7 @@ class MemoryOutbox:
             old = [i for i, row in self._rows.items() if row[2] < cutoff]
             for i in old:
                 del self._rows[i]
-            over = max(0, len(self._rows) - self._max)
+            over = max(0, len(self._rows) - self.max_signals)
             for i in list(itertools.islice(self._rows, over)):  # ids ascend: oldest first
                 del self._rows[i]
             return Added(self._next - 1, over, len(old))

@@ -71,6 +71,7 @@ __all__ = [
 
 class Outbox(Protocol):
     durable: bool
+    max_signals: int  # the rows it keeps at most; ``add`` drops the oldest beyond that
 
     def add(self, app_id: str, url: str, signals: Sequence[Tuple[float, str]]) -> Added:
         """Store ``(event time, signal JSON)`` pairs, then trim to the bounds."""

@@ -199,7 +199,9 @@ class SenderState:
         self.progress.set()
 
     def outbox_room(self) -> int:
-        return MAX_SIGNALS - self.counters.in_outbox
+        """Signals the outbox takes before it drops its oldest, by its own bound."""
+        outbox = self.outbox
+        return (MAX_SIGNALS if outbox is None else outbox.max_signals) - self.counters.in_outbox
 
     def lose(self, count: int, cause: str) -> None:
         if count:

@@ -95,7 +95,7 @@ class SqliteOutbox:
     @guarded
     def __init__(self, path: str, *, max_signals: int = MAX_SIGNALS) -> None:
         self.path = path
-        self._max = max_signals
+        self.max_signals = max_signals
         self._origin = _origin()
         self._checked = False  # the first connection checks the file and sets up the schema
         self._local = threading.local()
@@ -204,9 +204,9 @@ class SqliteOutbox:
             expired = db.execute("DELETE FROM signals WHERE created < ?", (now - MAX_AGE,)).rowcount
             (count,) = db.execute("SELECT COUNT(*) FROM signals").fetchone()
             full = 0
-            if count > self._max:
+            if count > self.max_signals:
                 full = db.execute("DELETE FROM signals WHERE id IN (SELECT id FROM signals "
-                                  "ORDER BY id LIMIT ?)", (count - self._max,)).rowcount
+                                  "ORDER BY id LIMIT ?)", (count - self.max_signals,)).rowcount
         return Added(int(last_id), full, expired)
 
     @guarded
