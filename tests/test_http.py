@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -625,22 +626,28 @@ class Socks5Proxy(LoopbackServer):
 
 
 def relay(client: socket.socket, upstream: socket.socket) -> None:
-    """Copy bytes both ways until either side is done."""
-    def pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
+    """Copy bytes both ways until either side hangs up (or 5 s pass with nothing to copy).
+
+    One thread does both directions: the client's side is a TLS socket when the proxy
+    speaks HTTPS, and a TLS socket read on one thread while written on another fails now
+    and then (a read raising ``BlockingIOError``, the tunnel torn down mid-handshake).
+    Bytes the TLS layer has already decrypted do not wake ``select``, so they are taken
+    first."""
+    other = {client: upstream, upstream: client}
+    while True:
+        ready = [side for side in other if isinstance(side, ssl.SSLSocket) and side.pending()]
+        if not ready:
+            ready = select.select(list(other), [], [], 5)[0]
+            if not ready:
+                return
+        for source in ready:
+            try:
                 chunk = source.recv(65536)
                 if not chunk:
-                    break
-                sink.sendall(chunk)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
-    back.start()
-    pipe(client, upstream)
-    back.join(5)
+                    return
+                other[source].sendall(chunk)
+            except OSError:
+                return
 
 
 @pytest.fixture
