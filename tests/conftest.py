@@ -7,7 +7,7 @@ import os
 import socket
 import sqlite3
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
@@ -98,12 +98,30 @@ def make_client(collector: Collector) -> Iterator[Callable[..., kaibantrace.Tele
         client.shutdown(timeout=2.0)
 
 
+_HELD_PORTS: Dict[int, socket.socket] = {}
+
+
 @pytest.fixture
-def free_port() -> int:
-    """A loopback port on which nothing listens (yet)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port() -> Iterator[int]:
+    """A loopback port on which nothing listens (yet): bound, not listening, for the whole
+    test. Connecting to it is refused, and no other server can take it meanwhile (the
+    other test workers bind servers to new ports all the time, and one on this port would
+    accept what a test means to be refused). ``open_port`` gives it up for the test's own
+    server."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = int(holder.getsockname()[1])
+    _HELD_PORTS[port] = holder
+    yield port
+    open_port(port)
+
+
+def open_port(port: int) -> int:
+    """Give up the hold on a ``free_port`` just before binding a server to it."""
+    holder = _HELD_PORTS.pop(port, None)
+    if holder is not None:
+        holder.close()
+    return port
 
 
 @pytest.fixture

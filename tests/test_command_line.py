@@ -19,7 +19,7 @@ import kaibantrace
 from kaibantrace._policy import prefs as _prefs
 from kaibantrace.testing import Collector
 
-from .conftest import APP_ID, rows_in_outbox, subprocess_env
+from .conftest import APP_ID, open_port, rows_in_outbox, subprocess_env
 
 
 def kaibantrace_command(*args: str, cwd: Any = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -265,7 +265,7 @@ class TestLogAndFlush:
     def test_flush_sends_what_waits(self, free_port: int) -> None:
         url = f"http://127.0.0.1:{free_port}/v2/"
         leave_signals(url, 12)
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             report = as_json(kaibantrace_command("flush", "--json", KAIBAN_TELEMETRY_ENDPOINT=url))
             assert report == {"ok": True, "sent": 12, "left": 0}
             assert [s["type"] for s in collector.wait_for(12)] == ["left_behind"] * 12
@@ -283,7 +283,7 @@ class TestLogAndFlush:
     def test_flush_after_410_says_the_endpoint_is_retired(self, free_port: int) -> None:
         url = f"http://127.0.0.1:{free_port}/v2/"
         leave_signals(url, 3)
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             collector.respond(410)
             done = kaibantrace_command("flush", KAIBAN_TELEMETRY_ENDPOINT=url)
         assert done.returncode == 1 and "410 Gone" in done.stderr and "retired" in done.stderr

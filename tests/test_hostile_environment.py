@@ -23,7 +23,7 @@ import kaibantrace
 from kaibantrace._delivery.outbox import MemoryOutbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
-from .conftest import APP_ID, rows_in_outbox, subprocess_env
+from .conftest import APP_ID, open_port, rows_in_outbox, subprocess_env
 
 URL = "https://ingest.example.test/v2/"
 
@@ -248,8 +248,12 @@ class TestWithoutThreads:
 _ENDINGS = textwrap.dedent("""
     import os, signal, sys, threading, time, kaibantrace
 
-    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2])
     how = sys.argv[3]
+    # os._exit ends the process at once. Were a request under way, its rows would stay
+    # leased to the dead process until that request would have timed out; the long flush
+    # interval makes sure none is, so the next run may take them at once.
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2],
+                                   flush_interval=60 if how == "os_exit" else 0.5)
     for i in range(5):
         client.emit("ending", {"i": i})
     if how == "sigterm":  # a handler that exits, as servers install
@@ -279,7 +283,7 @@ class TestEndings:
                               env=subprocess_env(), capture_output=True, text=True, timeout=60)
         assert time.monotonic() - started < 20  # no hang (the os_exit case waits for the outbox)
         assert (done.returncode, done.stderr) == (0, "")
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             send_one(collector, "next_run")
             expected = 5 + (how == "thread_exit") + 1
             assert len(collector.wait_for(expected)) == expected

@@ -21,7 +21,7 @@ from kaibantrace._delivery.fallback import MEMORY_BASE, FallbackOutbox
 from kaibantrace._delivery.outbox import MemoryOutbox, Outbox, SqliteOutbox, open_outbox, outbox_path, purge
 from kaibantrace.testing import Collector
 
-from .conftest import APP_ID, rows_in_outbox, subprocess_env
+from .conftest import APP_ID, open_port, rows_in_outbox, subprocess_env
 
 MakeClient = Callable[..., kaibantrace.Telemetry]
 URL = "http://127.0.0.1:9/v2/"
@@ -268,7 +268,7 @@ class TestAcrossProcesses:
         url = f"http://127.0.0.1:{free_port}/v2/"
         assert finish(child(url, 300)) == "exiting\n"
         assert rows_in_outbox(directory) == 300
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             assert finish(child(url, 1, "flush")) == "True\n"
             delivered = collector.wait_for(301)
         assert len(delivered) == len(unique(delivered)) == 301
@@ -280,11 +280,11 @@ class TestAcrossProcesses:
         url = f"http://127.0.0.1:{free_port}/v2/"
         with socket.socket() as hole:
             hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            hole.bind(("127.0.0.1", free_port))
+            hole.bind(("127.0.0.1", open_port(free_port)))
             hole.listen(64)
             assert finish(child(url, 120)) == "exiting\n"
         assert rows_in_outbox(directory) == 120
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             assert finish(child(url, 1, "flush")) == "True\n"
             assert len(unique(collector.wait_for(121))) == 121
 
@@ -298,7 +298,7 @@ class TestAcrossProcesses:
         finally:
             parked.send_signal(signal.SIGKILL)
             parked.wait(30)
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             assert finish(child(url, 1, "flush")) == "True\n"
             delivered = collector.wait_for(201)
         assert len(delivered) == len(unique(delivered)) == 201
@@ -307,7 +307,7 @@ class TestAcrossProcesses:
         """Four processes draining one outbox at once deliver every leftover exactly once."""
         url = f"http://127.0.0.1:{free_port}/v2/"
         finish(child(url, 1000))
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             runs = [child(url, 5, "flush") for _ in range(4)]
             outputs = [finish(run) for run in runs]
             delivered = collector.wait_for(1020)
@@ -328,7 +328,7 @@ class TestAcrossProcesses:
         assert rows_in_outbox(directory) == 10
         finish(child(url, 1, DO_NOT_TRACK="1"))
         assert list(Path(directory).iterdir()) == []
-        with Collector(port=free_port) as collector:
+        with Collector(port=open_port(free_port)) as collector:
             assert finish(child(url, 1, "flush")) == "True\n"
             assert [s["type"] for s in collector.wait_for(1)] == ["e"]
             assert len(collector.signals) == 1
