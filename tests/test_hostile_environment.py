@@ -252,8 +252,8 @@ _ENDINGS = textwrap.dedent("""
     # os._exit ends the process at once. Were a request under way, its rows would stay
     # leased to the dead process until that request would have timed out; the long flush
     # interval makes sure none is, so the next run may take them at once.
-    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2],
-                                   flush_interval=60 if how == "os_exit" else 0.5)
+    settings = {"flush_interval": 60} if how == "os_exit" else {}
+    client = kaibantrace.Telemetry(app_id=sys.argv[1], endpoint=sys.argv[2], **settings)
     for i in range(5):
         client.emit("ending", {"i": i})
     if how == "sigterm":  # a handler that exits, as servers install

@@ -55,14 +55,13 @@ def _locked(path: Path) -> Iterator[None]:
 class Runtime:
     """Pyodide and the wheels, ready in the cache; ``run`` executes a script there."""
 
-    def __init__(self, pyodide: Path, wheels: Dict[str, Path], scratch: Path,
-                 snapshot: Optional[Path] = None) -> None:
+    def __init__(self, pyodide: Path, wheels: Dict[str, Path], scratch: Path) -> None:
         self.pyodide = pyodide
         self.wheels = wheels
         """Pure wheels by project name: wrapt, and micropip with what it needs."""
         self.wrapt_wheel = wheels["wrapt"]
         self.scratch = scratch
-        self.snapshot = snapshot
+        self.snapshot: Optional[Path] = None
         """A fresh interpreter's memory, which each run loads instead of starting Python."""
 
     def run(self, script: str, *, statuses: Optional[List[Any]] = None,

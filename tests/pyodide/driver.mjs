@@ -70,16 +70,17 @@ if (config.make_snapshot) {  // a fresh interpreter's memory, for the runs that 
 // From the snapshot, a load takes a fifth of the time. The restored interpreter keeps the
 // environment it was made with and the state its random module starts from: each run
 // gets its own of both, as a page load would.
-const py = config.snapshot
-  ? await loadPyodide({ env, _loadSnapshot: readFileSync(config.snapshot) })
-  : await loadPyodide({ env });
+let py;
 if (config.snapshot) {
+  py = await loadPyodide({ env, _loadSnapshot: readFileSync(config.snapshot) });
   const environ = py.pyimport("os").environ;
   for (const [name, value] of Object.entries(env)) environ.__setitem__(name, value);
   const random = py.pyimport("random");
   random.seed();
   environ.destroy();
   random.destroy();
+} else {
+  py = await loadPyodide({ env });
 }
 const site = py.runPython("import site; site.getsitepackages()[0]");
 // The page's globals (its opt-out variable, a navigator) are set once Pyodide is loaded:
