@@ -19,6 +19,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -165,6 +166,22 @@ def _still_running(scratch: Path) -> List[str]:
     return found
 
 
+def _crash_reports(scratch: Path) -> List[str]:
+    """The minidumps Chromium's crash handler wrote, each with the kind of process that
+    crashed (its ``ptype`` crash key: ``renderer``, say): a page that never answers has
+    often lost its renderer."""
+    found = []
+    for dump in sorted((scratch / "home").rglob("*.dmp")):
+        data = dump.read_bytes()
+        # The key and its value are each stored after their length, a 32-bit integer.
+        key = re.search(rb"\x05\x00\x00\x00ptype\x00{0,3}([\x01-\xff])\x00\x00\x00", data)
+        kind = "process unknown"
+        if key is not None:
+            kind = data[key.end():key.end() + key[1][0]].decode(errors="replace")
+        found.append(f"{dump.name} ({kind})")
+    return found
+
+
 def _package_zip(target: Path) -> Path:
     """kaibantrace's source as the page unpacks it into site-packages."""
     with zipfile.ZipFile(target, "w") as archive:
@@ -178,8 +195,8 @@ def run_in_chromium(chromium: str, runtime: Runtime, scratch: Path, script: str,
                     query: str = "", *, ingested: Optional[List[Any]] = None
                     ) -> Dict[str, Any]:
     """Run ``script`` (top-level ``await`` allowed; it sets ``RESULT`` to JSON text) in a page;
-    the page's report: ``result``, ``fetches`` and ``error``. With ``ingested``, also wait
-    for a request to the page's own ``/v2/`` and put what arrived there in it."""
+    the page's report: ``result``, ``fetches``, ``error`` and ``jspi``. With ``ingested``,
+    also wait for a request to the page's own ``/v2/`` and put what arrived there in it."""
     root = scratch / "site"
     root.mkdir()
     for name in ("page.html", "page.mjs"):
@@ -197,6 +214,7 @@ def run_in_chromium(chromium: str, runtime: Runtime, scratch: Path, script: str,
             if browser.poll() is not None or time.monotonic() > deadline:
                 log = (scratch / "chromium.log").read_text(errors="replace")[-3000:]
                 pytest.fail(f"no result from the page (browser exit status {browser.poll()});\n"
+                            f"crash reports: {_crash_reports(scratch)}\n"
                             f"requests: {server.log}\nchromium: {log}")
         report = server.result
         if ingested is not None:
@@ -207,6 +225,7 @@ def run_in_chromium(chromium: str, runtime: Runtime, scratch: Path, script: str,
     assert not _still_running(scratch), "Chromium's processes outlived the test"
     assert report is not None
     assert report["error"] is None, report["error"]
+    assert report["jspi"] is False, "the page could not hide stack switching from Pyodide"
     return report
 
 
