@@ -279,14 +279,22 @@ class TestDuplicates:
 class TestBound:
     def test_a_delivery_process_ending_at_its_bound_leaves_no_duplicates(self, collector: Collector) -> None:
         """It starts no request that could still be under way when its time is up: what it
-        did not send is sent once, by the next one."""
-        collector.respond(200, delay=1.0)  # a second an answer: the bound falls mid-request
+        did not send is sent once, by the next one.
+
+        The server answers in 2 s and the run may last 6 s, so it sends one batch of three: a
+        second request would have to start with less than twice the first one's time left.
+        The first request may take half of what is left when it starts, about 3 s, a second
+        more than it needs however slowly the process starts (with a bound of 2.8 s and
+        answers in 1 s, a slow start on a busy machine ate that second: the request timed
+        out, the server had accepted it, and the next run sent its 100 signals again)."""
+        collector.respond(200, delay=2.0)
         leave_in_outbox(collector.url, 300)
         deliver = [sys.executable, "-m", "kaibantrace", "deliver", "--app", APP_ID,
-                   "--endpoint", collector.url, "--json"]
-        first = subprocess.run([*deliver, "--max-time", "2.8"], capture_output=True, text=True,
+                   "--endpoint", collector.url, "--json", "--timeout", "10"]
+        first = subprocess.run([*deliver, "--max-time", "6"], capture_output=True, text=True,
                                timeout=60, env=subprocess_env())
-        assert json.loads(first.stdout)["left"] > 0
+        report = json.loads(first.stdout)
+        assert report["sent"] == 100 and report["left"] == 200, report
         with contextlib.closing(sqlite3.connect(outbox_path(state(), APP_ID))) as db:
             (leased,) = db.execute("SELECT COUNT(*) FROM signals WHERE lease_until > ?",
                                    (time.time(),)).fetchone()
