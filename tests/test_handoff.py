@@ -281,12 +281,13 @@ class TestBound:
         """It starts no request that could still be under way when its time is up: what it
         did not send is sent once, by the next one.
 
-        The server answers in 2 s and the run may last 6 s, so it sends one batch of three: a
-        second request would have to start with less than twice the first one's time left.
-        The first request may take half of what is left when it starts, about 3 s, a second
-        more than it needs however slowly the process starts (with a bound of 2.8 s and
-        answers in 1 s, a slow start on a busy machine ate that second: the request timed
-        out, the server had accepted it, and the next run sent its 100 signals again)."""
+        The server answers in 2 s and the run may last 6 s, so it sends one batch of the
+        three: after the first answer less than 4 s is left, and a request starts only with
+        more than twice the last answer's time to go. That first request may wait half of
+        what is left when it starts, about 3 s: a second to spare. A bound of 2.8 s with
+        answers in 1 s left it a few tenths; on a busy machine a slow start ate them, the
+        request timed out after the server had accepted it, and the next run sent its 100
+        signals again."""
         collector.respond(200, delay=2.0)
         leave_in_outbox(collector.url, 300)
         deliver = [sys.executable, "-m", "kaibantrace", "deliver", "--app", APP_ID,
